@@ -1,0 +1,53 @@
+# Tessera: every workflow starts here. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV_VERSION ?= 0.13.9
+UV := $(or $(shell command -v uv 2>/dev/null),$(CURDIR)/.run/uv/bin/uv)
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+export UV_PYTHON_DOWNLOADS := never
+export TESSERA_ROOT := $(CURDIR)
+
+.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(CURDIR)/.run/uv/bin/uv:
+	python3 -m venv $(CURDIR)/.run/uv
+	$(CURDIR)/.run/uv/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+venv: $(UV) ## create .venv and install exactly what uv.lock pins
+	$(UV) sync --frozen --quiet
+
+setup: venv ## Postgres and Redis reachable (private ones if needed), databases, roles, migrations
+	$(BIN)/tessera dev setup
+
+run: venv ## set up, start every service in the foreground, print URLs and demo credentials
+	$(BIN)/tessera dev run
+
+up: venv ## the same as run, in the background; returns when every service is ready
+	$(BIN)/tessera dev up
+
+down: ## stop what `make up` started (and private Postgres/Redis it started), nothing else
+	@if [ -x $(BIN)/tessera ]; then $(BIN)/tessera dev down; else echo "nothing to stop"; fi
+
+lint: venv ## ruff (lint + format check), mypy, import rules, hadolint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile.api Dockerfile.vault
+
+format: venv ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+pytest: setup ## the pytest suite alone (real Postgres and Redis)
+	$(BIN)/pytest
+
+test: setup lint pytest ## everything CI runs: set-up, lint, type check, import rules, tests
+
+bench: setup ## benchmarks that print numbers (never timed assertions in tests)
+	$(BIN)/python -m tests.bench

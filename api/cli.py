@@ -1,0 +1,120 @@
+"""`python -m api serve|migrate|merchants ...` (also reachable as `tessera ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+
+import asyncpg
+
+from api.settings import ApiSettings
+from api.storage.merchants import MerchantRepository
+from api.vault_client import VaultAdminClient
+from core.errors import TesseraError
+from core.ids import new_id
+from tessera.runtime.commands import load_or_exit, migrate_service, serve_service
+
+DEFAULT_MIGRATION_URL = "postgresql://tessera_api_owner@127.0.0.1:5432/tessera_api"
+
+
+def _new_key(kind: str, settings: ApiSettings) -> str:
+    return f"{kind}_{'live' if settings.production else 'test'}_{secrets.token_hex(24)}"
+
+
+async def _with_repository(settings: ApiSettings) -> tuple[asyncpg.Connection, MerchantRepository]:
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_timeout_seconds)
+    return conn, MerchantRepository(conn)
+
+
+def create_merchant(name: str, origins: list[str], vault_admin_token: str) -> dict[str, str]:
+    """Register the merchant at the vault, then in the API; print the keys once."""
+    settings = load_or_exit(ApiSettings, "api")
+    merchant_id = new_id("mer")
+    secret_key = _new_key("sk", settings)
+    publishable_key = _new_key("pk", settings)
+    vault = VaultAdminClient(settings.vault_url, vault_admin_token)
+    try:
+        vault.register_merchant(merchant_id, publishable_key, origins)
+    finally:
+        vault.close()
+
+    async def store() -> None:
+        conn, merchants = await _with_repository(settings)
+        try:
+            await merchants.create(merchant_id, name, secret_key)
+        finally:
+            await conn.close()
+
+    asyncio.run(store())
+    return {
+        "merchant_id": merchant_id,
+        "secret_key": secret_key,
+        "publishable_key": publishable_key,
+    }
+
+
+def roll_secret_key(merchant_id: str) -> dict[str, str]:
+    settings = load_or_exit(ApiSettings, "api")
+    new_key = _new_key("sk", settings)
+
+    async def roll() -> bool:
+        conn, merchants = await _with_repository(settings)
+        try:
+            return await merchants.roll_secret_key(merchant_id, new_key)
+        finally:
+            await conn.close()
+
+    if not asyncio.run(roll()):
+        raise TesseraError(f"No merchant {merchant_id}.", code="resource_missing")
+    return {"merchant_id": merchant_id, "secret_key": new_key}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tessera api", description="The payment API.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve HTTP (settings from TESSERA_API_* variables)")
+    commands.add_parser("migrate", help="apply migrations as the owner role")
+    merchants = commands.add_parser("merchants", help="create merchants, roll their keys")
+    actions = merchants.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a merchant in the API and the vault")
+    create.add_argument("--name", required=True)
+    create.add_argument("--origin", action="append", default=[], help="checkout page origin")
+    create.add_argument("--json", action="store_true", help="print JSON only")
+    roll = actions.add_parser("roll-key", help="replace a merchant's secret key")
+    roll.add_argument("--merchant", required=True)
+    roll.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        from api.app import create_app
+
+        serve_service(ApiSettings, create_app, "api")
+        return
+    if args.command == "migrate":
+        migrate_service("api", "api.migrations", DEFAULT_MIGRATION_URL)
+        return
+    try:
+        if args.action == "create":
+            admin_token = os.environ.get("TESSERA_VAULT_ADMIN_TOKEN", "")
+            if not admin_token:
+                raise TesseraError(
+                    "Set TESSERA_VAULT_ADMIN_TOKEN: registering a merchant at the vault is an "
+                    "administrator's act.",
+                    code="vault_admin_token_missing",
+                )
+            result = create_merchant(args.name, args.origin, admin_token)
+        else:
+            result = roll_secret_key(args.merchant)
+    except TesseraError as exc:
+        print(f"tessera merchants: {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+        print("The secret key is shown only now; store it in your secret manager.")

@@ -1,0 +1,61 @@
+"""The `tessera` command: one entry point that hands each subcommand to its owner.
+
+This is the composition root of the command line, the one module allowed to know both
+services; each service also runs alone as `python -m api ...` / `python -m vault ...` (which is
+what their container images do, so the vault's image carries no API code).
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: tessera COMMAND ...
+
+  dev run|up|down|setup       the local development stack (what `make run/up/down` call)
+  migrate api|vault           apply a service's migrations (as its owner role)
+  serve api|vault|psp-a       serve one process in the foreground
+  merchants create|roll-key   manage merchants (API and vault); see `tessera merchants -h`
+  api ...                     any `python -m api` command
+  vault ...                   any `python -m vault` command
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    if command == "dev":
+        from tessera import devstack
+
+        raise SystemExit(devstack.main(rest))
+    if command in ("migrate", "serve") and rest:
+        target, extra = rest[0], rest[1:]
+        if target == "psp-a" and command == "serve":
+            from sandbox import psp_a
+
+            psp_a.main()
+            return
+        if target in ("api", "vault"):
+            _service(target, [command, *extra])
+            return
+    if command == "merchants":
+        _service("api", ["merchants", *rest])
+        return
+    if command in ("api", "vault"):
+        _service(command, rest)
+        return
+    print(USAGE, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _service(name: str, argv: list[str]) -> None:
+    if name == "api":
+        from api.cli import main as api_main
+
+        api_main(argv)
+    else:
+        from vault.cli import main as vault_main
+
+        vault_main(argv)

@@ -1,0 +1,34 @@
+"""asyncpg pools and the schema version check shared by both services."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from tessera.runtime.http import NotReady
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float) -> Any:
+    """A small pool: a few connections per worker beat many (see docs/design)."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        command_timeout=timeout,
+        max_inactive_connection_lifetime=300,
+    )
+
+
+async def check_schema(pool: Any, expected_version: int) -> None:
+    """Ready only when the database carries at least the migrations this build ships."""
+    async with pool.acquire(timeout=2) as conn:
+        version = await conn.fetchval(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations", timeout=2
+        )
+    if version < expected_version:
+        raise NotReady(
+            f"schema at version {version}, this build needs {expected_version}: "
+            "run `tessera migrate`"
+        )

@@ -1,0 +1,277 @@
+"""What every Tessera HTTP service shares: request ids, access logs, metrics, error bodies.
+
+`install(app, ...)` is called by each service's `create_app`; it is the one place where the
+domain's error types become HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.exceptions
+import structlog
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotAuthorizedException,
+    NotFoundException,
+    PermissionDeniedException,
+    ValidationException,
+)
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import generate_latest
+
+from core import errors
+from core.ids import new_id
+
+log = structlog.stdlib.get_logger("tessera.http")
+
+REQUEST_ID_HEADER = "request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+#: The HTTP status of each error type, decided here once for every service.
+_STATUS: list[tuple[type[errors.TesseraError], int]] = [
+    (errors.PayloadTooLarge, 413),
+    (errors.MethodNotAllowed, 405),
+    (errors.NotFound, 404),
+    (errors.StateConflict, 409),
+    (errors.InvalidRequest, 400),
+    (errors.AuthenticationFailed, 401),
+    (errors.PermissionDenied, 403),
+    (errors.CardError, 402),
+    (errors.ProcessorError, 502),
+    (errors.RateLimited, 429),
+    (errors.ServiceUnavailable, 503),
+]
+#: Codes whose status differs from their type's.
+_STATUS_BY_CODE = {"idempotency_key_reused": 422, "idempotency_key_in_use": 409}
+
+
+def status_of(exc: errors.TesseraError) -> int:
+    if exc.code in _STATUS_BY_CODE:
+        return _STATUS_BY_CODE[exc.code]
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def request_id_of(scope: Scope | Any) -> str:
+    state = scope.get("state") or {}
+    rid = state.get("request_id")
+    return str(rid) if rid else ""
+
+
+def error_response(exc: errors.TesseraError, request_id: str) -> Response[bytes]:
+    body: dict[str, Any] = {"type": exc.type, "code": exc.code, "message": exc.message}
+    if exc.param is not None:
+        body["param"] = exc.param
+    body.update(exc.extra)
+    body["request_id"] = request_id
+    return Response(
+        content=msgspec.json.encode({"error": body}),
+        status_code=status_of(exc),
+        media_type=MediaType.JSON,
+    )
+
+
+def _validation_error(exc: ValidationException) -> errors.TesseraError:
+    # Litestar reports msgspec's decode/validation errors as a list of {message, key, source}.
+    details = exc.extra if isinstance(exc.extra, list) else []
+    detail = details[0] if details and isinstance(details[0], dict) else {}
+    message = str(detail.get("message") or exc.detail or "Invalid request")
+    key = detail.get("key")
+    if "malformed" in message.lower() or "json" in message.lower() and not key:
+        return errors.InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    param = str(key) if key else None
+    if param and param.startswith("$."):
+        param = param[2:]
+    if message.startswith("Object contains unknown field"):
+        return errors.InvalidRequest(message, code="parameter_unknown", param=param)
+    if message.startswith("Object missing required field"):
+        return errors.InvalidRequest(message, code="parameter_missing", param=param)
+    return errors.InvalidRequest(message, code="parameter_invalid", param=param)
+
+
+def to_tessera_error(exc: Exception) -> errors.TesseraError:
+    """Translate anything raised while serving a request into a client-safe error."""
+    if isinstance(exc, errors.TesseraError):
+        return exc
+    if isinstance(exc, RequestEntityTooLarge):
+        return errors.PayloadTooLarge("The request body is too large.")
+    if isinstance(exc, ValidationException):
+        return _validation_error(exc)
+    if isinstance(exc, NotFoundException):
+        return errors.NotFound("Unrecognized request URL.", code="unknown_route")
+    if isinstance(exc, MethodNotAllowedException):
+        return errors.MethodNotAllowed("This method is not allowed on this URL.")
+    if isinstance(exc, NotAuthorizedException):
+        return errors.AuthenticationFailed("Authentication is required.")
+    if isinstance(exc, PermissionDeniedException):
+        return errors.PermissionDenied("Not allowed.")
+    if isinstance(exc, HTTPException) and exc.status_code < 500:
+        return errors.InvalidRequest(str(exc.detail), code="bad_request")
+    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+        return errors.ServiceUnavailable("The database is unavailable; retry later.")
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return errors.ServiceUnavailable("The cache is unavailable; retry later.")
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return errors.ServiceUnavailable("A dependency is unavailable; retry later.")
+    return errors.InternalError("An internal error occurred; it has been logged.")
+
+
+def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    error = to_tessera_error(exc)
+    status = status_of(error)
+    if status >= 500:
+        log.error(
+            "request_failed",
+            error_code=error.code,
+            exception_type=type(exc).__name__,
+            exc_info=status == 500,
+        )
+    return error_response(error, request_id_of(request.scope))
+
+
+class Metrics:
+    """Request counts and latency histograms, labelled by route template, never by raw path."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "http_requests_total",
+            "HTTP requests by route template and status.",
+            ["service", "method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time from the request to the last byte of the response.",
+            ["service", "method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.service = service
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(self.service, method, route, str(status)).inc()
+        self.latency.labels(self.service, method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestContext:
+    """Outermost ASGI layer: request id in and out, access log line, metrics.
+
+    It wraps Litestar's whole handler (router and exception handling included), so unknown
+    routes, 405s and 413s get a request id and are counted too.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"request-id")
+        rid = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else new_id("req")
+        scope["state"]["request_id"] = rid
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        started = time.perf_counter()
+        status = 500
+        raw_rid = rid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"request-id", raw_rid)]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("path_template") or "unmatched"
+            self.metrics.observe(scope["method"], route, status, elapsed)
+            log.info(
+                "request",
+                method=scope["method"],
+                route=route,
+                status=status,
+                duration_ms=round(elapsed * 1000, 3),
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+def health_handlers(checks: dict[str, ReadinessCheck], metrics: Metrics) -> list[Any]:
+    """`/healthz` (the process answers), `/readyz` (its dependencies answer), `/metrics`."""
+
+    @get("/healthz", operation_id="healthz", include_in_schema=True, sync_to_thread=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", operation_id="readyz")
+    async def readyz() -> Response[bytes]:
+        results: dict[str, str] = {}
+        ready = True
+        for name, check in checks.items():
+            try:
+                await check()
+                results[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+                ready = False
+                results[name] = _describe_failure(exc)
+        body = {"status": "ready" if ready else "unavailable", "checks": results}
+        return Response(
+            content=msgspec.json.encode(body),
+            status_code=200 if ready else 503,
+            media_type=MediaType.JSON,
+        )
+
+    @get("/metrics", operation_id="metrics", include_in_schema=False, sync_to_thread=False)
+    def metrics_endpoint() -> Response[bytes]:
+        return Response(content=metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return [healthz, readyz, metrics_endpoint]
+
+
+def _describe_failure(exc: Exception) -> str:
+    # Never echo connection strings or driver messages that might carry them.
+    if isinstance(exc, NotReady):
+        return str(exc)
+    return f"unavailable ({type(exc).__name__})"
+
+
+class NotReady(Exception):
+    """A readiness check failed for a reason worth showing (e.g. migrations behind)."""
+
+
+def install(app: Litestar, metrics: Metrics) -> Litestar:
+    """Wrap the app's handler in the request context layer; call last in `create_app`."""
+    app.asgi_handler = RequestContext(app.asgi_handler, metrics)
+    return app
+
+
+EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {Exception: exception_handler}

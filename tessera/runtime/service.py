@@ -1,0 +1,79 @@
+"""The parts of an app factory both services share: pools, Redis, health, errors, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ControllerRouterHandler
+
+from tessera.runtime.db import check_schema, create_pool
+from tessera.runtime.http import EXCEPTION_HANDLERS, Metrics, health_handlers, install
+from tessera.runtime.migrations import latest_version
+
+
+class Resources:
+    """Connections opened at start-up and closed after the last in-flight request."""
+
+    pool: Any
+    redis: aioredis.Redis
+
+
+def build_app(
+    *,
+    service: str,
+    title: str,
+    settings: Any,
+    migrations_package: str,
+    route_handlers: Sequence[ControllerRouterHandler],
+    dependencies: dict[str, Provide],
+    max_body_bytes: int,
+) -> Litestar:
+    resources = Resources()
+    schema_version = latest_version(migrations_package)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        resources.pool = await create_pool(
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_timeout_seconds,
+        )
+        resources.redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
+        app.state.pool = resources.pool
+        app.state.redis = resources.redis
+        try:
+            yield
+        finally:
+            await resources.pool.close()
+            await resources.redis.aclose()
+
+    async def database_ready() -> None:
+        await check_schema(resources.pool, schema_version)
+
+    async def redis_ready() -> None:
+        await resources.redis.ping()
+
+    metrics = Metrics(service)
+    app = Litestar(
+        route_handlers=[
+            *health_handlers({"database": database_ready, "redis": redis_ready}, metrics),
+            *route_handlers,
+        ],
+        dependencies=dependencies,
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=max_body_bytes,
+        openapi_config=OpenAPIConfig(title=title, version="1", path="/schema"),
+        debug=False,
+    )
+    app.state.settings = settings
+    return install(app, metrics)

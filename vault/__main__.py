@@ -1,0 +1,3 @@
+from vault.cli import main
+
+main()
