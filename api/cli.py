@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     except TesseraError as exc:
         print(f"tessera merchants: {exc.message}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (asyncpg.PostgresError, OSError) as exc:
+        print(f"tessera merchants: database error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     if args.json:
         print(json.dumps(result))
     else:

@@ -169,11 +169,21 @@ def validate_pan(text: object) -> tuple[str, Brand]:
         raise _invalid_number("card number must contain only digits, spaces and dashes")
     brand = detect_brand(pan)
     if len(pan) not in brand.lengths:
-        allowed = ", ".join(str(n) for n in sorted(brand.lengths))
-        raise _invalid_number(f"card number of a {brand.value} card must have {allowed} digits")
+        raise _invalid_number(
+            f"card number must have {_describe(brand.lengths)} digits for brand {brand.value}"
+        )
     if not luhn_valid(pan):
         raise _invalid_number("card number is not valid (check digit mismatch)")
     return pan, brand
+
+
+def _describe(lengths: frozenset[int]) -> str:
+    ordered = sorted(lengths)
+    if len(ordered) == 1:
+        return str(ordered[0])
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]} to {ordered[-1]}"
+    return ", ".join(str(n) for n in ordered[:-1]) + f" or {ordered[-1]}"
 
 
 def _invalid_number(message: str) -> InvalidRequest:
@@ -242,7 +252,7 @@ def validate_cvc(cvc: object, brand: Brand) -> str:
         raise InvalidRequest("cvc must be a string of digits", code="invalid_cvc", param="cvc")
     if len(cvc) != brand.cvc_length:
         raise InvalidRequest(
-            f"cvc of a {brand.value} card must have {brand.cvc_length} digits",
+            f"cvc must have {brand.cvc_length} digits for brand {brand.value}",
             code="invalid_cvc",
             param="cvc",
         )

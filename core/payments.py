@@ -5,12 +5,13 @@ operation is allowed and what the amounts become. A refused operation raises `St
 (or `InvalidRequest` for a malformed amount) and, the state being immutable, leaves nothing
 half-done.
 
-    processing --approved--> authorized --capture--> captured --refund--> partially_refunded
-        |                        |                      |                   |       ^  |
-        +--declined--> declined  +--cancel--> canceled  +------refund-------|-------+  |
-        +--failed----> failed                                               v          |
-                                                   refunded <---refund------+          |
-                        (reverse_refund goes back to partially_refunded or captured) --+
+    processing                    --approved-->        authorized
+    processing                    --declined-->        declined
+    processing                    --failed-->          failed
+    authorized                    --capture-->         captured
+    authorized                    --cancel-->          canceled
+    captured, partially_refunded  --refund-->          partially_refunded or refunded
+    partially_refunded, refunded  --reverse_refund-->  partially_refunded or captured
 
 `refunded` is not final: a refund can still fail at the processor (`reverse_refund`).
 """
@@ -102,6 +103,10 @@ class PaymentState:
     amount_authorized: int = 0
     amount_captured: int = 0
     amount_refunded: int = 0
+
+    def __post_init__(self) -> None:
+        # Storage hands back plain strings; an unknown one fails here, loudly.
+        object.__setattr__(self, "status", PaymentStatus(self.status))
 
     @property
     def amount_capturable(self) -> int:

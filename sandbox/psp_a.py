@@ -18,7 +18,7 @@ def healthz() -> dict[str, str]:
 
 
 def create_app() -> Litestar:
-    return Litestar(route_handlers=[healthz])
+    return Litestar(route_handlers=[healthz], logging_config=None)
 
 
 def main() -> None:

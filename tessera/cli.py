@@ -59,3 +59,7 @@ def _service(name: str, argv: list[str]) -> None:
         from vault.cli import main as vault_main
 
         vault_main(argv)
+
+
+if __name__ == "__main__":
+    main()

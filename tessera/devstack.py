@@ -27,8 +27,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from tessera.dbsetup import ensure_roles_and_databases, service_dsn
-from tessera.dbsetup import default_databases
+from tessera.dbsetup import default_databases, ensure_roles_and_databases, service_dsn
 
 ROOT = Path(os.environ.get("TESSERA_ROOT", Path.cwd()))
 RUN = ROOT / ".run"
@@ -139,7 +138,7 @@ def _find_binary(name: str) -> str | None:
 async def _pg_answers(dsn: str) -> bool:
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     except asyncpg.PostgresError as exc:
         raise StackError(f"Postgres at {_where(dsn)} answered but refused us: {exc}") from None

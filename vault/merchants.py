@@ -76,7 +76,7 @@ class MerchantRepository:
 
 class MerchantController(Controller):
     path = "/v1/merchants"
-    guards = [require(ADMIN)]  # noqa: RUF012
+    guards = [require(ADMIN)]
 
     @post(operation_id="registerMerchant", status_code=201)
     async def register(self, data: RegisterMerchant, merchants: MerchantRepository) -> MerchantView:

@@ -24,11 +24,15 @@ class MerchantRepository:
     async def roll_secret_key(self, merchant_id: str, new_key: str) -> bool:
         """Revoke every active secret key of the merchant and add `new_key`, atomically."""
         async with self.conn.transaction():
-            exists = await self.conn.fetchval(
-                "SELECT 1 FROM merchants WHERE id = $1 FOR UPDATE", merchant_id
-            )
+            exists = await self.conn.fetchval("SELECT 1 FROM merchants WHERE id = $1", merchant_id)
             if not exists:
                 return False
+            # Concurrent rolls queue on the active keys; the last one leaves one active key.
+            await self.conn.execute(
+                "SELECT 1 FROM merchant_api_keys WHERE merchant_id = $1 AND revoked_at IS NULL "
+                "FOR UPDATE",
+                merchant_id,
+            )
             await self.conn.execute(
                 "UPDATE merchant_api_keys SET revoked_at = now() "
                 "WHERE merchant_id = $1 AND kind = 'secret' AND revoked_at IS NULL",

@@ -9,14 +9,14 @@ import asyncpg
 from tessera.runtime.http import NotReady
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float) -> Any:
+async def create_pool(dsn: str, *, min_size: int, max_size: int, wait_seconds: float) -> Any:
     """A small pool: a few connections per worker beat many (see docs/design)."""
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        timeout=timeout,
-        command_timeout=timeout,
+        timeout=wait_seconds,
+        command_timeout=wait_seconds,
         max_inactive_connection_lifetime=300,
     )
 
@@ -24,9 +24,12 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float)
 async def check_schema(pool: Any, expected_version: int) -> None:
     """Ready only when the database carries at least the migrations this build ships."""
     async with pool.acquire(timeout=2) as conn:
-        version = await conn.fetchval(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations", timeout=2
-        )
+        try:
+            version = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations", timeout=2
+            )
+        except asyncpg.UndefinedTableError:
+            version = 0
     if version < expected_version:
         raise NotReady(
             f"schema at version {version}, this build needs {expected_version}: "

@@ -16,18 +16,26 @@ import msgspec
 import redis.exceptions
 import structlog
 from litestar import Litestar, MediaType, Request, Response, get
+from litestar.enums import ScopeType
 from litestar.exceptions import (
+    ClientException,
     HTTPException,
     MethodNotAllowedException,
     NotAuthorizedException,
     NotFoundException,
     PermissionDeniedException,
+    SerializationException,
     ValidationException,
 )
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client import generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 
 from core import errors
 from core.ids import new_id
@@ -83,22 +91,39 @@ def error_response(exc: errors.TesseraError, request_id: str) -> Response[bytes]
     )
 
 
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_NAMED_FIELD = re.compile(r"field `([^`]+)`")
+
+
 def _validation_error(exc: ValidationException) -> errors.TesseraError:
-    # Litestar reports msgspec's decode/validation errors as a list of {message, key, source}.
+    """Turn Litestar's report of a msgspec validation failure into a precise error.
+
+    Litestar hands over msgspec's message ("Expected `int`, got `str`", "Object contains
+    unknown field `color`") and the key it failed at; the parameter is the key plus the named
+    field, if any.
+    """
     details = exc.extra if isinstance(exc.extra, list) else []
     detail = details[0] if details and isinstance(details[0], dict) else {}
     message = str(detail.get("message") or exc.detail or "Invalid request")
-    key = detail.get("key")
-    if "malformed" in message.lower() or "json" in message.lower() and not key:
-        return errors.InvalidRequest("The request body is not valid JSON.", code="invalid_json")
-    param = str(key) if key else None
-    if param and param.startswith("$."):
-        param = param[2:]
+    key = str(detail.get("key") or "")
+    key = "" if key == "data" else key  # Litestar names the body's root "data"
+    path = _AT_PATH.search(message)
+    if path:  # an older Litestar leaves msgspec's path in the message
+        message, key = message[: path.start()], path[1]
+    named = _NAMED_FIELD.search(message)
+    param: str | None = f"{key}.{named[1]}" if named and key else (named[1] if named else key)
+    param = param or None
     if message.startswith("Object contains unknown field"):
-        return errors.InvalidRequest(message, code="parameter_unknown", param=param)
+        return errors.InvalidRequest(
+            f"Unknown parameter: {param}.", code="parameter_unknown", param=param
+        )
     if message.startswith("Object missing required field"):
-        return errors.InvalidRequest(message, code="parameter_missing", param=param)
-    return errors.InvalidRequest(message, code="parameter_invalid", param=param)
+        return errors.InvalidRequest(
+            f"Missing required parameter: {param}.", code="parameter_missing", param=param
+        )
+    return errors.InvalidRequest(
+        f"Invalid {param or 'request'}: {message}.", code="parameter_invalid", param=param
+    )
 
 
 def to_tessera_error(exc: Exception) -> errors.TesseraError:
@@ -109,6 +134,8 @@ def to_tessera_error(exc: Exception) -> errors.TesseraError:
         return errors.PayloadTooLarge("The request body is too large.")
     if isinstance(exc, ValidationException):
         return _validation_error(exc)
+    if isinstance(exc, ClientException) and isinstance(exc.__cause__, SerializationException):
+        return errors.InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     if isinstance(exc, NotFoundException):
         return errors.NotFound("Unrecognized request URL.", code="unknown_route")
     if isinstance(exc, MethodNotAllowedException):
@@ -181,9 +208,10 @@ class RequestContext:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
+        method = str(scope.get("method", ""))
         incoming = _header(scope, b"request-id")
         rid = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else new_id("req")
         scope["state"]["request_id"] = rid
@@ -204,10 +232,10 @@ class RequestContext:
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("path_template") or "unmatched"
-            self.metrics.observe(scope["method"], route, status, elapsed)
+            self.metrics.observe(method, route, status, elapsed)
             log.info(
                 "request",
-                method=scope["method"],
+                method=method,
                 route=route,
                 status=status,
                 duration_ms=round(elapsed * 1000, 3),
@@ -240,7 +268,7 @@ def health_handlers(checks: dict[str, ReadinessCheck], metrics: Metrics) -> list
             try:
                 await check()
                 results[name] = "ok"
-            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            except Exception as exc:
                 ready = False
                 results[name] = _describe_failure(exc)
         body = {"status": "ready" if ready else "unavailable", "checks": results}

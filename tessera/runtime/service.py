@@ -43,7 +43,7 @@ def build_app(
             settings.database_url,
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
-            timeout=settings.db_timeout_seconds,
+            wait_seconds=settings.db_timeout_seconds,
         )
         resources.redis = aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
@@ -74,6 +74,7 @@ def build_app(
         request_max_body_size=max_body_bytes,
         openapi_config=OpenAPIConfig(title=title, version="1", path="/schema"),
         debug=False,
+        logging_config=None,
     )
     app.state.settings = settings
     return install(app, metrics)

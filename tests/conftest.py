@@ -1,0 +1,131 @@
+"""Fixtures that give tests real Postgres databases, Redis and service processes.
+
+The suite uses its own databases (`tessera_api_test`, `tessera_vault_test`), recreated and
+migrated once per session, and Redis databases 14 and 15, flushed once per session, so running
+the tests never touches what `make run` shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tessera.dbsetup import (
+    ServiceDatabase,
+    drop_database,
+    ensure_roles_and_databases,
+    service_dsn,
+)
+from tessera.runtime.migrations import migrate
+from tests.support.processes import ServiceProcess, free_port
+
+PG_ADMIN_URL = os.environ.get(
+    "TESSERA_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_BASE = os.environ.get("TESSERA_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+
+API_DB = ServiceDatabase("api", "tessera_api_test")
+VAULT_DB = ServiceDatabase("vault", "tessera_vault_test")
+
+
+def dsn(role: str, database: str) -> str:
+    return service_dsn(PG_ADMIN_URL, role, database)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    return PG_ADMIN_URL
+
+
+@pytest.fixture(scope="session")
+def databases() -> dict[str, ServiceDatabase]:
+    async def prepare() -> None:
+        for db in (API_DB, VAULT_DB):
+            await drop_database(PG_ADMIN_URL, db.database)
+        await ensure_roles_and_databases(PG_ADMIN_URL, [API_DB, VAULT_DB])
+        for db in (API_DB, VAULT_DB):
+            await migrate(dsn(db.owner, db.database), f"{db.service}.migrations")
+
+    asyncio.run(prepare())
+    return {"api": API_DB, "vault": VAULT_DB}
+
+
+@pytest.fixture(scope="session")
+def redis_urls() -> dict[str, str]:
+    urls = {"api": f"{REDIS_BASE}/14", "vault": f"{REDIS_BASE}/15"}
+    for url in urls.values():
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        client.close()
+    return urls
+
+
+@pytest.fixture(scope="session")
+def tokens() -> dict[str, str]:
+    return {"service": secrets.token_urlsafe(32), "admin": secrets.token_urlsafe(32)}
+
+
+@pytest.fixture(scope="session")
+def vault_env(
+    databases: dict[str, ServiceDatabase], redis_urls: dict[str, str], tokens: dict[str, str]
+) -> dict[str, str]:
+    db = databases["vault"]
+    return {
+        "TESSERA_MODE": "development",
+        "TESSERA_VAULT_DATABASE_URL": dsn(db.runtime, db.database),
+        "TESSERA_VAULT_MIGRATION_URL": dsn(db.owner, db.database),
+        "TESSERA_VAULT_REDIS_URL": redis_urls["vault"],
+        "TESSERA_VAULT_SERVICE_TOKEN": tokens["service"],
+        "TESSERA_VAULT_ADMIN_TOKEN": tokens["admin"],
+        "TESSERA_VAULT_SHUTDOWN_TIMEOUT_SECONDS": "10",
+    }
+
+
+@pytest.fixture(scope="session")
+def api_env(
+    databases: dict[str, ServiceDatabase], redis_urls: dict[str, str], tokens: dict[str, str]
+) -> dict[str, str]:
+    db = databases["api"]
+    return {
+        "TESSERA_MODE": "development",
+        "TESSERA_API_DATABASE_URL": dsn(db.runtime, db.database),
+        "TESSERA_API_MIGRATION_URL": dsn(db.owner, db.database),
+        "TESSERA_API_REDIS_URL": redis_urls["api"],
+        "TESSERA_API_VAULT_SERVICE_TOKEN": tokens["service"],
+        "TESSERA_API_SHUTDOWN_TIMEOUT_SECONDS": "10",
+    }
+
+
+def start_service(
+    module: str, env: dict[str, str], log_dir: Path, extra: dict[str, str] | None = None
+) -> ServiceProcess:
+    port = free_port()
+    prefix = "TESSERA_API_" if module == "api" else "TESSERA_VAULT_"
+    full_env = {**env, f"{prefix}PORT": str(port), **(extra or {})}
+    log_path = log_dir / f"{module}-{port}.log"
+    return ServiceProcess(module, full_env, port, log_path).start()
+
+
+@pytest.fixture(scope="session")
+def vault(
+    vault_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    process = start_service("vault", vault_env, tmp_path_factory.mktemp("vault"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def api(
+    api_env: dict[str, str], vault: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    extra = {"TESSERA_API_VAULT_URL": vault.url}
+    process = start_service("api", api_env, tmp_path_factory.mktemp("api"), extra)
+    yield process
+    process.stop()

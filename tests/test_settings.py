@@ -1,0 +1,103 @@
+"""Settings: read from the environment, checked at start-up, named in every message."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from api.settings import ApiSettings
+from tessera.runtime.settings import SettingsError, load_settings
+from vault.settings import VaultSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRETS = {
+    "TESSERA_VAULT_SERVICE_TOKEN": "s" * 40,
+    "TESSERA_VAULT_ADMIN_TOKEN": "a" * 40,
+    "TESSERA_API_VAULT_SERVICE_TOKEN": "s" * 40,
+}
+
+
+def test_defaults_match_the_documented_ports() -> None:
+    assert load_settings(ApiSettings, SECRETS).port == 8000
+    assert load_settings(VaultSettings, SECRETS).port == 8100
+
+
+def test_a_variable_overrides_its_default() -> None:
+    settings = load_settings(ApiSettings, {**SECRETS, "TESSERA_API_PORT": "9000"})
+    assert settings.port == 9000
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"TESSERA_API_PORT": "eighty"}, "TESSERA_API_PORT: Expected `int`"),
+        ({"TESSERA_API_PORT": "70000"}, "TESSERA_API_PORT: must be a TCP port"),
+        ({"TESSERA_MODE": "prod"}, "TESSERA_MODE: Invalid enum value 'prod'"),
+        ({"TESSERA_API_VAULT_URL": "vault:8100"}, "TESSERA_API_VAULT_URL: expected a URL"),
+        ({"TESSERA_API_REDIS_URL": "http://x"}, "TESSERA_API_REDIS_URL: expected a URL"),
+        ({"TESSERA_API_VAULT_SERVICE_TOKEN": "short"}, "at least 32 characters"),
+        ({"TESSERA_API_DB_POOL_MIN": "9"}, "TESSERA_API_DB_POOL_MIN"),
+        ({"TESSERA_API_LOG_LEVEL": "loud"}, "TESSERA_API_LOG_LEVEL"),
+    ],
+)
+def test_a_bad_value_is_refused_with_the_variable_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings(ApiSettings, {**SECRETS, **env})
+
+
+def test_a_missing_secret_is_named() -> None:
+    with pytest.raises(SettingsError, match="TESSERA_VAULT_ADMIN_TOKEN is required"):
+        load_settings(VaultSettings, {"TESSERA_VAULT_SERVICE_TOKEN": "s" * 40})
+
+
+def test_the_vault_refuses_the_same_credential_for_service_and_admin() -> None:
+    with pytest.raises(SettingsError, match="must differ"):
+        load_settings(VaultSettings, {**SECRETS, "TESSERA_VAULT_ADMIN_TOKEN": "s" * 40})
+
+
+def test_production_mode_refuses_development_only_parts() -> None:
+    with pytest.raises(SettingsError) as vault_error:
+        load_settings(VaultSettings, {**SECRETS, "TESSERA_MODE": "production"})
+    assert "TESSERA_VAULT_KMS_PROVIDER=local" in str(vault_error.value)
+    with pytest.raises(SettingsError, match="TESSERA_API_VAULT_URL must use https"):
+        load_settings(ApiSettings, {**SECRETS, "TESSERA_MODE": "production"})
+
+
+def test_production_mode_accepts_a_production_configuration() -> None:
+    env = {
+        **SECRETS,
+        "TESSERA_MODE": "production",
+        "TESSERA_VAULT_KMS_PROVIDER": "gcp",
+        "TESSERA_VAULT_REDIS_URL": "rediss://cde-redis.internal:6378/0",
+        "TESSERA_API_VAULT_URL": "https://vault.tessera-cde.svc:8100",
+    }
+    assert load_settings(VaultSettings, env).production
+    assert load_settings(ApiSettings, env).production
+
+
+@pytest.mark.parametrize("module", ["api", "vault"])
+def test_a_service_started_with_a_bad_setting_exits_with_the_message(module: str) -> None:
+    variable = f"TESSERA_{module.upper()}_PORT"
+    result = subprocess.run(
+        [sys.executable, "-m", module, "serve"],
+        env={"PATH": "/usr/bin:/bin", **SECRETS, variable: "not-a-port"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert f"{variable}: Expected `int`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("cls", [ApiSettings, VaultSettings])
+def test_every_setting_is_documented_in_the_readme(cls: type[msgspec.Struct]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in cls.env_names().values() if f"`{name}`" not in readme]  # type: ignore[attr-defined]
+    assert not missing, f"README.md does not document {missing}"
