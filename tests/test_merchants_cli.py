@@ -62,6 +62,7 @@ async def test_create_registers_the_merchant_in_the_api_and_the_vault(
             "SELECT key_sha256, last4 FROM merchant_api_keys WHERE merchant_id = $1",
             created["merchant_id"],
         )
+        assert key_row is not None
         assert key_row["key_sha256"] == hashlib.sha256(created["secret_key"].encode()).digest()
         dump = json.dumps([dict(r) for r in await api_db.fetch("SELECT * FROM merchants")],
                           default=str)  # fmt: skip
@@ -70,6 +71,7 @@ async def test_create_registers_the_merchant_in_the_api_and_the_vault(
             "SELECT publishable_key_sha256, allowed_origins FROM merchants WHERE id = $1",
             created["merchant_id"],
         )
+        assert vault_row is not None
         assert (
             vault_row["publishable_key_sha256"]
             == hashlib.sha256(created["publishable_key"].encode()).digest()

@@ -15,12 +15,17 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
-from core.redaction import redact_value
+from core.redaction import redact, redact_value
 
 
 def redact_processor(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     redacted: MutableMapping[str, Any] = redact_value(dict(event_dict))
     return dict(redacted)
+
+
+def _redact_rendered(_logger: WrappedLogger, _method: str, line: Any) -> Any:
+    # Second net: anything a field's repr() produced at render time is checked as text too.
+    return redact(line) if isinstance(line, str) else line
 
 
 def _exception_to_text(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
@@ -54,6 +59,7 @@ def configure_logging(service: str, level: str = "info", stream: TextIO | None =
             _add_service(service),
             redact_processor,
             structlog.processors.JSONRenderer(),
+            _redact_rendered,
         ],
     )
     handler = logging.StreamHandler(stream or sys.stdout)
