@@ -164,6 +164,17 @@ def _run_as_args() -> list[str]:
     raise StackError("running as root and no unprivileged user to run Postgres as")
 
 
+def _make_traversable(path: Path) -> None:
+    """Let the unprivileged Postgres user reach `path`: add only the search bit (o+x) to the
+    folders above it that lack it (a clone in a 0700 temp folder, say); nothing becomes
+    listable or readable."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            say(f"allowing the postgres user to traverse {folder} (chmod o+x)")
+            folder.chmod(mode | 0o001)
+
+
 def _chown_for_postgres(path: Path) -> None:
     if os.geteuid() != 0:
         return
@@ -189,6 +200,9 @@ def start_private_postgres(dsn: str, base: Path = RUN / "pg") -> None:
     LOGS.mkdir(parents=True, exist_ok=True)
     log_file = LOGS / "postgres.log"
     log_file.touch()
+    if os.geteuid() == 0:
+        _make_traversable(base)
+        _make_traversable(LOGS)
     _chown_for_postgres(base)
     _chown_for_postgres(log_file)
     run_as = _run_as_args()
