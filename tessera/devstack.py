@@ -114,6 +114,14 @@ def service_env(config: StackConfig) -> dict[str, str]:
             config.pg_admin_url, "tessera_vault_owner", "tessera_vault"
         ),
         "TESSERA_VAULT_REDIS_URL": config.redis_db(1),
+        "TESSERA_VAULT_FORWARD_DESTINATIONS": json.dumps(
+            {
+                "psp_a": {
+                    "url": f"http://{config.host}:{config.psp_a_port}",
+                    "paths": ["/v1/authorizations"],
+                }
+            }
+        ),
         "TESSERA_PSP_A_HOST": config.host,
         "TESSERA_PSP_A_PORT": str(config.psp_a_port),
         **dev_secrets(),
@@ -312,6 +320,7 @@ def setup(config: StackConfig) -> dict[str, str]:
     ensure_backing_services(config)
     asyncio.run(ensure_roles_and_databases(config.pg_admin_url, default_databases()))
     env = service_env(config)
+    subprocess.run([sys.executable, "-m", "vault", "init-kms"], env=env, check=True)
     for service in ("vault", "api"):
         subprocess.run([sys.executable, "-m", service, "migrate"], env=env, check=True)
     return env

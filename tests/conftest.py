@@ -8,14 +8,18 @@ the tests never touches what `make run` shows.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from core.ids import new_id
 from tessera.dbsetup import (
     ServiceDatabase,
     drop_database,
@@ -23,7 +27,9 @@ from tessera.dbsetup import (
     service_dsn,
 )
 from tessera.runtime.migrations import migrate
+from tests.support.echo_server import EchoServer
 from tests.support.processes import ServiceProcess, free_port
+from vault.kms.local import LocalKms
 
 PG_ADMIN_URL = os.environ.get(
     "TESSERA_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -72,11 +78,33 @@ def tokens() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def psp_echo() -> Iterator[EchoServer]:
+    server = EchoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_kms_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("kms") / "keyring.json"
+    LocalKms.create_keyring(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def vault_env(
-    databases: dict[str, ServiceDatabase], redis_urls: dict[str, str], tokens: dict[str, str]
+    databases: dict[str, ServiceDatabase],
+    redis_urls: dict[str, str],
+    tokens: dict[str, str],
+    local_kms_path: str,
+    psp_echo: EchoServer,
 ) -> dict[str, str]:
     db = databases["vault"]
+    destinations = {"echo": {"url": psp_echo.url, "paths": ["/v1/authorizations"]}}
     return {
+        "TESSERA_VAULT_LOCAL_KMS_PATH": local_kms_path,
+        "TESSERA_VAULT_FORWARD_DESTINATIONS": json.dumps(destinations),
+        "TESSERA_VAULT_FORWARD_TIMEOUT_SECONDS": "2",
         "TESSERA_MODE": "development",
         "TESSERA_VAULT_DATABASE_URL": dsn(db.runtime, db.database),
         "TESSERA_VAULT_MIGRATION_URL": dsn(db.owner, db.database),
@@ -129,3 +157,37 @@ def api(
     process = start_service("api", api_env, tmp_path_factory.mktemp("api"), extra)
     yield process
     process.stop()
+
+
+@dataclass(frozen=True)
+class VaultMerchant:
+    id: str
+    publishable_key: str
+    origins: tuple[str, ...]
+
+
+def register_vault_merchant(
+    vault: ServiceProcess, admin_token: str, origins: tuple[str, ...] = ()
+) -> VaultMerchant:
+    merchant = VaultMerchant(new_id("mer"), f"pk_test_{secrets.token_hex(24)}", origins)
+    response = httpx.post(
+        vault.url + "/v1/merchants",
+        json={
+            "id": merchant.id,
+            "publishable_key": merchant.publishable_key,
+            "allowed_origins": list(origins),
+        },
+        headers={"authorization": f"Bearer {admin_token}"},
+    )
+    assert response.status_code == 201, response.text
+    return merchant
+
+
+@pytest.fixture(scope="session")
+def shop(vault: ServiceProcess, tokens: dict[str, str]) -> VaultMerchant:
+    return register_vault_merchant(vault, tokens["admin"], ("https://shop.example",))
+
+
+@pytest.fixture(scope="session")
+def other_shop(vault: ServiceProcess, tokens: dict[str, str]) -> VaultMerchant:
+    return register_vault_merchant(vault, tokens["admin"], ("https://other.example",))

@@ -16,7 +16,14 @@ from tests.conftest import PG_ADMIN_URL, dsn
 
 EXPECTED_TABLES = {
     "api": {"schema_migrations", "merchants", "merchant_api_keys"},
-    "vault": {"schema_migrations", "merchants"},
+    "vault": {
+        "schema_migrations",
+        "merchants",
+        "data_keys",
+        "tokens",
+        "audit_log",
+        "audit_chain_heads",
+    },
 }
 
 

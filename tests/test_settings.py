@@ -60,6 +60,31 @@ def test_the_vault_refuses_the_same_credential_for_service_and_admin() -> None:
         load_settings(VaultSettings, {**SECRETS, "TESSERA_VAULT_ADMIN_TOKEN": "s" * 40})
 
 
+DESTINATIONS = '{"psp_a": {"url": "http://127.0.0.1:8201", "paths": ["/v1/authorizations"]}}'
+
+
+def test_production_mode_refuses_plaintext_or_loopback_forward_destinations() -> None:
+    env = {
+        **SECRETS,
+        "TESSERA_MODE": "production",
+        "TESSERA_VAULT_KMS_PROVIDER": "gcp",
+        "TESSERA_VAULT_GCP_KMS_KEY_NAME": "projects/p/locations/l/keyRings/r/cryptoKeys/k",
+        "TESSERA_VAULT_REDIS_URL": "rediss://cde-redis.internal:6378/0",
+        "TESSERA_VAULT_FORWARD_DESTINATIONS": DESTINATIONS,
+    }
+    with pytest.raises(SettingsError, match="psp_a must be https and not loopback"):
+        load_settings(VaultSettings, env)
+
+
+def test_forward_destinations_are_read_as_json() -> None:
+    env = {**SECRETS, "TESSERA_VAULT_FORWARD_DESTINATIONS": '{"psp_a": {"url": "http://x:1"}}'}
+    with pytest.raises(SettingsError, match="TESSERA_VAULT_FORWARD_DESTINATIONS"):
+        load_settings(VaultSettings, env)
+    env["TESSERA_VAULT_FORWARD_DESTINATIONS"] = "not json"
+    with pytest.raises(SettingsError, match="expected a JSON object"):
+        load_settings(VaultSettings, env)
+
+
 def test_production_mode_refuses_development_only_parts() -> None:
     with pytest.raises(SettingsError) as vault_error:
         load_settings(VaultSettings, {**SECRETS, "TESSERA_MODE": "production"})
@@ -73,6 +98,10 @@ def test_production_mode_accepts_a_production_configuration() -> None:
         **SECRETS,
         "TESSERA_MODE": "production",
         "TESSERA_VAULT_KMS_PROVIDER": "gcp",
+        "TESSERA_VAULT_GCP_KMS_KEY_NAME": "projects/p/locations/l/keyRings/cde/cryptoKeys/kek",
+        "TESSERA_VAULT_FORWARD_DESTINATIONS": DESTINATIONS.replace(
+            "http://127.0.0.1:8201", "https://api.psp-a.example"
+        ),
         "TESSERA_VAULT_REDIS_URL": "rediss://cde-redis.internal:6378/0",
         "TESSERA_API_VAULT_URL": "https://vault.tessera-cde.svc:8100",
     }

@@ -1,7 +1,10 @@
-"""The vault's app factory: the one place its plugins, pools and handlers are wired."""
+"""The vault's app factory: the one place its clients, key ring and handlers are wired."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar
@@ -9,22 +12,84 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from tessera.runtime.service import build_app
-from vault.merchants import MerchantController, MerchantRepository
+from vault.audit import AuditLog
+from vault.forward import Forwarder
+from vault.keys import KeyRepository, KeyService
+from vault.kms.base import KeyManagementService
+from vault.merchants import MerchantDirectory, MerchantRepository
+from vault.routes import AdminController, ForwardController, TokenController
 from vault.settings import MAX_BODY_BYTES, VaultSettings
+from vault.tokens import CvcStore, TokenRepository, TokenService
+
+
+async def open_kms(settings: VaultSettings) -> KeyManagementService:
+    if settings.kms_provider == "gcp":
+        from vault.kms.gcp import CloudKms
+
+        return await CloudKms.connect(
+            settings.gcp_kms_key_name, endpoint=settings.gcp_kms_endpoint or None
+        )
+    from vault.kms.local import LocalKms, default_keyring_path
+
+    return LocalKms.open(settings.local_kms_path or str(default_keyring_path()))
+
+
+async def _audit_log(state: State) -> AuditLog:
+    if state.audit is None:
+        async with state.audit_lock:
+            if state.audit is None:
+                state.audit = AuditLog(state.pool, await state.key_service.audit_key())
+    audit: AuditLog = state.audit
+    return audit
 
 
 def _merchants(state: State) -> MerchantRepository:
     return MerchantRepository(state.pool)
 
 
-def create_app(settings: VaultSettings) -> Litestar:
-    dependencies: dict[str, Any] = {"merchants": Provide(_merchants, sync_to_thread=False)}
+def create_app(settings: VaultSettings, kms: KeyManagementService | None = None) -> Litestar:
+    @asynccontextmanager
+    async def vault_lifespan(app: Litestar) -> AsyncIterator[None]:
+        state = app.state
+        state.kms = kms or await open_kms(settings)
+        state.key_service = KeyService(state.kms, KeyRepository(state.pool))
+        state.audit = None  # made on first use: the audit key needs the schema and the KMS
+        state.audit_lock = asyncio.Lock()
+        state.merchant_directory = MerchantDirectory(state.pool)
+        state.tokens = TokenService(
+            state.key_service,
+            TokenRepository(state.pool),
+            CvcStore(state.redis, settings.cvc_ttl_seconds),
+        )
+        state.forwarder = Forwarder(
+            dict(settings.forward_destinations), settings.forward_timeout_seconds
+        )
+        try:
+            yield
+        finally:
+            await state.forwarder.close()
+            if kms is None:
+                await state.kms.close()
+
+    def provide(name: str) -> Provide:
+        def dependency(state: State) -> Any:
+            return getattr(state, name)
+
+        return Provide(dependency, sync_to_thread=False)
+
+    dependencies = {
+        "keys": provide("key_service"),
+        "audit": Provide(_audit_log),
+        **{name: provide(name) for name in ("tokens", "forwarder", "kms")},
+    }
+    dependencies["merchants"] = Provide(_merchants, sync_to_thread=False)
     return build_app(
         service="vault",
         title="Tessera vault",
         settings=settings,
         migrations_package="vault.migrations",
-        route_handlers=[MerchantController],
+        route_handlers=[TokenController, ForwardController, AdminController],
         dependencies=dependencies,
         max_body_bytes=MAX_BODY_BYTES,
+        service_lifespan=vault_lifespan,
     )

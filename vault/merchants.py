@@ -9,10 +9,9 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
-from litestar import Controller, post
+from cachetools import TTLCache
 
 from core.errors import InvalidRequest, StateConflict
-from vault.auth import ADMIN, require
 
 
 class RegisterMerchant(msgspec.Struct, forbid_unknown_fields=True):
@@ -74,12 +73,44 @@ class MerchantRepository:
         return created
 
 
-class MerchantController(Controller):
-    path = "/v1/merchants"
-    guards = [require(ADMIN)]
+class KnownMerchant(msgspec.Struct, frozen=True):
+    id: str
+    allowed_origins: tuple[str, ...]
 
-    @post(operation_id="registerMerchant", status_code=201)
-    async def register(self, data: RegisterMerchant, merchants: MerchantRepository) -> MerchantView:
-        origins = sorted({normalize_origin(o) for o in data.allowed_origins})
-        created = await merchants.insert(data.id, key_hash(data.publishable_key), origins)
-        return MerchantView(id=data.id, allowed_origins=origins, created=int(created.timestamp()))
+
+class MerchantDirectory:
+    """Publishable key → merchant, and the set of registered origins, cached briefly.
+
+    Tokenization is the hottest public endpoint; a lookup per request would cost a round trip.
+    A new merchant or origin is seen within `ttl` seconds on every vault process.
+    """
+
+    def __init__(self, pool: Any, ttl: float = 30.0) -> None:
+        self.pool = pool
+        self._by_key: TTLCache[bytes, KnownMerchant | None] = TTLCache(maxsize=100_000, ttl=ttl)
+        self._origins: TTLCache[str, frozenset[str]] = TTLCache(maxsize=1, ttl=ttl)
+
+    async def by_publishable_key(self, key: str) -> KnownMerchant | None:
+        digest = key_hash(key)
+        if digest in self._by_key:
+            return self._by_key[digest]
+        row = await self.pool.fetchrow(
+            "SELECT id, allowed_origins FROM merchants WHERE publishable_key_sha256 = $1", digest
+        )
+        merchant = KnownMerchant(row["id"], tuple(row["allowed_origins"])) if row else None
+        self._by_key[digest] = merchant
+        return merchant
+
+    async def registered_origins(self) -> frozenset[str]:
+        origins = self._origins.get("all")
+        if origins is None:
+            rows = await self.pool.fetch(
+                "SELECT DISTINCT unnest(allowed_origins) AS origin FROM merchants"
+            )
+            origins = frozenset(row["origin"] for row in rows)
+            self._origins["all"] = origins
+        return origins
+
+    def forget(self) -> None:
+        self._by_key.clear()
+        self._origins.clear()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from tessera.runtime.settings import ServiceSettings, check_secret
+from tessera.runtime.settings import ServiceSettings, check_secret, is_loopback_url
+from vault.forward import Destination
 
 
 class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
@@ -19,6 +20,19 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
     #: Bearer credential of vault administrators (key rotation, audit, merchant registry).
     admin_token: str
     kms_provider: Literal["local", "gcp"] = "local"
+    #: The local KMS's keyring file (outside the repository; `tessera dev setup` creates it).
+    local_kms_path: str = ""
+    #: projects/P/locations/L/keyRings/R/cryptoKeys/K, for kms_provider=gcp.
+    gcp_kms_key_name: str = ""
+    #: host:port of a plaintext gRPC KMS (tests and local emulation only; refused in production).
+    gcp_kms_endpoint: str = ""
+    #: How long a CVC is held (sealed, in Redis) for its one authorization; at most an hour.
+    cvc_ttl_seconds: int = 3600
+    #: Where the forwarding proxy may send card data: {"psp_a": {"url": ..., "paths": [...]}}.
+    forward_destinations: dict[str, Destination] = {}
+    forward_timeout_seconds: float = 10.0
+    #: Break-glass detokenizations per administrator credential per minute.
+    detokenize_per_minute: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -28,13 +42,28 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
             raise ValueError(
                 f"{self.env_name('admin_token')} must differ from {self.env_name('service_token')}"
             )
+        if not 1 <= self.cvc_ttl_seconds <= 3600:
+            raise ValueError(f"{self.env_name('cvc_ttl_seconds')}: between 1 and 3600 seconds")
+        if self.kms_provider == "gcp" and not self.gcp_kms_key_name.startswith("projects/"):
+            raise ValueError(f"{self.env_name('gcp_kms_key_name')}: a full Cloud KMS key name")
+        for name, destination in self.forward_destinations.items():
+            if not destination.url.startswith(("http://", "https://")) or not destination.paths:
+                raise ValueError(
+                    f"{self.env_name('forward_destinations')}: {name} needs an http(s) url "
+                    "and at least one path"
+                )
 
     def production_problems(self) -> list[str]:
         problems = []
         if self.kms_provider == "local":
             problems.append("TESSERA_VAULT_KMS_PROVIDER=local (use gcp)")
+        if self.gcp_kms_endpoint:
+            problems.append("TESSERA_VAULT_GCP_KMS_ENDPOINT (a plaintext KMS endpoint)")
         if not self.redis_url.startswith("rediss://"):
             problems.append("TESSERA_VAULT_REDIS_URL must use TLS (rediss://)")
+        for name, destination in self.forward_destinations.items():
+            if not destination.url.startswith("https://") or is_loopback_url(destination.url):
+                problems.append(f"forward destination {name} must be https and not loopback")
         return problems
 
 

@@ -60,7 +60,13 @@ _STATUS: list[tuple[type[errors.TesseraError], int]] = [
     (errors.ServiceUnavailable, 503),
 ]
 #: Codes whose status differs from their type's.
-_STATUS_BY_CODE = {"idempotency_key_reused": 422, "idempotency_key_in_use": 409}
+_STATUS_BY_CODE = {
+    "idempotency_key_reused": 422,
+    "idempotency_key_in_use": 409,
+    "destination_unreachable": 502,
+    "destination_error": 502,
+    "destination_timeout": 504,
+}
 
 
 def status_of(exc: errors.TesseraError) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,7 +33,10 @@ def build_app(
     route_handlers: Sequence[ControllerRouterHandler],
     dependencies: dict[str, Provide],
     max_body_bytes: int,
+    service_lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]] | None = None,
 ) -> Litestar:
+    """`service_lifespan` opens what only this service needs (clients, key rings), after the
+    pool and Redis are up (they are on `app.state`), and closes it before them."""
     resources = Resources()
     schema_version = latest_version(migrations_package)
 
@@ -51,7 +54,11 @@ def build_app(
         app.state.pool = resources.pool
         app.state.redis = resources.redis
         try:
-            yield
+            if service_lifespan is None:
+                yield
+            else:
+                async with service_lifespan(app):
+                    yield
         finally:
             await resources.pool.close()
             await resources.redis.aclose()

@@ -59,6 +59,15 @@ def _is_sequence(annotation: Any) -> bool:
     return False
 
 
+def _is_mapping(annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if origin is dict:
+        return True
+    if origin is not None and origin not in (list, tuple, frozenset, set):
+        return any(_is_mapping(a) for a in get_args(annotation) if a is not type(None))
+    return False
+
+
 def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
     """Build `cls` from the environment; raise SettingsError naming the variable at fault."""
     env = os.environ if env is None else env
@@ -68,7 +77,12 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
         if name not in env:
             continue
         value: Any = env[name]
-        if _is_sequence(field.type):
+        if _is_mapping(field.type):
+            try:
+                value = msgspec.json.decode(value)
+            except msgspec.DecodeError:
+                raise SettingsError(f"{name}: expected a JSON object") from None
+        elif _is_sequence(field.type):
             value = [item.strip() for item in value.split(",") if item.strip()]
         raw[field.name] = value
     try:

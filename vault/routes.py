@@ -1,0 +1,322 @@
+"""The vault's HTTP handlers: parse, check the caller, call one service function, answer.
+
+Every handler that touches card data, or the keys protecting it, writes an audit record before
+anything leaves the vault; if the record cannot be written the request fails (fail closed).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post, route
+from litestar.datastructures import State
+from litestar.params import Parameter
+
+from core.errors import InvalidRequest, PermissionDenied, RateLimited
+from core.redaction import redact
+from tessera.runtime.http import request_id_of
+from vault.audit import AuditLog
+from vault.auth import ADMIN, MERCHANT, SERVICE, caller_of, require
+from vault.forward import Forwarder, ForwardRequest, ForwardResponse, check_template
+from vault.keys import KeyService
+from vault.merchants import (
+    MerchantDirectory,
+    MerchantRepository,
+    MerchantView,
+    RegisterMerchant,
+    key_hash,
+    normalize_origin,
+)
+from vault.tokens import CreateToken, TokenService, TokenView, parse_token_id
+
+MerchantHeader = Annotated[
+    str,
+    Parameter(
+        header="Tessera-Merchant",
+        pattern=r"^mer_[0-9A-Za-z]{16,40}$",
+        description="The merchant the payment API acts for; tokens of others answer 404.",
+    ),
+]
+FORWARD_MAX_BODY = 64 * 1024
+
+
+def _today() -> datetime.date:
+    return datetime.datetime.now(datetime.UTC).date()
+
+
+def _origin_check(request: Request[Any, Any, Any]) -> str | None:
+    """A browser's request must come from one of the merchant's own origins."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return None  # a native app or a server: no browser, no origin to check
+    caller = caller_of(request)
+    try:
+        normalized = normalize_origin(origin)
+    except InvalidRequest:
+        raise PermissionDenied(
+            "This origin may not create tokens.", code="origin_not_allowed"
+        ) from None
+    if normalized not in caller.allowed_origins:
+        raise PermissionDenied("This origin may not create tokens.", code="origin_not_allowed")
+    return origin
+
+
+def _cors_headers(origin: str) -> dict[str, str]:
+    return {"access-control-allow-origin": origin, "vary": "Origin"}
+
+
+class TokenController(Controller):
+    path = "/v1/tokens"
+    tags = ["tokens"]
+
+    @post(operation_id="createToken", guards=[require(MERCHANT)], status_code=201)
+    async def create(
+        self, request: Request[Any, Any, Any], data: CreateToken, tokens: TokenService
+    ) -> Response[TokenView]:
+        origin = _origin_check(request)
+        caller = caller_of(request)
+        assert caller.merchant_id is not None
+        view = await tokens.create(caller.merchant_id, data, _today())
+        return Response(view, status_code=201, headers=_cors_headers(origin) if origin else None)
+
+    @route(http_method="OPTIONS", operation_id="preflightToken", include_in_schema=False)
+    async def preflight(self, request: Request[Any, Any, Any], state: State) -> Response[None]:
+        """Answered for origins some merchant registered; the POST checks the merchant's own."""
+        origin = request.headers.get("origin", "")
+        directory: MerchantDirectory = state.merchant_directory
+        try:
+            allowed = normalize_origin(origin) in await directory.registered_origins()
+        except InvalidRequest:
+            allowed = False
+        if not allowed:
+            return Response(None, status_code=403)
+        return Response(
+            None,
+            status_code=204,
+            headers={
+                **_cors_headers(origin),
+                "access-control-allow-methods": "POST",
+                "access-control-allow-headers": "authorization, content-type",
+                "access-control-max-age": "600",
+            },
+        )
+
+    @get("/{token_id:str}", operation_id="readToken", guards=[require(SERVICE)])
+    async def read(
+        self,
+        request: Request[Any, Any, Any],
+        token_id: str,
+        merchant: MerchantHeader,
+        tokens: TokenService,
+        audit: AuditLog,
+    ) -> TokenView:
+        token_id = parse_token_id(token_id)
+        view = await tokens.metadata(token_id, merchant)
+        await audit.append(
+            actor=SERVICE,
+            action="token.read",
+            outcome="success",
+            request_id=request_id_of(request.scope),
+            token_id=token_id,
+        )
+        return view
+
+    @delete(
+        "/{token_id:str}", operation_id="deleteToken", guards=[require(SERVICE)], status_code=200
+    )
+    async def remove(
+        self,
+        request: Request[Any, Any, Any],
+        token_id: str,
+        merchant: MerchantHeader,
+        tokens: TokenService,
+        audit: AuditLog,
+    ) -> dict[str, Any]:
+        token_id = parse_token_id(token_id)
+        await audit.append(
+            actor=SERVICE,
+            action="token.delete",
+            outcome="requested",
+            request_id=request_id_of(request.scope),
+            token_id=token_id,
+        )
+        await tokens.delete(token_id, merchant)
+        return {"id": token_id, "object": "token", "deleted": True}
+
+
+class ForwardController(Controller):
+    path = "/v1/forward"
+    tags = ["forward"]
+
+    @post(
+        operation_id="forward",
+        guards=[require(SERVICE)],
+        status_code=200,
+        request_max_body_size=FORWARD_MAX_BODY,
+    )
+    async def forward(
+        self,
+        request: Request[Any, Any, Any],
+        data: ForwardRequest,
+        merchant: MerchantHeader,
+        tokens: TokenService,
+        audit: AuditLog,
+        forwarder: Forwarder,
+    ) -> ForwardResponse:
+        token_id = parse_token_id(data.token, param="token")
+        destination = check_template(data, forwarder.destinations)
+        request_id = request_id_of(request.scope)
+        detail = {"destination": data.destination, "path": data.path}
+        # Recorded before the card is decrypted: no record, no card data leaves.
+        await audit.append(
+            actor=SERVICE,
+            action="forward",
+            outcome="started",
+            request_id=request_id,
+            token_id=token_id,
+            detail=detail,
+        )
+        card = await tokens.reveal(token_id, merchant, take_cvc=True)
+        try:
+            answer = await forwarder.send(destination, data, card)
+        except Exception:
+            await audit.append(
+                actor=SERVICE,
+                action="forward",
+                outcome="failed",
+                request_id=request_id,
+                token_id=token_id,
+                detail=detail,
+            )
+            raise
+        finally:
+            del card
+        await audit.append(
+            actor=SERVICE,
+            action="forward",
+            outcome="completed",
+            request_id=request_id,
+            token_id=token_id,
+            detail={**detail, "status": answer.status},
+        )
+        return answer
+
+
+class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    token: Annotated[str, msgspec.Meta(max_length=40)]
+    reason: Annotated[str, msgspec.Meta(min_length=10, max_length=500)]
+
+
+class DetokenizedCard(msgspec.Struct):
+    token: str
+    number: str
+    exp_month: int
+    exp_year: int
+    name: str | None
+    object: str = "detokenized_card"
+
+
+class AdminController(Controller):
+    path = "/v1"
+    guards = [require(ADMIN)]
+    tags = ["admin"]
+
+    @post("/merchants", operation_id="registerMerchant", status_code=201)
+    async def register_merchant(
+        self,
+        request: Request[Any, Any, Any],
+        data: RegisterMerchant,
+        merchants: MerchantRepository,
+        state: State,
+        audit: AuditLog,
+    ) -> MerchantView:
+        if redact(data.id) != data.id:
+            raise InvalidRequest("A merchant id must not look like a card number.", param="id")
+        origins = sorted({normalize_origin(o) for o in data.allowed_origins})
+        await audit.append(
+            actor=ADMIN,
+            action="merchant.register",
+            outcome="requested",
+            request_id=request_id_of(request.scope),
+            detail={"merchant": data.id},
+        )
+        created = await merchants.insert(data.id, key_hash(data.publishable_key), origins)
+        state.merchant_directory.forget()
+        return MerchantView(id=data.id, allowed_origins=origins, created=int(created.timestamp()))
+
+    @post("/detokenize", operation_id="detokenize", status_code=200)
+    async def detokenize(
+        self,
+        request: Request[Any, Any, Any],
+        data: DetokenizeRequest,
+        tokens: TokenService,
+        audit: AuditLog,
+        state: State,
+    ) -> DetokenizedCard:
+        """Break-glass: the PAN itself, to an administrator, with a reason, rate-limited and
+        always audited. Not for day-to-day use; every call is reviewed."""
+        token_id = parse_token_id(data.token, param="token")
+        if redact(data.reason) != data.reason:
+            raise InvalidRequest("The reason must not contain card data.", param="reason")
+        settings = state.settings
+        window = int(datetime.datetime.now(datetime.UTC).timestamp() // 60)
+        counter = f"vault:detokenize:admin:{window}"
+        used = await state.redis.incr(counter)
+        if used == 1:
+            await state.redis.expire(counter, 120)
+        if used > settings.detokenize_per_minute:
+            await audit.append(
+                actor=ADMIN,
+                action="detokenize",
+                outcome="rate_limited",
+                request_id=request_id_of(request.scope),
+                token_id=token_id,
+            )
+            raise RateLimited("Too many detokenizations this minute.")
+        card = await tokens.reveal(token_id, None, take_cvc=False)
+        await audit.append(
+            actor=ADMIN,
+            action="detokenize",
+            outcome="success",
+            request_id=request_id_of(request.scope),
+            token_id=token_id,
+            detail={"reason": data.reason},
+        )
+        return DetokenizedCard(token_id, card.number, card.exp_month, card.exp_year, card.name)
+
+    @post("/keys/rotate", operation_id="rotateKeys", status_code=200)
+    async def rotate(
+        self, request: Request[Any, Any, Any], keys: KeyService, audit: AuditLog
+    ) -> dict[str, str]:
+        await audit.append(
+            actor=ADMIN,
+            action="keys.rotate",
+            outcome="requested",
+            request_id=request_id_of(request.scope),
+        )
+        return await keys.rotate()
+
+    @post("/keys/rewrap", operation_id="rewrapKeys", status_code=200)
+    async def rewrap(
+        self, request: Request[Any, Any, Any], keys: KeyService, audit: AuditLog
+    ) -> dict[str, int | str]:
+        await audit.append(
+            actor=ADMIN,
+            action="keys.rewrap",
+            outcome="requested",
+            request_id=request_id_of(request.scope),
+        )
+        return await keys.rewrap()
+
+    @get("/audit/verify", operation_id="verifyAudit")
+    async def verify_audit(self, request: Request[Any, Any, Any], audit: AuditLog) -> Any:
+        report = await audit.verify()
+        await audit.append(
+            actor=ADMIN,
+            action="audit.verify",
+            outcome="ok" if report.ok else "broken",
+            request_id=request_id_of(request.scope),
+        )
+        return report

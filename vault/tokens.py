@@ -1,0 +1,240 @@
+"""Tokens: a card in, a random token out; metadata to the API; crypto-shredding on delete.
+
+The PAN and the cardholder's name exist here in clear only in memory, for the time it takes to
+seal them. A CVC is never written to disk: it is sealed and kept in Redis with a TTL, and taken
+(read and deleted at once) by the first forward that uses it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from core.cards import bin6, last4, validate_cvc, validate_expiry, validate_pan
+from core.errors import InvalidRequest, NotFound
+from core.ids import new_id
+from vault.crypto import EnvelopeCipher, card_aad, cvc_aad
+from vault.keys import KeyService
+
+_TOKEN_ID = re.compile(r"tok_[0-9a-z]{26}")
+
+
+class CreateToken(msgspec.Struct, forbid_unknown_fields=True):
+    number: Annotated[str, msgspec.Meta(max_length=64)]
+    exp_month: int | Annotated[str, msgspec.Meta(max_length=4)]
+    exp_year: int | Annotated[str, msgspec.Meta(max_length=4)]
+    cvc: Annotated[str, msgspec.Meta(max_length=8)] | None = None
+    name: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+
+
+class CardView(msgspec.Struct):
+    brand: str
+    last4: str
+    bin: str
+    exp_month: int
+    exp_year: int
+    fingerprint: str
+
+
+class TokenView(msgspec.Struct):
+    id: str
+    card: CardView
+    cvc_provided: bool
+    created: int
+    object: str = "token"
+
+
+class CardRecord(msgspec.Struct, array_like=True):
+    """What is sealed: the PAN and the name. Expiry and brand are metadata, kept in clear."""
+
+    number: str
+    name: str | None
+
+
+@dataclass(frozen=True)
+class Card:
+    """A decrypted card: lives in memory for one operation only."""
+
+    number: str
+    exp_month: int
+    exp_year: int
+    name: str | None
+    cvc: str | None
+
+
+def fingerprint_text(raw: bytes) -> str:
+    return raw[:16].hex()
+
+
+def _view(row: Any) -> TokenView:
+    return TokenView(
+        id=row["id"],
+        card=CardView(
+            brand=row["brand"],
+            last4=row["last4"],
+            bin=row["bin"],
+            exp_month=row["exp_month"],
+            exp_year=row["exp_year"],
+            fingerprint=fingerprint_text(row["fingerprint"]),
+        ),
+        cvc_provided=row["cvc_provided"],
+        created=int(row["created_at"].timestamp()),
+    )
+
+
+class TokenRepository:
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def insert(self, **values: Any) -> Any:
+        return await self.pool.fetchrow(
+            "INSERT INTO tokens (id, merchant_id, data_key_id, nonce, ciphertext, brand, bin, "
+            "last4, exp_month, exp_year, fingerprint, cvc_provided) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING *",
+            values["id"],
+            values["merchant_id"],
+            values["data_key_id"],
+            values["nonce"],
+            values["ciphertext"],
+            values["brand"],
+            values["bin"],
+            values["last4"],
+            values["exp_month"],
+            values["exp_year"],
+            values["fingerprint"],
+            values["cvc_provided"],
+        )
+
+    async def live(self, token_id: str, merchant_id: str | None) -> Any:
+        """A token that exists, is not deleted and (unless an admin asks) is the merchant's."""
+        return await self.pool.fetchrow(
+            "SELECT * FROM tokens WHERE id = $1 AND deleted_at IS NULL "
+            "AND ($2::text IS NULL OR merchant_id = $2)",
+            token_id,
+            merchant_id,
+        )
+
+    async def shred(self, token_id: str, merchant_id: str) -> bool:
+        status: str = await self.pool.execute(
+            "UPDATE tokens SET ciphertext = NULL, nonce = NULL, data_key_id = NULL, "
+            "deleted_at = now() WHERE id = $1 AND merchant_id = $2 AND deleted_at IS NULL",
+            token_id,
+            merchant_id,
+        )
+        return status == "UPDATE 1"
+
+
+class CvcStore:
+    """Sealed CVCs in Redis, with a TTL, taken at most once."""
+
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+        self.redis = redis
+        self.ttl_seconds = ttl_seconds
+
+    @staticmethod
+    def _key(token_id: str) -> str:
+        return f"vault:cvc:{token_id}"
+
+    async def put(self, token_id: str, data_key_id: str, nonce: bytes, sealed: bytes) -> None:
+        value = msgspec.msgpack.encode((data_key_id, nonce, sealed))
+        await self.redis.set(self._key(token_id), value, ex=self.ttl_seconds)
+
+    async def take(self, token_id: str) -> tuple[str, bytes, bytes] | None:
+        value = await self.redis.getdel(self._key(token_id))
+        if not isinstance(value, bytes):
+            return None
+        data_key_id, nonce, sealed = msgspec.msgpack.decode(value, type=tuple[str, bytes, bytes])
+        return data_key_id, nonce, sealed
+
+    async def discard(self, token_id: str) -> None:
+        await self.redis.delete(self._key(token_id))
+
+
+def parse_token_id(value: str, param: str = "id") -> str:
+    """A malformed id is answered exactly like an unknown one: 404."""
+    if not _TOKEN_ID.fullmatch(value):
+        raise NotFound("No such token.", param=param)
+    return value
+
+
+@dataclass
+class TokenService:
+    keys: KeyService
+    tokens: TokenRepository
+    cvcs: CvcStore
+
+    async def create(self, merchant_id: str, data: CreateToken, today: datetime.date) -> TokenView:
+        pan, brand = validate_pan(data.number)
+        exp_month, exp_year = validate_expiry(data.exp_month, data.exp_year, today=today)
+        cvc = validate_cvc(data.cvc, brand) if data.cvc is not None else None
+        name = data.name.strip() if data.name else None
+        if name and len(name) > 100:
+            raise InvalidRequest("name is at most 100 characters.", param="name")
+        token_id = new_id("tok")
+        data_key_id, key = await self.keys.ring.encryption_key()
+        record = msgspec.msgpack.encode(CardRecord(pan, name))
+        nonce, ciphertext = EnvelopeCipher.seal(
+            key, record, card_aad(token_id, merchant_id, data_key_id)
+        )
+        fingerprint = await self.keys.fingerprint(merchant_id, pan)
+        if cvc is not None:
+            cvc_nonce, sealed_cvc = EnvelopeCipher.seal(
+                key, cvc.encode(), cvc_aad(token_id, merchant_id, data_key_id)
+            )
+            await self.cvcs.put(token_id, data_key_id, cvc_nonce, sealed_cvc)
+        row = await self.tokens.insert(
+            id=token_id,
+            merchant_id=merchant_id,
+            data_key_id=data_key_id,
+            nonce=nonce,
+            ciphertext=ciphertext,
+            brand=str(brand),
+            bin=bin6(pan),
+            last4=last4(pan),
+            exp_month=exp_month,
+            exp_year=exp_year,
+            fingerprint=fingerprint,
+            cvc_provided=cvc is not None,
+        )
+        return _view(row)
+
+    async def metadata(self, token_id: str, merchant_id: str) -> TokenView:
+        row = await self.tokens.live(token_id, merchant_id)
+        if row is None:
+            raise NotFound("No such token.", param="id")
+        return _view(row)
+
+    async def delete(self, token_id: str, merchant_id: str) -> None:
+        if not await self.tokens.shred(token_id, merchant_id):
+            raise NotFound("No such token.", param="id")
+        await self.cvcs.discard(token_id)
+
+    async def reveal(self, token_id: str, merchant_id: str | None, *, take_cvc: bool) -> Card:
+        """Decrypt a card for one use (forward, break-glass). The CVC, if asked for, is taken:
+        whatever happens next, it is gone."""
+        row = await self.tokens.live(token_id, merchant_id)
+        if row is None:
+            raise NotFound("No such token.", param="token")
+        cvc: str | None = None
+        if take_cvc:
+            held = await self.cvcs.take(token_id)
+            if held is not None:
+                cvc_key_id, cvc_nonce, sealed = held
+                cvc_key = await self.keys.ring.key(cvc_key_id)
+                cvc = EnvelopeCipher.open(
+                    cvc_key, cvc_nonce, sealed, cvc_aad(token_id, row["merchant_id"], cvc_key_id)
+                ).decode()
+        key = await self.keys.ring.key(row["data_key_id"])
+        plaintext = EnvelopeCipher.open(
+            key,
+            row["nonce"],
+            row["ciphertext"],
+            card_aad(token_id, row["merchant_id"], row["data_key_id"]),
+        )
+        record = msgspec.msgpack.decode(plaintext, type=CardRecord)
+        return Card(record.number, row["exp_month"], row["exp_year"], record.name, cvc)
