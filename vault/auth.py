@@ -46,8 +46,30 @@ def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
     return token.strip()
 
 
+def mesh_identity(connection: ASGIConnection[Any, Any, Any, Any], settings: VaultSettings) -> bool:
+    """The payment API's mTLS identity, as the mesh sidecar that terminated mTLS reports it.
+
+    Envoy/Istio set `X-Forwarded-Client-Cert: By=...;Hash=...;URI=spiffe://...` (and strip any
+    value a client sent); each element is one hop, the last one is the peer of the sidecar.
+    """
+    if not settings.trust_forwarded_client_cert:
+        return False
+    header = connection.headers.get("x-forwarded-client-cert")
+    if not header:
+        return False
+    last_hop = header.split(",")[-1]
+    uris = [
+        part.split("=", 1)[1].strip('"')
+        for part in last_hop.split(";")
+        if part.strip().lower().startswith("uri=")
+    ]
+    return any(uri in settings.service_identities for uri in uris)
+
+
 async def identify(connection: ASGIConnection[Any, Any, Any, Any]) -> Caller:
     settings: VaultSettings = connection.app.state.settings
+    if mesh_identity(connection, settings) and not connection.headers.get("authorization"):
+        return Caller(SERVICE)
     token = bearer(connection)
     raw = token.encode()
     # Both comparisons always run, so timing says nothing about which one matched.

@@ -33,6 +33,12 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
     forward_timeout_seconds: float = 10.0
     #: Break-glass detokenizations per administrator credential per minute.
     detokenize_per_minute: int = 5
+    #: mTLS identity of the payment API, as a service mesh's sidecar vouches for it in the
+    #: `X-Forwarded-Client-Cert` header (SPIFFE URIs, e.g.
+    #: spiffe://cluster.local/ns/tessera-app/sa/tessera-api). Honoured only when
+    #: `trust_forwarded_client_cert` is on, i.e. when only the sidecar can reach the vault.
+    service_identities: list[str] = []
+    trust_forwarded_client_cert: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,6 +52,11 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
             raise ValueError(f"{self.env_name('cvc_ttl_seconds')}: between 1 and 3600 seconds")
         if self.kms_provider == "gcp" and not self.gcp_kms_key_name.startswith("projects/"):
             raise ValueError(f"{self.env_name('gcp_kms_key_name')}: a full Cloud KMS key name")
+        if self.trust_forwarded_client_cert and not self.service_identities:
+            raise ValueError(
+                f"{self.env_name('trust_forwarded_client_cert')} needs "
+                f"{self.env_name('service_identities')}"
+            )
         for name, destination in self.forward_destinations.items():
             if not destination.url.startswith(("http://", "https://")) or not destination.paths:
                 raise ValueError(
