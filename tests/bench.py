@@ -9,6 +9,7 @@ pinned to the other core than the service; its CPU use is printed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -20,6 +21,8 @@ import tempfile
 import timeit
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 from core.cards import luhn_valid
 from core.ids import new_id
@@ -59,10 +62,14 @@ def _ms(text: str) -> float:
     return number * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def http_row(name: str, url: str, seconds: int = 5, connections: int = 16) -> str:
+def http_row(
+    name: str, url: str, seconds: int = 5, connections: int = 16, script: str | None = None
+) -> str:
     """wrk on core 1 (the service is pinned to core 0), keep-alive, after a 1 s warm-up."""
     wrk = wrk_binary()
     base = ["taskset", "-c", "1", wrk, "-t1", f"-c{connections}", "--latency"]
+    if script:
+        base += ["-s", script]
     subprocess.run([*base, "-d1s", url], check=True, capture_output=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([*base, f"-d{seconds}s", url], check=True, capture_output=True,
@@ -109,7 +116,77 @@ def main() -> None:
                 print(http_row(f"{module} GET /readyz (db+redis)", process.url + "/readyz"))
             finally:
                 process.stop()
+    vault_rows(env)
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+
+
+def _lua(method: str, body: str, headers: dict[str, str]) -> str:
+    lines = [f'wrk.method = "{method}"', f"wrk.body = {json.dumps(body)}"]
+    lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _kms_calls(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("vault_kms_calls "):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def vault_rows(env: dict[str, str]) -> None:
+    """Tokenize, read metadata and forward through the vault alone (a trivial destination)."""
+    print("\nvault alone: one process on core 0, wrk on core 1, 16 connections, 5 s each")
+    admin = {"authorization": f"Bearer {env['TESSERA_VAULT_ADMIN_TOKEN']}"}
+    with tempfile.TemporaryDirectory() as work:
+        psp_port, port = free_port(), free_port()
+        psp = subprocess.Popen([sys.executable, "-m", "tests.support.fast_psp", str(psp_port)])
+        destinations = {"bench": {"url": f"http://127.0.0.1:{psp_port}", "paths": ["/auth"]}}
+        vault_env = {
+            **env,
+            "TESSERA_VAULT_PORT": str(port),
+            "TESSERA_VAULT_FORWARD_DESTINATIONS": json.dumps(destinations),
+        }
+        vault = ServiceProcess("vault", vault_env, port, Path(work) / "vault.log").start()
+        assert vault.process is not None
+        os.sched_setaffinity(vault.process.pid, {0})
+        try:
+            merchant, pk = new_id("mer"), f"pk_test_{secrets.token_hex(24)}"
+            httpx.post(
+                vault.url + "/v1/merchants",
+                json={"id": merchant, "publishable_key": pk},
+                headers=admin,
+            ).raise_for_status()
+            card = '{"number": "4242424242424242", "exp_month": 12, "exp_year": 2040}'
+            token = httpx.post(
+                vault.url + "/v1/tokens", content=card,
+                headers={"authorization": f"Bearer {pk}", "content-type": "application/json"},
+            ).json()["id"]  # fmt: skip
+            service = {
+                "Authorization": f"Bearer {env['TESSERA_VAULT_SERVICE_TOKEN']}",
+                "Tessera-Merchant": merchant,
+                "Content-Type": "application/json",
+            }
+            forward = json.dumps(
+                {"destination": "bench", "path": "/auth", "token": token,
+                 "body": {"pan": "{{card.number}}", "exp": "{{card.exp_month}}"}}
+            )  # fmt: skip
+            cases = [
+                ("tokenize POST /v1/tokens", "/v1/tokens",
+                 _lua("POST", card, {"Authorization": f"Bearer {pk}",
+                                     "Content-Type": "application/json"})),
+                ("metadata GET /v1/tokens/{id}", f"/v1/tokens/{token}", _lua("GET", "", service)),
+                ("forward POST /v1/forward", "/v1/forward", _lua("POST", forward, service)),
+            ]  # fmt: skip
+            for name, path, lua in cases:
+                script = Path(work) / "case.lua"
+                script.write_text(lua)
+                before = _kms_calls(vault.url)
+                print(http_row(name, vault.url + path, script=str(script)))
+                print(f"{'':<28} KMS calls during the run: {_kms_calls(vault.url) - before:.0f}")
+        finally:
+            vault.stop()
+            psp.terminate()
+            psp.wait()
 
 
 if __name__ == "__main__":

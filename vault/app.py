@@ -10,6 +10,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
+from prometheus_client import Gauge
 
 from tessera.runtime.service import build_app
 from vault.audit import AuditLog
@@ -53,6 +54,12 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         state = app.state
         state.kms = kms or await open_kms(settings)
         state.key_service = KeyService(state.kms, KeyRepository(state.pool))
+        kms_calls = Gauge(
+            "vault_kms_calls",
+            "Requests this process has sent to the KMS since it started.",
+            registry=state.metrics.registry,
+        )
+        kms_calls.set_function(lambda: state.kms.calls)
         state.audit = None  # made on first use: the audit key needs the schema and the KMS
         state.audit_lock = asyncio.Lock()
         state.merchant_directory = MerchantDirectory(state.pool)

@@ -84,4 +84,5 @@ def build_app(
         logging_config=None,
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     return install(app, metrics)
