@@ -26,7 +26,7 @@ from typing import Final
 
 from core.errors import InvalidRequest
 
-__all__ = ["ALPHABET", "IdPrefix", "id_timestamp", "new_id", "parse_id"]
+__all__ = ["ALPHABET", "IdPrefix", "id_timestamp", "new_id", "new_random_id", "parse_id"]
 
 ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
 _TIMESTAMP_BITS: Final = 48
@@ -128,3 +128,11 @@ def _decode(text: str) -> int:
     for char in text:
         number = number * 32 + ALPHABET.index(char)
     return number
+
+
+def new_random_id(prefix: str) -> str:
+    """`prefix_` + 26 characters carrying 128 random bits and nothing else: for identifiers that
+    must be unguessable and reveal nothing, not even when they were made (vault tokens)."""
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"invalid id prefix: {prefix!r}")
+    return f"{prefix}_{_encode(secrets.randbits(128))}"

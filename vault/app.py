@@ -14,6 +14,7 @@ from prometheus_client import Gauge
 
 from tessera.runtime.service import build_app
 from vault.audit import AuditLog
+from vault.cors import TokenPreflight
 from vault.forward import Forwarder
 from vault.keys import KeyRepository, KeyService
 from vault.kms.base import KeyManagementService
@@ -99,4 +100,5 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         dependencies=dependencies,
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=vault_lifespan,
+        wrap_handler=TokenPreflight,
     )

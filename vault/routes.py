@@ -10,7 +10,7 @@ import datetime
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post, route
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import Parameter
 
@@ -22,7 +22,6 @@ from vault.auth import ADMIN, MERCHANT, SERVICE, caller_of, require
 from vault.forward import Forwarder, ForwardRequest, ForwardResponse, check_template
 from vault.keys import KeyService
 from vault.merchants import (
-    MerchantDirectory,
     MerchantRepository,
     MerchantView,
     RegisterMerchant,
@@ -80,28 +79,6 @@ class TokenController(Controller):
         assert caller.merchant_id is not None
         view = await tokens.create(caller.merchant_id, data, _today())
         return Response(view, status_code=201, headers=_cors_headers(origin) if origin else None)
-
-    @route(http_method="OPTIONS", operation_id="preflightToken", include_in_schema=False)
-    async def preflight(self, request: Request[Any, Any, Any], state: State) -> Response[None]:
-        """Answered for origins some merchant registered; the POST checks the merchant's own."""
-        origin = request.headers.get("origin", "")
-        directory: MerchantDirectory = state.merchant_directory
-        try:
-            allowed = normalize_origin(origin) in await directory.registered_origins()
-        except InvalidRequest:
-            allowed = False
-        if not allowed:
-            return Response(None, status_code=403)
-        return Response(
-            None,
-            status_code=204,
-            headers={
-                **_cors_headers(origin),
-                "access-control-allow-methods": "POST",
-                "access-control-allow-headers": "authorization, content-type",
-                "access-control-max-age": "600",
-            },
-        )
 
     @get("/{token_id:str}", operation_id="readToken", guards=[require(SERVICE)])
     async def read(

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from core.cards import bin6, last4, validate_cvc, validate_expiry, validate_pan
 from core.errors import InvalidRequest, NotFound
-from core.ids import new_id
+from core.ids import new_random_id
 from vault.crypto import EnvelopeCipher, card_aad, cvc_aad
 from vault.keys import KeyService
 
@@ -175,7 +175,7 @@ class TokenService:
         name = data.name.strip() if data.name else None
         if name and len(name) > 100:
             raise InvalidRequest("name is at most 100 characters.", param="name")
-        token_id = new_id("tok")
+        token_id = new_random_id("tok")
         data_key_id, key = await self.keys.ring.encryption_key()
         record = msgspec.msgpack.encode(CardRecord(pan, name))
         nonce, ciphertext = EnvelopeCipher.seal(

@@ -39,6 +39,7 @@ from prometheus_client import (
 
 from core import errors
 from core.ids import new_id
+from core.redaction import redact_value
 
 log = structlog.stdlib.get_logger("tessera.http")
 
@@ -85,10 +86,13 @@ def request_id_of(scope: Scope | Any) -> str:
 
 
 def error_response(exc: errors.TesseraError, request_id: str) -> Response[bytes]:
+    """The error body. Messages and params are built from field names, but a client can name a
+    field with a card number (or put one in a URL): everything is redacted on the way out."""
     body: dict[str, Any] = {"type": exc.type, "code": exc.code, "message": exc.message}
     if exc.param is not None:
         body["param"] = exc.param
     body.update(exc.extra)
+    body = redact_value(body)
     body["request_id"] = request_id
     return Response(
         content=msgspec.json.encode({"error": body}),
@@ -99,6 +103,7 @@ def error_response(exc: errors.TesseraError, request_id: str) -> Response[bytes]
 
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _NAMED_FIELD = re.compile(r"field `([^`]+)`")
+_MISSING_PARAMETER = re.compile(r"Missing required (\w+) parameter '([^']+)'")
 
 
 def _validation_error(exc: ValidationException) -> errors.TesseraError:
@@ -108,10 +113,17 @@ def _validation_error(exc: ValidationException) -> errors.TesseraError:
     unknown field `color`") and the key it failed at; the parameter is the key plus the named
     field, if any.
     """
+    missing = _MISSING_PARAMETER.match(str(exc.detail or ""))
+    if missing:  # "Missing required header parameter 'X' for path /…": never echo the path
+        kind, name = missing[1], missing[2]
+        return errors.InvalidRequest(
+            f"Missing required {kind} parameter {name}.", code="parameter_missing", param=name
+        )
     details = exc.extra if isinstance(exc.extra, list) else []
     detail = details[0] if details and isinstance(details[0], dict) else {}
     message = str(detail.get("message") or exc.detail or "Invalid request")
     key = str(detail.get("key") or "")
+
     key = "" if key == "data" else key  # Litestar names the body's root "data"
     path = _AT_PATH.search(message)
     if path:  # an older Litestar leaves msgspec's path in the message

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.types import ControllerRouterHandler
+from litestar.types import ASGIApp, ControllerRouterHandler
 
 from tessera.runtime.db import check_schema, create_pool
 from tessera.runtime.http import EXCEPTION_HANDLERS, Metrics, health_handlers, install
@@ -34,6 +34,7 @@ def build_app(
     dependencies: dict[str, Provide],
     max_body_bytes: int,
     service_lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]] | None = None,
+    wrap_handler: Callable[[ASGIApp], ASGIApp] | None = None,
 ) -> Litestar:
     """`service_lifespan` opens what only this service needs (clients, key rings), after the
     pool and Redis are up (they are on `app.state`), and closes it before them."""
@@ -85,4 +86,6 @@ def build_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    if wrap_handler is not None:  # inside the request-id layer, before routing
+        app.asgi_handler = wrap_handler(app.asgi_handler)
     return install(app, metrics)

@@ -191,3 +191,18 @@ def test_ids_of_different_milliseconds_sort_like_their_timestamps(
 def test_the_timestamp_round_trips(moment: datetime.datetime, random_part: int) -> None:
     value = new_id("tok", now=moment, randbits=lambda _bits: random_part)
     assert id_timestamp(value) == moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def test_random_ids_carry_128_random_bits_and_no_time() -> None:
+    from core.ids import ALPHABET, new_random_id
+
+    ids = [new_random_id("tok") for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    bodies = [i.removeprefix("tok_") for i in ids]
+    assert all(len(b) == 26 and set(b) <= set(ALPHABET) for b in bodies)
+    values = [int("".join(f"{ALPHABET.index(c):05b}" for c in b), 2) for b in bodies]
+    varying = 0
+    for bit in range(130):
+        ones = sum((v >> bit) & 1 for v in values)
+        varying += 0 < ones < len(values)
+    assert varying == 128  # the top two bits of 26 base32 characters are always zero
