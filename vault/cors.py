@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.enums import ScopeType
+from litestar.types import (
+    ASGIApp,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Receive,
+    Scope,
+    Send,
+)
 
 from core.errors import InvalidRequest
 from vault.merchants import normalize_origin
@@ -24,7 +32,7 @@ class TokenPreflight:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
-            scope["type"] != "http"
+            scope["type"] != ScopeType.HTTP
             or scope.get("method") != "OPTIONS"
             or scope["path"].rstrip("/") != TOKENS_PATH
         ):
@@ -47,10 +55,18 @@ class TokenPreflight:
                 (b"access-control-allow-headers", b"authorization, content-type"),
                 (b"access-control-max-age", b"600"),
             ]
-        await send(
-            {"type": "http.response.start", "status": 204 if allowed else 403, "headers": headers}
-        )
-        await send({"type": "http.response.body", "body": b""})
+        start: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 204 if allowed else 403,
+            "headers": headers,
+        }
+        await send(start)
+        body: HTTPResponseBodyEvent = {
+            "type": "http.response.body",
+            "body": b"",
+            "more_body": False,
+        }
+        await send(body)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

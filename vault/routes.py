@@ -7,6 +7,7 @@ anything leaves the vault; if the record cannot be written the request fails (fa
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -39,6 +40,27 @@ MerchantHeader = Annotated[
     ),
 ]
 FORWARD_MAX_BODY = 64 * 1024
+
+
+async def record(
+    audit: AuditLog,
+    request: Request[Any, Any, Any],
+    actor: str,
+    action: str,
+    outcome: str,
+    *,
+    token_id: str | None = None,
+    detail: Mapping[str, str | int | bool] | None = None,
+) -> None:
+    """Append this request's audit record; raises (503) if it cannot be written."""
+    await audit.append(
+        actor=actor,
+        action=action,
+        outcome=outcome,
+        request_id=request_id_of(request.scope),
+        token_id=token_id,
+        detail=detail,
+    )
 
 
 def _today() -> datetime.date:
@@ -91,13 +113,7 @@ class TokenController(Controller):
     ) -> TokenView:
         token_id = parse_token_id(token_id)
         view = await tokens.metadata(token_id, merchant)
-        await audit.append(
-            actor=SERVICE,
-            action="token.read",
-            outcome="success",
-            request_id=request_id_of(request.scope),
-            token_id=token_id,
-        )
+        await record(audit, request, SERVICE, "token.read", "success", token_id=token_id)
         return view
 
     @delete(
@@ -112,13 +128,7 @@ class TokenController(Controller):
         audit: AuditLog,
     ) -> dict[str, Any]:
         token_id = parse_token_id(token_id)
-        await audit.append(
-            actor=SERVICE,
-            action="token.delete",
-            outcome="requested",
-            request_id=request_id_of(request.scope),
-            token_id=token_id,
-        )
+        await record(audit, request, SERVICE, "token.delete", "requested", token_id=token_id)
         await tokens.delete(token_id, merchant)
         return {"id": token_id, "object": "token", "deleted": True}
 
@@ -144,37 +154,27 @@ class ForwardController(Controller):
     ) -> ForwardResponse:
         token_id = parse_token_id(data.token, param="token")
         destination = check_template(data, forwarder.destinations)
-        request_id = request_id_of(request.scope)
-        detail = {"destination": data.destination, "path": data.path}
+        detail: dict[str, str | int | bool] = {"destination": data.destination, "path": data.path}
         # Recorded before the card is decrypted: no record, no card data leaves.
-        await audit.append(
-            actor=SERVICE,
-            action="forward",
-            outcome="started",
-            request_id=request_id,
-            token_id=token_id,
-            detail=detail,
+        await record(
+            audit, request, SERVICE, "forward", "started", token_id=token_id, detail=detail
         )
         card = await tokens.reveal(token_id, merchant, take_cvc=True)
         try:
             answer = await forwarder.send(destination, data, card)
         except Exception:
-            await audit.append(
-                actor=SERVICE,
-                action="forward",
-                outcome="failed",
-                request_id=request_id,
-                token_id=token_id,
-                detail=detail,
+            await record(
+                audit, request, SERVICE, "forward", "failed", token_id=token_id, detail=detail
             )
             raise
         finally:
             del card
-        await audit.append(
-            actor=SERVICE,
-            action="forward",
-            outcome="completed",
-            request_id=request_id,
+        await record(
+            audit,
+            request,
+            SERVICE,
+            "forward",
+            "completed",
             token_id=token_id,
             detail={**detail, "status": answer.status},
         )
@@ -212,11 +212,13 @@ class AdminController(Controller):
         if redact(data.id) != data.id:
             raise InvalidRequest("A merchant id must not look like a card number.", param="id")
         origins = sorted({normalize_origin(o) for o in data.allowed_origins})
-        await audit.append(
-            actor=ADMIN,
-            action="merchant.register",
-            outcome="requested",
-            request_id=request_id_of(request.scope),
+        await record(
+            audit,
+            request,
+            ADMIN,
+            "merchant.register",
+            "requested",
+            token_id=None,
             detail={"merchant": data.id},
         )
         created = await merchants.insert(data.id, key_hash(data.publishable_key), origins)
@@ -244,20 +246,15 @@ class AdminController(Controller):
         if used == 1:
             await state.redis.expire(counter, 120)
         if used > settings.detokenize_per_minute:
-            await audit.append(
-                actor=ADMIN,
-                action="detokenize",
-                outcome="rate_limited",
-                request_id=request_id_of(request.scope),
-                token_id=token_id,
-            )
+            await record(audit, request, ADMIN, "detokenize", "rate_limited", token_id=token_id)
             raise RateLimited("Too many detokenizations this minute.")
         card = await tokens.reveal(token_id, None, take_cvc=False)
-        await audit.append(
-            actor=ADMIN,
-            action="detokenize",
-            outcome="success",
-            request_id=request_id_of(request.scope),
+        await record(
+            audit,
+            request,
+            ADMIN,
+            "detokenize",
+            "success",
             token_id=token_id,
             detail={"reason": data.reason},
         )
@@ -267,33 +264,20 @@ class AdminController(Controller):
     async def rotate(
         self, request: Request[Any, Any, Any], keys: KeyService, audit: AuditLog
     ) -> dict[str, str]:
-        await audit.append(
-            actor=ADMIN,
-            action="keys.rotate",
-            outcome="requested",
-            request_id=request_id_of(request.scope),
-        )
+        await record(audit, request, ADMIN, "keys.rotate", "requested")
         return await keys.rotate()
 
     @post("/keys/rewrap", operation_id="rewrapKeys", status_code=200)
     async def rewrap(
         self, request: Request[Any, Any, Any], keys: KeyService, audit: AuditLog
     ) -> dict[str, int | str]:
-        await audit.append(
-            actor=ADMIN,
-            action="keys.rewrap",
-            outcome="requested",
-            request_id=request_id_of(request.scope),
-        )
+        await record(audit, request, ADMIN, "keys.rewrap", "requested")
         return await keys.rewrap()
 
     @get("/audit/verify", operation_id="verifyAudit")
     async def verify_audit(self, request: Request[Any, Any, Any], audit: AuditLog) -> Any:
         report = await audit.verify()
-        await audit.append(
-            actor=ADMIN,
-            action="audit.verify",
-            outcome="ok" if report.ok else "broken",
-            request_id=request_id_of(request.scope),
+        await record(
+            audit, request, ADMIN, "audit.verify", "ok" if report.ok else "broken", token_id=None
         )
         return report
