@@ -9,6 +9,7 @@ refused, so card data can only ever travel in the body, to a host an operator al
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Annotated, Any
 
@@ -146,6 +147,7 @@ class Forwarder:
 
     def __init__(self, destinations: dict[str, Destination], timeout_seconds: float) -> None:
         self.destinations = destinations
+        self.timeout_seconds = timeout_seconds
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_seconds, connect=min(3.0, timeout_seconds)),
             follow_redirects=False,
@@ -161,7 +163,17 @@ class Forwarder:
         headers = {**request.headers, "content-type": "application/json"}
         url = destination.url.rstrip("/") + request.path
         try:
-            response = await self.client.request(request.method, url, content=body, headers=headers)
+            # httpx's read time-out is per read; the whole exchange is bounded here.
+            async with asyncio.timeout(self.timeout_seconds):
+                response = await self.client.request(
+                    request.method, url, content=body, headers=headers
+                )
+        except TimeoutError:
+            raise ForwardError(
+                "The destination did not answer in time.",
+                code="destination_timeout",
+                extra={"sent": "unknown"},
+            ) from None
         except httpx.ConnectError:
             raise ForwardError(
                 "The destination refused the connection; nothing was sent.",
@@ -187,7 +199,9 @@ class Forwarder:
             del body
         return ForwardResponse(
             status=response.status_code,
-            headers={h: response.headers[h] for h in RETURNED_HEADERS if h in response.headers},
+            headers={
+                h: redact(response.headers[h]) for h in RETURNED_HEADERS if h in response.headers
+            },
             body=_masked_body(response, card),
         )
 

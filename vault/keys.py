@@ -3,6 +3,7 @@ audit key, KEK rotation and rewrap."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from typing import Any
@@ -119,6 +120,7 @@ class KeyService:
         self.repository = repository
         self.ring = DataKeyRing(kms, repository.store, repository.load, policy)
         self._scoped: dict[tuple[str, str | None], str] = {}
+        self._scope_locks: dict[tuple[str, str | None], asyncio.Lock] = {}
 
     async def fingerprint(self, merchant_id: str, pan: str) -> bytes:
         """HMAC-SHA256 of the whole PAN under the merchant's own key: equal within a merchant,
@@ -132,8 +134,18 @@ class KeyService:
     async def _scoped_key(self, purpose: str, merchant_id: str | None) -> bytes:
         scope = (purpose, merchant_id)
         key_id = self._scoped.get(scope)
-        if key_id is None:
-            key_id = await self.repository.scoped_key_id(purpose, merchant_id)
+        if key_id is not None:
+            return await self.ring.key(key_id)
+        # The first requests for a new merchant arrive together: one of them makes the key.
+        lock = self._scope_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            key_id = self._scoped.get(scope) or await self._load_or_make(purpose, merchant_id)
+            self._scoped[scope] = key_id
+        self._scope_locks.pop(scope, None)
+        return await self.ring.key(key_id)
+
+    async def _load_or_make(self, purpose: str, merchant_id: str | None) -> str:
+        key_id = await self.repository.scoped_key_id(purpose, merchant_id)
         if key_id is None:
             new_key_id = new_id("dek")
             key = AESGCM.generate_key(bit_length=256)
@@ -141,8 +153,7 @@ class KeyService:
             key_id = await self.repository.store_unique(new_key_id, wrapped, purpose, merchant_id)
             if key_id == new_key_id:
                 self.ring.remember(key_id, key)
-        self._scoped[scope] = key_id
-        return await self.ring.key(key_id)
+        return key_id
 
     async def rotate(self) -> dict[str, str]:
         """A new KEK version becomes primary; new DEKs are wrapped by it from now on."""

@@ -15,7 +15,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import Parameter
 
-from core.errors import InvalidRequest, PermissionDenied, RateLimited
+from core.errors import InvalidRequest, PermissionDenied, RateLimited, TesseraError
 from core.redaction import redact
 from tessera.runtime.http import request_id_of
 from vault.audit import AuditLog
@@ -159,16 +159,16 @@ class ForwardController(Controller):
         await record(
             audit, request, SERVICE, "forward", "started", token_id=token_id, detail=detail
         )
-        card = await tokens.reveal(token_id, merchant, take_cvc=True)
         try:
+            card = await tokens.reveal(token_id, merchant, take_cvc=True)
             answer = await forwarder.send(destination, data, card)
-        except Exception:
+            del card
+        except Exception as exc:
+            outcome = exc.code if isinstance(exc, TesseraError) else "error"
             await record(
-                audit, request, SERVICE, "forward", "failed", token_id=token_id, detail=detail
+                audit, request, SERVICE, "forward", outcome, token_id=token_id, detail=detail
             )
             raise
-        finally:
-            del card
         await record(
             audit,
             request,
@@ -248,7 +248,11 @@ class AdminController(Controller):
         if used > settings.detokenize_per_minute:
             await record(audit, request, ADMIN, "detokenize", "rate_limited", token_id=token_id)
             raise RateLimited("Too many detokenizations this minute.")
-        card = await tokens.reveal(token_id, None, take_cvc=False)
+        try:
+            card = await tokens.reveal(token_id, None, take_cvc=False)
+        except TesseraError as exc:
+            await record(audit, request, ADMIN, "detokenize", exc.code, token_id=token_id)
+            raise
         await record(
             audit,
             request,

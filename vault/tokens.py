@@ -220,6 +220,15 @@ class TokenService:
         row = await self.tokens.live(token_id, merchant_id)
         if row is None:
             raise NotFound("No such token.", param="token")
+        key = await self.keys.ring.key(row["data_key_id"])
+        plaintext = EnvelopeCipher.open(
+            key,
+            row["nonce"],
+            row["ciphertext"],
+            card_aad(token_id, row["merchant_id"], row["data_key_id"]),
+        )
+        record = msgspec.msgpack.decode(plaintext, type=CardRecord)
+        # Taken only once the card itself decrypted, so a KMS outage does not burn the CVC.
         cvc: str | None = None
         if take_cvc:
             held = await self.cvcs.take(token_id)
@@ -229,12 +238,4 @@ class TokenService:
                 cvc = EnvelopeCipher.open(
                     cvc_key, cvc_nonce, sealed, cvc_aad(token_id, row["merchant_id"], cvc_key_id)
                 ).decode()
-        key = await self.keys.ring.key(row["data_key_id"])
-        plaintext = EnvelopeCipher.open(
-            key,
-            row["nonce"],
-            row["ciphertext"],
-            card_aad(token_id, row["merchant_id"], row["data_key_id"]),
-        )
-        record = msgspec.msgpack.decode(plaintext, type=CardRecord)
         return Card(record.number, row["exp_month"], row["exp_year"], record.name, cvc)
