@@ -18,16 +18,38 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     vault_url: str = "http://127.0.0.1:8100"
     #: The API's credential at the vault.
     vault_service_token: str
+    #: PSP A, for captures, voids, refunds and inquiries (authorizations go through the vault).
+    psp_a_url: str = "http://127.0.0.1:8201"
+    psp_a_api_key: str = "psp_a_test_key"
+    #: How long an authorization may take before its outcome is called unknown (`processing`).
+    authorization_timeout_seconds: float = 10.0
+    #: How long idempotency keys (and their responses) are kept.
+    idempotency_retention_hours: int = 24
+    #: The lease on a key whose request is in flight: longer than any processor call, so a
+    #: crashed request's key frees itself and a retry can finish it.
+    idempotency_lease_seconds: int = 30
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_url(self.vault_url, ("http", "https"), self.env_name("vault_url"))
         check_secret(self.vault_service_token, self.env_name("vault_service_token"))
+        validate_url(self.psp_a_url, ("http", "https"), self.env_name("psp_a_url"))
+        if not 0 < self.authorization_timeout_seconds <= 10:
+            raise ValueError(f"{self.env_name('authorization_timeout_seconds')}: 0 < s <= 10")
+        if self.idempotency_retention_hours < 24:
+            raise ValueError(f"{self.env_name('idempotency_retention_hours')}: at least 24")
+        if self.idempotency_lease_seconds <= self.authorization_timeout_seconds + 5:
+            raise ValueError(
+                f"{self.env_name('idempotency_lease_seconds')} must exceed the authorization "
+                "time-out by more than 5 s"
+            )
 
     def production_problems(self) -> list[str]:
         problems = []
         if not self.vault_url.startswith("https://"):
             problems.append("TESSERA_API_VAULT_URL must use https:// (mTLS to the vault)")
+        if not self.psp_a_url.startswith("https://") or self.psp_a_api_key == "psp_a_test_key":
+            problems.append("PSP A needs an https URL and a real API key")
         return problems
 
 

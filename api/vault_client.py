@@ -1,10 +1,133 @@
-"""The API's only way to the vault: HTTP to the vault's published endpoints."""
+"""The API's only way to the vault: HTTP to the vault's published endpoints.
+
+The API never sees a card number: it reads token metadata (brand, last 4, expiry) and asks the
+vault to forward authorization requests with the card filled in.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
+import msgspec
 
 from core.errors import ServiceUnavailable, TesseraError
+
+
+class TokenCard(msgspec.Struct, frozen=True):
+    brand: str
+    last4: str
+    exp_month: int
+    exp_year: int
+
+
+class _TokenView(msgspec.Struct):
+    id: str
+    card: TokenCard
+
+
+class Forwarded(msgspec.Struct, frozen=True):
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+class ForwardFailed(Exception):
+    """The vault could not get an answer from the destination. `sent` is "false" when the
+    request certainly never arrived, "unknown" when it may have (never retry that blindly)."""
+
+    def __init__(self, code: str, sent: str) -> None:
+        super().__init__(code)
+        self.code = code
+        self.sent = sent
+
+
+class VaultClient:
+    """Pooled, keep-alive connections to the vault's service port."""
+
+    def __init__(self, base_url: str, service_token: str, timeout_seconds: float) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"authorization": f"Bearer {service_token}"},
+            timeout=httpx.Timeout(timeout_seconds, connect=3.0),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+            trust_env=False,
+        )
+
+    async def token(self, merchant_id: str, token_id: str) -> TokenCard | None:
+        """The token's card metadata, or None if it is not this merchant's live token."""
+        try:
+            response = await self._http.get(
+                f"/v1/tokens/{token_id}", headers={"tessera-merchant": merchant_id}
+            )
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"The vault did not answer ({type(exc).__name__}).") from None
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise _vault_error(response)
+        return msgspec.json.decode(response.content, type=_TokenView).card
+
+    async def forward(
+        self,
+        merchant_id: str,
+        *,
+        destination: str,
+        path: str,
+        token: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+    ) -> Forwarded:
+        request = {
+            "destination": destination,
+            "path": path,
+            "token": token,
+            "body": body,
+            "headers": headers,
+        }
+        try:
+            response = await self._http.post(
+                "/v1/forward", json=request, headers={"tessera-merchant": merchant_id}
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            raise ForwardFailed("vault_unreachable", sent="false") from None
+        except httpx.HTTPError:
+            raise ForwardFailed("vault_timeout", sent="unknown") from None
+        if response.status_code == 200:
+            return msgspec.json.decode(response.content, type=Forwarded)
+        error = _error_body(response)
+        if error.get("code") in (
+            "destination_unreachable",
+            "destination_timeout",
+            "destination_error",
+        ):
+            raise ForwardFailed(str(error["code"]), sent=str(error.get("sent", "unknown")))
+        if response.status_code in (503, 500):
+            # The vault refused before sending (audit, KMS or database unavailable).
+            raise ForwardFailed(str(error.get("code", "vault_error")), sent="false")
+        raise _vault_error(response)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+def _error_body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def _vault_error(response: httpx.Response) -> TesseraError:
+    error = _error_body(response)
+    if response.status_code >= 500:
+        return ServiceUnavailable("The vault is unavailable; retry later.")
+    return TesseraError(
+        f"The vault refused the request ({error.get('code', response.status_code)}).",
+        code="vault_error",
+    )
 
 
 class VaultAdminClient:

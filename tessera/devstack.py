@@ -105,6 +105,7 @@ def service_env(config: StackConfig) -> dict[str, str]:
         ),
         "TESSERA_API_REDIS_URL": config.redis_db(0),
         "TESSERA_API_VAULT_URL": f"http://{config.host}:{config.vault_port}",
+        "TESSERA_API_PSP_A_URL": f"http://{config.host}:{config.psp_a_port}",
         "TESSERA_VAULT_HOST": config.host,
         "TESSERA_VAULT_PORT": str(config.vault_port),
         "TESSERA_VAULT_DATABASE_URL": service_dsn(

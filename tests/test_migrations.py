@@ -15,7 +15,15 @@ from tessera.runtime.migrations import MigrationError, discover, latest_version,
 from tests.conftest import PG_ADMIN_URL, dsn
 
 EXPECTED_TABLES = {
-    "api": {"schema_migrations", "merchants", "merchant_api_keys"},
+    "api": {
+        "schema_migrations",
+        "merchants",
+        "merchant_api_keys",
+        "payments",
+        "payment_attempts",
+        "refunds",
+        "idempotency_keys",
+    },
     "vault": {
         "schema_migrations",
         "merchants",

@@ -104,6 +104,8 @@ def test_production_mode_accepts_a_production_configuration() -> None:
         ),
         "TESSERA_VAULT_REDIS_URL": "rediss://cde-redis.internal:6378/0",
         "TESSERA_API_VAULT_URL": "https://vault.tessera-cde.svc:8100",
+        "TESSERA_API_PSP_A_URL": "https://api.psp-a.example",
+        "TESSERA_API_PSP_A_API_KEY": "live_key_from_secret_manager",
     }
     assert load_settings(VaultSettings, env).production
     assert load_settings(ApiSettings, env).production

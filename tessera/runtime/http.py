@@ -106,6 +106,15 @@ _NAMED_FIELD = re.compile(r"field `([^`]+)`")
 _MISSING_PARAMETER = re.compile(r"Missing required (\w+) parameter '([^']+)'")
 
 
+def error_body(
+    type_: str, code: str, message: str, extra: dict[str, Any], request_id: str
+) -> bytes:
+    """An error body built by a service, in the one shape every error has."""
+    body: dict[str, Any] = redact_value({"type": type_, "code": code, "message": message, **extra})
+    body["request_id"] = request_id
+    return msgspec.json.encode({"error": body})
+
+
 def _validation_error(exc: ValidationException) -> errors.TesseraError:
     """Turn Litestar's report of a msgspec validation failure into a precise error.
 

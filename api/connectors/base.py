@@ -1,0 +1,71 @@
+"""What every processor connector does, in our terms.
+
+A connector turns our request into the processor's wire format and the processor's statuses
+and decline codes into ours. Authorizations go through the vault (which fills in the card);
+captures, voids, refunds and inquiries go straight to the processor with its own reference.
+Adding a processor is one new module with this shape, plus its tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class Outcome(StrEnum):
+    APPROVED = "approved"
+    DECLINED = "declined"
+    #: The processor said it did not process the request: nothing was authorized.
+    FAILED = "failed"
+    #: No answer we can trust (time-out, reset after sending): it may have been authorized.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class AuthorizeRequest:
+    merchant_id: str
+    payment_id: str
+    reference: str
+    token: str
+    amount: int
+    currency: str
+    capture: bool
+
+
+@dataclass(frozen=True)
+class AuthorizeResult:
+    outcome: Outcome
+    processor_reference: str | None = None
+    captured: bool = False
+    decline_code: str | None = None
+    failure_code: str | None = None
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    """The answer to a capture, void or refund."""
+
+    outcome: Outcome
+    processor_reference: str | None = None
+    failure_code: str | None = None
+
+
+class Connector(Protocol):
+    name: str
+
+    async def authorize(self, request: AuthorizeRequest) -> AuthorizeResult: ...
+
+    async def inquire(self, reference: str) -> AuthorizeResult | None:
+        """What the processor knows of our reference; None if it never saw it."""
+        ...
+
+    async def capture(self, processor_reference: str, amount: int) -> OperationResult: ...
+
+    async def void(self, processor_reference: str) -> OperationResult: ...
+
+    async def refund(
+        self, processor_reference: str, reference: str, amount: int
+    ) -> OperationResult: ...
+
+    async def close(self) -> None: ...

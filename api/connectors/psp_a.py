@@ -1,0 +1,143 @@
+"""PSP A: a JSON processor (the simulator in `sandbox/psp_a.py` speaks its protocol).
+
+Wire format: amounts in minor units, our reference in `reference`, statuses `approved`,
+`captured`, `declined` (with `decline_code`), `voided`; a 5xx with `processing_error` means
+PSP A did not process the request. Authorizations travel through the vault's forwarding proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from api.connectors.base import AuthorizeRequest, AuthorizeResult, OperationResult, Outcome
+from api.vault_client import ForwardFailed, VaultClient
+
+DECLINE_CODES = {
+    "do_not_honor": "do_not_honor",
+    "insufficient_funds": "insufficient_funds",
+    "expired_card": "expired_card",
+    "incorrect_cvc": "incorrect_cvc",
+}
+
+
+class PspAConnector:
+    name = "psp_a"
+
+    def __init__(
+        self,
+        vault: VaultClient,
+        *,
+        base_url: str,
+        api_key: str,
+        timeout_seconds: float,
+    ) -> None:
+        self.vault = vault
+        self._auth = {"Authorization": f"Bearer {api_key}"}
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=self._auth,
+            timeout=httpx.Timeout(timeout_seconds, connect=3.0),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+            trust_env=False,
+        )
+
+    async def authorize(self, request: AuthorizeRequest) -> AuthorizeResult:
+        body = {
+            "reference": request.reference,
+            "amount": request.amount,
+            "currency": request.currency,
+            "capture": request.capture,
+            "card": {
+                "number": "{{card.number}}",
+                "exp_month": "{{card.exp_month}}",
+                "exp_year": "{{card.exp_year}}",
+                "cvc": "{{card.cvc}}",
+                "holder": "{{card.name}}",
+            },
+        }
+        try:
+            answer = await self.vault.forward(
+                request.merchant_id,
+                destination=self.name,
+                path="/v1/authorizations",
+                token=request.token,
+                body=body,
+                headers=self._auth,
+            )
+        except ForwardFailed as exc:
+            if exc.sent == "false":
+                return AuthorizeResult(Outcome.FAILED, failure_code=exc.code)
+            return AuthorizeResult(Outcome.UNKNOWN, failure_code=exc.code)
+        return _authorization(answer.status, answer.body)
+
+    async def inquire(self, reference: str) -> AuthorizeResult | None:
+        response = await self._http.get("/v1/authorizations", params={"reference": reference})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status_code}")
+        return _authorization(200, response.json())
+
+    async def capture(self, processor_reference: str, amount: int) -> OperationResult:
+        return await self._operation(
+            f"/v1/authorizations/{processor_reference}/capture", {"amount": amount}
+        )
+
+    async def void(self, processor_reference: str) -> OperationResult:
+        return await self._operation(f"/v1/authorizations/{processor_reference}/void", {})
+
+    async def refund(
+        self, processor_reference: str, reference: str, amount: int
+    ) -> OperationResult:
+        return await self._operation(
+            f"/v1/authorizations/{processor_reference}/refunds",
+            {"reference": reference, "amount": amount},
+        )
+
+    async def _operation(self, path: str, body: dict[str, Any]) -> OperationResult:
+        try:
+            response = await self._http.post(path, json=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            return OperationResult(Outcome.FAILED, failure_code="processor_unreachable")
+        except httpx.HTTPError:
+            return OperationResult(Outcome.UNKNOWN, failure_code="processor_timeout")
+        if response.status_code in (200, 201):
+            data = response.json()
+            return OperationResult(Outcome.APPROVED, processor_reference=data.get("id"))
+        code = _error_code(response.json() if response.content else None)
+        if response.status_code >= 500 and code != "processing_error":
+            return OperationResult(Outcome.UNKNOWN, failure_code=code)
+        return OperationResult(Outcome.FAILED, failure_code=code)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+def _error_code(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("code", "processor_error"))
+    return "processor_error"
+
+
+def _authorization(status: int, body: Any) -> AuthorizeResult:
+    if status in (200, 201) and isinstance(body, dict):
+        psp_status = body.get("status")
+        reference = body.get("id")
+        if psp_status in ("approved", "captured"):
+            return AuthorizeResult(
+                Outcome.APPROVED, processor_reference=reference, captured=psp_status == "captured"
+            )
+        if psp_status == "declined":
+            code = DECLINE_CODES.get(str(body.get("decline_code")), "generic_decline")
+            return AuthorizeResult(
+                Outcome.DECLINED, processor_reference=reference, decline_code=code
+            )
+        return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"unexpected_status_{psp_status}")
+    code = _error_code(body)
+    if status >= 500 and code == "processing_error":
+        return AuthorizeResult(Outcome.FAILED, failure_code="processor_error")
+    if 400 <= status < 500:
+        return AuthorizeResult(Outcome.FAILED, failure_code=code)
+    return AuthorizeResult(Outcome.UNKNOWN, failure_code=code)

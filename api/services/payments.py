@@ -1,0 +1,376 @@
+"""Creating and reading payments: the authorize use case in three atomic phases.
+
+1. Claim the idempotency key and create the payment (`processing`) and its first attempt, in one
+   transaction, committed before anything leaves for the processor.
+2. Call the processor (through the vault) outside any transaction, with our deterministic
+   reference (payment id + attempt number).
+3. Record the answer through core's state machine and finish the key with the response, in one
+   transaction; then put the response in the replay cache.
+
+A request that died after phase 1 leaves its key leased; once the lease runs out, a retry with
+the same key resumes at phase 2 by first asking the processor about the attempt's reference, so
+a card is never authorized twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+
+from api.connectors.base import AuthorizeRequest, AuthorizeResult, Connector, Outcome
+from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
+from api.storage.payments import PaymentRepository
+from api.vault_client import VaultClient
+from core import payments as machine
+from core.errors import IdempotencyError, InvalidRequest, NotFound
+from core.ids import new_id
+from core.money import parse_currency, validate_amount
+
+_TOKEN_ID = re.compile(r"tok_[0-9a-z]{26}")
+Metadata = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(min_length=1, max_length=40)],
+        Annotated[str, msgspec.Meta(max_length=500)],
+    ],
+    msgspec.Meta(max_length=20),
+]
+
+
+class CreatePayment(msgspec.Struct, forbid_unknown_fields=True):
+    amount: int
+    currency: Annotated[str, msgspec.Meta(max_length=3)]
+    token: Annotated[str, msgspec.Meta(max_length=40)]
+    capture: bool = True
+    description: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+    reference: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    metadata: Metadata = {}
+
+
+class CardView(msgspec.Struct):
+    brand: str
+    last4: str
+    exp_month: int
+    exp_year: int
+
+
+class RefundView(msgspec.Struct):
+    id: str
+    payment: str
+    amount: int
+    status: str
+    created: int
+    reason: str | None = None
+    object: str = "refund"
+
+
+class PaymentView(msgspec.Struct, omit_defaults=False):
+    id: str
+    amount: int
+    currency: str
+    status: str
+    amount_authorized: int
+    amount_captured: int
+    amount_refunded: int
+    capture: bool
+    card: CardView
+    processor: str | None
+    processor_reference: str | None
+    decline_code: str | None
+    failure_code: str | None
+    description: str | None
+    reference: str | None
+    metadata: dict[str, str]
+    created: int
+    refunds: list[RefundView]
+    object: str = "payment"
+
+
+class PaymentList(msgspec.Struct):
+    data: list[PaymentView]
+    has_more: bool
+    object: str = "list"
+
+
+def payment_view(row: Any, refunds: list[Any]) -> PaymentView:
+    metadata = row["metadata"]
+    if isinstance(metadata, str):
+        metadata = msgspec.json.decode(metadata)
+    return PaymentView(
+        id=row["id"],
+        amount=row["amount"],
+        currency=row["currency"],
+        status=row["status"],
+        amount_authorized=row["amount_authorized"],
+        amount_captured=row["amount_captured"],
+        amount_refunded=row["amount_refunded"],
+        capture=row["capture"],
+        card=CardView(
+            row["card_brand"], row["card_last4"], row["card_exp_month"], row["card_exp_year"]
+        ),
+        processor=row["processor"],
+        processor_reference=row["processor_reference"],
+        decline_code=row["decline_code"],
+        failure_code=row["failure_code"],
+        description=row["description"],
+        reference=row["reference"],
+        metadata=metadata,
+        created=int(row["created_at"].timestamp()),
+        refunds=[
+            RefundView(
+                id=r["id"],
+                payment=r["payment_id"],
+                amount=r["amount"],
+                status=r["status"],
+                created=int(r["created_at"].timestamp()),
+                reason=r["reason"],
+            )
+            for r in refunds
+        ],
+    )
+
+
+def request_hash(method: str, path: str, body: bytes) -> bytes:
+    """Canonical: the same JSON with other spacing or key order is the same request."""
+    try:
+        canonical = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
+    except msgspec.DecodeError:
+        canonical = body
+    return hashlib.sha256(method.encode() + b"\0" + path.encode() + b"\0" + canonical).digest()
+
+
+@dataclass(frozen=True)
+class Outcome_:
+    """What the handler answers: status and body bytes, and whether it is a replay."""
+
+    status: int
+    body: bytes
+    replayed: bool = False
+
+
+@dataclass
+class PaymentService:
+    pool: Any
+    vault: VaultClient
+    connector: Connector
+    keys: IdempotencyRepository
+    replays: ReplayCache
+
+    async def create(
+        self,
+        merchant_id: str,
+        idempotency_key: str,
+        method: str,
+        path: str,
+        raw_body: bytes,
+        data: CreatePayment,
+        request_id: str,
+        error_body: Any,
+    ) -> Outcome_:
+        fingerprint = request_hash(method, path, raw_body)
+        cached = await self.replays.get(merchant_id, idempotency_key)
+        if cached is not None:
+            if cached[0] != fingerprint:
+                raise _reused()
+            return Outcome_(cached[1].status, cached[1].body, replayed=True)
+
+        # Validation before the key is claimed: failures here are not stored.
+        currency = parse_currency(data.currency)
+        amount = validate_amount(data.amount, currency)
+        if not _is_token(data.token):
+            raise InvalidRequest("This is not a token id.", code="token_invalid", param="token")
+        card = await self.vault.token(merchant_id, data.token)
+        if card is None:
+            raise InvalidRequest(
+                "No such token for this merchant (unknown or deleted).",
+                code="token_invalid",
+                param="token",
+            )
+
+        payment_id = new_id("pay")
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await self.keys.insert(
+                conn, merchant_id, idempotency_key, method, path, fingerprint
+            )
+            if not inserted:
+                row = await self.keys.lock(conn, merchant_id, idempotency_key)
+                if (row.request_method, row.request_path, row.request_hash) != (
+                    method,
+                    path,
+                    fingerprint,
+                ):
+                    raise _reused()
+                if row.response is not None:
+                    await self.replays.put(merchant_id, idempotency_key, fingerprint, row.response)
+                    return Outcome_(row.response.status, row.response.body, replayed=True)
+                if row.lease_active or row.payment_id is None:
+                    raise IdempotencyError(
+                        "A request with this key is still being processed; retry later.",
+                        code="idempotency_key_in_use",
+                    )
+                await self.keys.renew_lease(conn, merchant_id, idempotency_key)
+                payment_id = row.payment_id
+                resumed = True
+            else:
+                resumed = False
+                payments = PaymentRepository(conn)
+                await payments.insert(
+                    merchant_id,
+                    {
+                        "id": payment_id,
+                        "amount": amount,
+                        "currency": currency.code,
+                        "capture": data.capture,
+                        "token": data.token,
+                        "card_brand": card.brand,
+                        "card_last4": card.last4,
+                        "card_exp_month": card.exp_month,
+                        "card_exp_year": card.exp_year,
+                        "processor": self.connector.name,
+                        "description": data.description,
+                        "reference": data.reference,
+                        "metadata": data.metadata,
+                    },
+                )
+                await payments.insert_attempt(
+                    merchant_id, payment_id, 1, self.connector.name, f"{payment_id}_1"
+                )
+                await self.keys.set_recovery_point(
+                    conn, merchant_id, idempotency_key, "payment_created", payment_id
+                )
+
+        # Phase 2: outside any transaction.
+        async with self.pool.acquire() as conn:
+            payments = PaymentRepository(conn)
+            attempt = await payments.latest_attempt(merchant_id, payment_id)
+            payment = await payments.get(merchant_id, payment_id)
+        result: AuthorizeResult | None = None
+        if resumed:
+            result = await self.connector.inquire(attempt["reference"])
+        if result is None and payment["status"] == "processing":
+            result = await self.connector.authorize(
+                AuthorizeRequest(
+                    merchant_id=merchant_id,
+                    payment_id=payment_id,
+                    reference=attempt["reference"],
+                    token=payment["token"],
+                    amount=payment["amount"],
+                    currency=payment["currency"],
+                    capture=payment["capture"],
+                )
+            )
+
+        # Phase 3: record the answer and the response together.
+        async with self.pool.acquire() as conn, conn.transaction():
+            payments = PaymentRepository(conn)
+            if result is not None:
+                await self._record(payments, merchant_id, payment_id, attempt["attempt"], result)
+            payment = await payments.get(merchant_id, payment_id)
+            view = payment_view(payment, [])
+            response = _response(view, request_id, error_body)
+            await self.keys.finish(conn, merchant_id, idempotency_key, response)
+        await self.replays.put(merchant_id, idempotency_key, fingerprint, response)
+        return Outcome_(response.status, response.body)
+
+    async def _record(
+        self,
+        payments: PaymentRepository,
+        merchant_id: str,
+        payment_id: str,
+        attempt: int,
+        result: AuthorizeResult,
+    ) -> None:
+        row = await payments.get(merchant_id, payment_id)
+        state = machine.PaymentState(row["status"], parse_currency(row["currency"]), row["amount"])
+        if result.outcome is Outcome.UNKNOWN:
+            return  # stays `processing`; the reconciler settles it
+        outcome = {
+            Outcome.APPROVED: machine.AuthorizationOutcome.APPROVED,
+            Outcome.DECLINED: machine.AuthorizationOutcome.DECLINED,
+            Outcome.FAILED: machine.AuthorizationOutcome.FAILED,
+        }[result.outcome]
+        new = machine.authorize_result(state, outcome)
+        if result.captured:
+            new = machine.capture(new)
+        await payments.record_authorization(
+            merchant_id,
+            payment_id,
+            attempt,
+            status=str(new.status),
+            amount_authorized=new.amount_authorized,
+            amount_captured=new.amount_captured,
+            outcome=str(result.outcome),
+            processor_reference=result.processor_reference,
+            decline_code=result.decline_code,
+            failure_code=result.failure_code,
+        )
+
+    async def get(self, merchant_id: str, payment_id: str) -> PaymentView:
+        async with self.pool.acquire() as conn:
+            payments = PaymentRepository(conn)
+            row = await payments.get(merchant_id, payment_id)
+            if row is None:
+                raise NotFound("No such payment.", param="id")
+            refunds = await payments.refunds(merchant_id, [payment_id])
+        return payment_view(row, refunds)
+
+    async def page(
+        self,
+        merchant_id: str,
+        limit: int,
+        starting_after: str | None,
+        ending_before: str | None,
+    ) -> PaymentList:
+        async with self.pool.acquire() as conn:
+            payments = PaymentRepository(conn)
+            rows = await payments.page(
+                merchant_id, limit=limit, starting_after=starting_after, ending_before=ending_before
+            )
+            has_more = len(rows) > limit
+            rows = rows[:limit]
+            if ending_before is not None:
+                rows.reverse()
+            refunds = await payments.refunds(merchant_id, [r["id"] for r in rows])
+        by_payment: dict[str, list[Any]] = {}
+        for refund in refunds:
+            by_payment.setdefault(refund["payment_id"], []).append(refund)
+        return PaymentList(
+            data=[payment_view(r, by_payment.get(r["id"], [])) for r in rows], has_more=has_more
+        )
+
+
+def _is_token(value: str) -> bool:
+    return _TOKEN_ID.fullmatch(value) is not None
+
+
+def _reused() -> IdempotencyError:
+    return IdempotencyError(
+        "This idempotency key was used with a different request.",
+        code="idempotency_key_reused",
+    )
+
+
+def _response(view: PaymentView, request_id: str, error_body: Any) -> StoredResponse:
+    if view.status == "declined":
+        body = error_body(
+            "card_error",
+            "card_declined",
+            "The card was declined.",
+            {"decline_code": view.decline_code or "generic_decline", "payment": view.id},
+            request_id,
+        )
+        return StoredResponse(402, body)
+    if view.status == "failed":
+        body = error_body(
+            "api_error",
+            "processor_error",
+            "The processor could not process the payment; nothing was authorized.",
+            {"payment": view.id},
+            request_id,
+        )
+        return StoredResponse(502, body)
+    status = 202 if view.status == "processing" else 201
+    return StoredResponse(status, msgspec.json.encode(view))

@@ -1,0 +1,149 @@
+"""SQL and Redis for idempotency keys. Postgres is the truth; Redis answers replays fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
+
+log = structlog.stdlib.get_logger("tessera.idempotency")
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    request_method: str
+    request_path: str
+    request_hash: bytes
+    recovery_point: str
+    lease_active: bool
+    payment_id: str | None
+    response: StoredResponse | None
+
+
+class IdempotencyRepository:
+    def __init__(self, retention_seconds: int, lease_seconds: int) -> None:
+        self.retention_seconds = retention_seconds
+        self.lease_seconds = lease_seconds
+
+    async def insert(
+        self, conn: Any, merchant_id: str, key: str, method: str, path: str, request_hash: bytes
+    ) -> bool:
+        """Claim a new key (with a lease); False if the key exists (and is not expired)."""
+        await conn.execute(
+            "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND key = $2 "
+            "AND expires_at < now()",
+            merchant_id,
+            key,
+        )
+        inserted = await conn.fetchval(
+            "INSERT INTO idempotency_keys (merchant_id, key, request_method, request_path, "
+            "request_hash, recovery_point, locked_until, expires_at) "
+            "VALUES ($1, $2, $3, $4, $5, 'started', now() + make_interval(secs => $6), "
+            "now() + make_interval(secs => $7)) "
+            "ON CONFLICT (merchant_id, key) DO NOTHING RETURNING true",
+            merchant_id,
+            key,
+            method,
+            path,
+            request_hash,
+            float(self.lease_seconds),
+            float(self.retention_seconds),
+        )
+        return bool(inserted)
+
+    async def lock(self, conn: Any, merchant_id: str, key: str) -> KeyRow:
+        """The existing key, locked for this transaction."""
+        row = await conn.fetchrow(
+            "SELECT request_method, request_path, request_hash, recovery_point, payment_id, "
+            "response_status, response_body, coalesce(locked_until > now(), false) AS leased "
+            "FROM idempotency_keys WHERE merchant_id = $1 AND key = $2 FOR UPDATE",
+            merchant_id,
+            key,
+        )
+        response = (
+            StoredResponse(row["response_status"], bytes(row["response_body"]))
+            if row["response_status"] is not None
+            else None
+        )
+        return KeyRow(
+            row["request_method"],
+            row["request_path"],
+            bytes(row["request_hash"]),
+            row["recovery_point"],
+            row["leased"],
+            row["payment_id"],
+            response,
+        )
+
+    async def renew_lease(self, conn: Any, merchant_id: str, key: str) -> None:
+        await conn.execute(
+            "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3) "
+            "WHERE merchant_id = $1 AND key = $2",
+            merchant_id,
+            key,
+            float(self.lease_seconds),
+        )
+
+    async def set_recovery_point(
+        self, conn: Any, merchant_id: str, key: str, point: str, payment_id: str
+    ) -> None:
+        await conn.execute(
+            "UPDATE idempotency_keys SET recovery_point = $3, payment_id = $4 "
+            "WHERE merchant_id = $1 AND key = $2",
+            merchant_id,
+            key,
+            point,
+            payment_id,
+        )
+
+    async def finish(self, conn: Any, merchant_id: str, key: str, response: StoredResponse) -> None:
+        await conn.execute(
+            "UPDATE idempotency_keys SET recovery_point = 'finished', locked_until = NULL, "
+            "response_status = $3, response_body = $4 WHERE merchant_id = $1 AND key = $2",
+            merchant_id,
+            key,
+            response.status,
+            response.body,
+        )
+
+
+class ReplayCache:
+    """Finished responses in Redis, so replays never touch Postgres. Losing it loses nothing."""
+
+    def __init__(self, redis: aioredis.Redis, retention_seconds: int) -> None:
+        self.redis = redis
+        self.retention_seconds = retention_seconds
+
+    @staticmethod
+    def _key(merchant_id: str, key: str) -> str:
+        return f"api:idem:{{{merchant_id}}}:{key}"
+
+    async def get(self, merchant_id: str, key: str) -> tuple[bytes, StoredResponse] | None:
+        try:
+            value = await self.redis.get(self._key(merchant_id, key))
+        except redis.exceptions.RedisError as exc:
+            log.warning("replay_cache_unavailable", error=type(exc).__name__)
+            return None
+        if not isinstance(value, bytes):
+            return None
+        request_hash, status, body = msgspec.msgpack.decode(value, type=tuple[bytes, int, bytes])
+        return request_hash, StoredResponse(status, body)
+
+    async def put(
+        self, merchant_id: str, key: str, request_hash: bytes, response: StoredResponse
+    ) -> None:
+        value = msgspec.msgpack.encode((request_hash, response.status, response.body))
+        try:
+            await self.redis.set(self._key(merchant_id, key), value, ex=self.retention_seconds)
+        except redis.exceptions.RedisError as exc:
+            log.warning("replay_cache_unavailable", error=type(exc).__name__)

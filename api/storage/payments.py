@@ -1,0 +1,144 @@
+"""SQL for payments and their processor attempts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PAYMENT_COLUMNS = (
+    "id, amount, currency, status, amount_authorized, amount_captured, amount_refunded, "
+    "capture, token, card_brand, card_last4, card_exp_month, card_exp_year, processor, "
+    "processor_reference, decline_code, failure_code, description, reference, metadata, "
+    "created_at"
+)
+
+
+class PaymentRepository:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def insert(self, merchant_id: str, values: dict[str, Any]) -> None:
+        await self.conn.execute(
+            "INSERT INTO payments (merchant_id, id, amount, currency, status, capture, token, "
+            "card_brand, card_last4, card_exp_month, card_exp_year, processor, description, "
+            "reference, metadata) "
+            "VALUES ($1, $2, $3, $4, 'processing', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            merchant_id,
+            values["id"],
+            values["amount"],
+            values["currency"],
+            values["capture"],
+            values["token"],
+            values["card_brand"],
+            values["card_last4"],
+            values["card_exp_month"],
+            values["card_exp_year"],
+            values["processor"],
+            values["description"],
+            values["reference"],
+            msgspec.json.encode(values["metadata"]).decode(),
+        )
+
+    async def insert_attempt(
+        self, merchant_id: str, payment_id: str, attempt: int, processor: str, reference: str
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO payment_attempts (merchant_id, payment_id, attempt, processor, "
+            "reference, outcome) VALUES ($1, $2, $3, $4, $5, 'pending')",
+            merchant_id,
+            payment_id,
+            attempt,
+            processor,
+            reference,
+        )
+
+    async def get(self, merchant_id: str, payment_id: str, *, for_update: bool = False) -> Any:
+        lock = " FOR UPDATE" if for_update else ""
+        return await self.conn.fetchrow(
+            f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE merchant_id = $1 AND id = $2{lock}",  # noqa: S608 - constant SQL, bound values
+            merchant_id,
+            payment_id,
+        )
+
+    async def latest_attempt(self, merchant_id: str, payment_id: str) -> Any:
+        return await self.conn.fetchrow(
+            "SELECT attempt, processor, reference, outcome FROM payment_attempts "
+            "WHERE merchant_id = $1 AND payment_id = $2 ORDER BY attempt DESC LIMIT 1",
+            merchant_id,
+            payment_id,
+        )
+
+    async def record_authorization(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        attempt: int,
+        *,
+        status: str,
+        amount_authorized: int,
+        amount_captured: int,
+        outcome: str,
+        processor_reference: str | None,
+        decline_code: str | None,
+        failure_code: str | None,
+    ) -> bool:
+        """Apply the processor's answer, only if the payment still waits for one."""
+        updated = await self.conn.fetchval(
+            "WITH p AS (UPDATE payments SET status = $3, amount_authorized = $4, "
+            "amount_captured = $5, processor_reference = $6, decline_code = $7, "
+            "failure_code = $8, updated_at = now() "
+            "WHERE merchant_id = $1 AND id = $2 AND status = 'processing' RETURNING 1) "
+            "UPDATE payment_attempts SET outcome = $9, processor_reference = $6, "
+            "decline_code = $7, finished_at = now(), "
+            "latency_ms = (extract(epoch FROM now() - started_at) * 1000)::int "
+            "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $10 "
+            "AND EXISTS (SELECT 1 FROM p) RETURNING true",
+            merchant_id,
+            payment_id,
+            status,
+            amount_authorized,
+            amount_captured,
+            processor_reference,
+            decline_code,
+            failure_code,
+            outcome,
+            attempt,
+        )
+        return bool(updated)
+
+    async def page(
+        self,
+        merchant_id: str,
+        *,
+        limit: int,
+        starting_after: str | None,
+        ending_before: str | None,
+    ) -> list[Any]:
+        """Newest first; ids sort by creation time, so the id is the cursor."""
+        if ending_before is not None:
+            rows = await self.conn.fetch(
+                f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE merchant_id = $1 AND id > $2 "  # noqa: S608
+                "ORDER BY id ASC LIMIT $3",
+                merchant_id,
+                ending_before,
+                limit + 1,
+            )
+            return list(rows)
+        rows = await self.conn.fetch(
+            f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE merchant_id = $1 "  # noqa: S608
+            "AND ($2::text IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
+            merchant_id,
+            starting_after,
+            limit + 1,
+        )
+        return list(rows)
+
+    async def refunds(self, merchant_id: str, payment_ids: list[str]) -> list[Any]:
+        rows = await self.conn.fetch(
+            "SELECT id, payment_id, amount, status, reason, created_at FROM refunds "
+            "WHERE merchant_id = $1 AND payment_id = ANY($2) ORDER BY created_at, id",
+            merchant_id,
+            payment_ids,
+        )
+        return list(rows)
