@@ -11,7 +11,8 @@ from litestar.di import Provide
 
 from api.auth import MerchantKeys
 from api.connectors.psp_a import PspAConnector
-from api.routes.payments import PaymentController
+from api.routes.payments import PaymentController, RefundController
+from api.services.operations import OperationService
 from api.services.payments import PaymentService
 from api.settings import MAX_BODY_BYTES, ApiSettings
 from api.storage.idempotency import IdempotencyRepository, ReplayCache
@@ -21,6 +22,11 @@ from tessera.runtime.service import build_app
 
 def _payments(state: State) -> PaymentService:
     service: PaymentService = state.payment_service
+    return service
+
+
+def _operations(state: State) -> OperationService:
+    service: OperationService = state.operation_service
     return service
 
 
@@ -49,6 +55,13 @@ def create_app(settings: ApiSettings) -> Litestar:
             keys=IdempotencyRepository(retention, settings.idempotency_lease_seconds),
             replays=ReplayCache(state.redis, retention),
         )
+        state.operation_service = OperationService(
+            pool=state.pool,
+            connector=connector,
+            keys=state.payment_service.keys,
+            replays=state.payment_service.replays,
+            lease_seconds=float(settings.idempotency_lease_seconds),
+        )
         try:
             yield
         finally:
@@ -60,8 +73,11 @@ def create_app(settings: ApiSettings) -> Litestar:
         title="Tessera payment API",
         settings=settings,
         migrations_package="api.migrations",
-        route_handlers=[PaymentController],
-        dependencies={"payments": Provide(_payments, sync_to_thread=False)},
+        route_handlers=[PaymentController, RefundController],
+        dependencies={
+            "payments": Provide(_payments, sync_to_thread=False),
+            "operations": Provide(_operations, sync_to_thread=False),
+        },
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=api_lifespan,
     )

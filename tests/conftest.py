@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,18 @@ def psp_echo() -> Iterator[EchoServer]:
 
 
 @pytest.fixture(scope="session")
+def psp_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The PSP A simulator, as `make run` starts it."""
+    port = free_port()
+    log = Path(tmp_path_factory.mktemp("psp_a")) / "psp_a.log"
+    env = {"TESSERA_PSP_A_PORT": str(port), "TESSERA_PSP_A_SLOW_SECONDS": "4"}
+    process = ServiceProcess("sandbox.psp_a", env, port, log, args=[])
+    process.start(ready_path="/healthz")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
 def local_kms_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("kms") / "keyring.json"
     LocalKms.create_keyring(str(path))
@@ -98,9 +112,13 @@ def vault_env(
     tokens: dict[str, str],
     local_kms_path: str,
     psp_echo: EchoServer,
+    psp_a: ServiceProcess,
 ) -> dict[str, str]:
     db = databases["vault"]
-    destinations = {"echo": {"url": psp_echo.url, "paths": ["/v1/authorizations"]}}
+    destinations = {
+        "echo": {"url": psp_echo.url, "paths": ["/v1/authorizations"]},
+        "psp_a": {"url": psp_a.url, "paths": ["/v1/authorizations"]},
+    }
     return {
         "TESSERA_VAULT_LOCAL_KMS_PATH": local_kms_path,
         "TESSERA_VAULT_FORWARD_DESTINATIONS": json.dumps(destinations),
@@ -151,9 +169,12 @@ def vault(
 
 @pytest.fixture(scope="session")
 def api(
-    api_env: dict[str, str], vault: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+    api_env: dict[str, str],
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServiceProcess]:
-    extra = {"TESSERA_API_VAULT_URL": vault.url}
+    extra = {"TESSERA_API_VAULT_URL": vault.url, "TESSERA_API_PSP_A_URL": psp_a.url}
     process = start_service("api", api_env, tmp_path_factory.mktemp("api"), extra)
     yield process
     process.stop()
@@ -191,3 +212,47 @@ def shop(vault: ServiceProcess, tokens: dict[str, str]) -> VaultMerchant:
 @pytest.fixture(scope="session")
 def other_shop(vault: ServiceProcess, tokens: dict[str, str]) -> VaultMerchant:
     return register_vault_merchant(vault, tokens["admin"], ("https://other.example",))
+
+
+@dataclass(frozen=True)
+class ApiMerchant:
+    id: str
+    secret_key: str
+    publishable_key: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.secret_key}"}
+
+
+def create_merchant(
+    api_env: dict[str, str], vault: ServiceProcess, admin_token: str, name: str = "Shop"
+) -> ApiMerchant:
+    """`tessera merchants create`, as an operator runs it: the merchant exists in both services."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "merchants", "create", "--name", name, "--json"],
+        env={
+            **os.environ,
+            **api_env,
+            "TESSERA_API_VAULT_URL": vault.url,
+            "TESSERA_VAULT_ADMIN_TOKEN": admin_token,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    created = json.loads(result.stdout)
+    return ApiMerchant(created["merchant_id"], created["secret_key"], created["publishable_key"])
+
+
+@pytest.fixture(scope="session")
+def merchant(api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]) -> ApiMerchant:
+    return create_merchant(api_env, vault, tokens["admin"])
+
+
+@pytest.fixture(scope="session")
+def other_merchant(
+    api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]
+) -> ApiMerchant:
+    return create_merchant(api_env, vault, tokens["admin"], "Other shop")

@@ -196,7 +196,14 @@ def test_every_variable_set_for_a_service_is_one_it_reads(name: str) -> None:
 
 
 def test_the_simulators_variables_are_found_in_its_source() -> None:
-    assert psp_a_variables() == {"TESSERA_PSP_A_HOST", "TESSERA_PSP_A_PORT"}
+    assert psp_a_variables() == {
+        "TESSERA_PSP_A_HOST",
+        "TESSERA_PSP_A_PORT",
+        "TESSERA_PSP_A_API_KEY",
+        "TESSERA_PSP_A_LATENCY_MS",
+        "TESSERA_PSP_A_JITTER_MS",
+        "TESSERA_PSP_A_SLOW_SECONDS",
+    }
 
 
 @pytest.mark.parametrize("name", ["api", "vault"])

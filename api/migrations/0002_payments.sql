@@ -23,6 +23,9 @@ CREATE TABLE payments (
     description          text,
     reference            text,
     metadata             jsonb NOT NULL DEFAULT '{}',
+    -- Operations on one payment take turns: a capture, cancel or refund holds this lease while
+    -- it talks to the processor; the next one waits (bounded) and then sees the new state.
+    operation_lock_until timestamptz,
     created_at           timestamptz NOT NULL DEFAULT now(),
     updated_at           timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (merchant_id, id),
@@ -79,9 +82,12 @@ CREATE TABLE idempotency_keys (
     request_path     text NOT NULL,
     request_hash     bytea NOT NULL,
     recovery_point   text NOT NULL CHECK (recovery_point IN ('started', 'payment_created',
-                         'finished')),
+                         'operation_started', 'finished')),
     locked_until     timestamptz,
     payment_id       text,
+    refund_id        text,
+    operation        text CHECK (operation IN ('capture', 'cancel', 'refund')),
+    operation_amount bigint,
     response_status  smallint,
     response_body    bytea,
     created_at       timestamptz NOT NULL DEFAULT now(),

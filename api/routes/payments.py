@@ -5,13 +5,22 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
 from litestar.params import Parameter
 
 from api.auth import merchant_of, require_secret_key
-from api.services.payments import CreatePayment, PaymentList, PaymentService, PaymentView
+from api.services.idempotency import Handled
+from api.services.operations import OperationService
+from api.services.payments import (
+    CreatePayment,
+    PaymentList,
+    PaymentService,
+    PaymentView,
+    RefundView,
+)
 from core.errors import InvalidRequest, NotFound
-from tessera.runtime.http import error_body, request_id_of
+from tessera.runtime.http import request_id_of, strict_body
 
 _PAYMENT_ID = re.compile(r"pay_[0-9a-z]{26}")
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
@@ -44,6 +53,81 @@ def payment_id(value: str) -> str:
     return value
 
 
+class CaptureRequest(msgspec.Struct, forbid_unknown_fields=True):
+    amount: int | None = None
+
+
+class RefundRequest(msgspec.Struct, forbid_unknown_fields=True):
+    amount: int | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+
+
+class NoBody(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+_BODIES: dict[str, type[msgspec.Struct]] = {
+    "capture": CaptureRequest,
+    "cancel": NoBody,
+    "refund": RefundRequest,
+}
+
+
+async def _operate(
+    request: Request[Any, Any, Any],
+    operations: OperationService,
+    payment: str,
+    operation: str,
+    key: str | None,
+    amount: int | None = None,
+    reason: str | None = None,
+) -> Response[bytes]:
+    raw = await request.body()
+    if raw.strip():
+        strict_body(raw, _BODIES[operation])
+    if amount is not None and amount <= 0:
+        raise InvalidRequest(
+            "amount must be a positive integer.", code="amount_too_small", param="amount"
+        )
+    outcome = await operations.run(
+        merchant_of(request),
+        payment_id(payment),
+        operation,
+        amount,
+        reason,
+        idempotency_key=idempotency_key(key),
+        method=request.method,
+        path=request.url.path,
+        raw_body=raw,
+        request_id=request_id_of(request.scope),
+    )
+    return _answer(outcome)
+
+
+def _answer(outcome: Handled) -> Response[bytes]:
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return Response(
+        outcome.body, status_code=outcome.status, media_type=MediaType.JSON, headers=headers
+    )
+
+
+_REFUND_ID = re.compile(r"re_[0-9a-z]{26}")
+
+
+class RefundController(Controller):
+    path = "/v1/refunds"
+    guards = [require_secret_key]
+    tags = ["refunds"]
+
+    @get("/{refund:str}", operation_id="getRefund")
+    async def read(
+        self, request: Request[Any, Any, Any], refund: str, operations: OperationService
+    ) -> RefundView:
+        if not _REFUND_ID.fullmatch(refund):
+            raise NotFound("No such refund.", param="id")
+        return await operations.refund_view(merchant_of(request), refund)
+
+
 class PaymentController(Controller):
     path = "/v1/payments"
     guards = [require_secret_key]
@@ -57,20 +141,52 @@ class PaymentController(Controller):
         payments: PaymentService,
         key: IdempotencyKey = None,
     ) -> Response[bytes]:
+        raw = await request.body()
         outcome = await payments.create(
             merchant_of(request),
             idempotency_key(key),
             request.method,
             request.url.path,
-            await request.body(),
-            data,
+            raw,
+            strict_body(raw, CreatePayment),
             request_id_of(request.scope),
-            error_body,
         )
-        headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
-        return Response(
-            outcome.body, status_code=outcome.status, media_type=MediaType.JSON, headers=headers
-        )
+        return _answer(outcome)
+
+    @post("/{payment:str}/capture", operation_id="capturePayment", status_code=200)
+    async def capture(
+        self,
+        request: Request[Any, Any, Any],
+        payment: str,
+        operations: OperationService,
+        data: CaptureRequest | None = None,
+        key: IdempotencyKey = None,
+    ) -> Response[bytes]:
+        amount = data.amount if data else None
+        return await _operate(request, operations, payment, "capture", key, amount)
+
+    @post("/{payment:str}/cancel", operation_id="cancelPayment", status_code=200)
+    async def cancel(
+        self,
+        request: Request[Any, Any, Any],
+        payment: str,
+        operations: OperationService,
+        data: NoBody | None = None,
+        key: IdempotencyKey = None,
+    ) -> Response[bytes]:
+        return await _operate(request, operations, payment, "cancel", key)
+
+    @post("/{payment:str}/refunds", operation_id="refundPayment", status_code=201)
+    async def refund(
+        self,
+        request: Request[Any, Any, Any],
+        payment: str,
+        operations: OperationService,
+        data: RefundRequest | None = None,
+        key: IdempotencyKey = None,
+    ) -> Response[bytes]:
+        amount, reason = (data.amount, data.reason) if data else (None, None)
+        return await _operate(request, operations, payment, "refund", key, amount, reason)
 
     @get("/{payment:str}", operation_id="getPayment")
     async def read(

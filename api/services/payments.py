@@ -14,7 +14,6 @@ a card is never authorized twice.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -22,13 +21,16 @@ from typing import Annotated, Any
 import msgspec
 
 from api.connectors.base import AuthorizeRequest, AuthorizeResult, Connector, Outcome
+from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
 from api.storage.payments import PaymentRepository
 from api.vault_client import VaultClient
 from core import payments as machine
-from core.errors import IdempotencyError, InvalidRequest, NotFound
+from core.errors import CardError, InvalidRequest, NotFound, ProcessorError
 from core.ids import new_id
 from core.money import parse_currency, validate_amount
+from tessera.runtime.failpoints import failpoint
+from tessera.runtime.http import error_bytes
 
 _TOKEN_ID = re.compile(r"tok_[0-9a-z]{26}")
 Metadata = Annotated[
@@ -133,24 +135,6 @@ def payment_view(row: Any, refunds: list[Any]) -> PaymentView:
     )
 
 
-def request_hash(method: str, path: str, body: bytes) -> bytes:
-    """Canonical: the same JSON with other spacing or key order is the same request."""
-    try:
-        canonical = msgspec.json.encode(msgspec.json.decode(body), order="sorted")
-    except msgspec.DecodeError:
-        canonical = body
-    return hashlib.sha256(method.encode() + b"\0" + path.encode() + b"\0" + canonical).digest()
-
-
-@dataclass(frozen=True)
-class Outcome_:
-    """What the handler answers: status and body bytes, and whether it is a replay."""
-
-    status: int
-    body: bytes
-    replayed: bool = False
-
-
 @dataclass
 class PaymentService:
     pool: Any
@@ -168,14 +152,11 @@ class PaymentService:
         raw_body: bytes,
         data: CreatePayment,
         request_id: str,
-        error_body: Any,
-    ) -> Outcome_:
+    ) -> Handled:
         fingerprint = request_hash(method, path, raw_body)
-        cached = await self.replays.get(merchant_id, idempotency_key)
-        if cached is not None:
-            if cached[0] != fingerprint:
-                raise _reused()
-            return Outcome_(cached[1].status, cached[1].body, replayed=True)
+        replay = await cached_replay(self.replays, merchant_id, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay
 
         # Validation before the key is claimed: failures here are not stored.
         currency = parse_currency(data.currency)
@@ -191,31 +172,21 @@ class PaymentService:
             )
 
         payment_id = new_id("pay")
+        resumed = False
         async with self.pool.acquire() as conn, conn.transaction():
-            inserted = await self.keys.insert(
-                conn, merchant_id, idempotency_key, method, path, fingerprint
+            claimed = await claim(
+                self.keys, conn, merchant_id, idempotency_key, method, path, fingerprint
             )
-            if not inserted:
-                row = await self.keys.lock(conn, merchant_id, idempotency_key)
-                if (row.request_method, row.request_path, row.request_hash) != (
-                    method,
-                    path,
-                    fingerprint,
-                ):
-                    raise _reused()
-                if row.response is not None:
-                    await self.replays.put(merchant_id, idempotency_key, fingerprint, row.response)
-                    return Outcome_(row.response.status, row.response.body, replayed=True)
-                if row.lease_active or row.payment_id is None:
-                    raise IdempotencyError(
-                        "A request with this key is still being processed; retry later.",
-                        code="idempotency_key_in_use",
-                    )
-                await self.keys.renew_lease(conn, merchant_id, idempotency_key)
-                payment_id = row.payment_id
+            if claimed.kind is ClaimKind.REPLAY:
+                assert claimed.response is not None
+                await self.replays.put(merchant_id, idempotency_key, fingerprint, claimed.response)
+                return Handled(claimed.response.status, claimed.response.body, replayed=True)
+            if claimed.kind is ClaimKind.RESUME:
+                assert claimed.row is not None
+                assert claimed.row.payment_id is not None
+                payment_id = claimed.row.payment_id
                 resumed = True
             else:
-                resumed = False
                 payments = PaymentRepository(conn)
                 await payments.insert(
                     merchant_id,
@@ -263,6 +234,7 @@ class PaymentService:
                 )
             )
 
+        failpoint("after_processor_call")
         # Phase 3: record the answer and the response together.
         async with self.pool.acquire() as conn, conn.transaction():
             payments = PaymentRepository(conn)
@@ -270,10 +242,10 @@ class PaymentService:
                 await self._record(payments, merchant_id, payment_id, attempt["attempt"], result)
             payment = await payments.get(merchant_id, payment_id)
             view = payment_view(payment, [])
-            response = _response(view, request_id, error_body)
+            response = _response(view, request_id)
             await self.keys.finish(conn, merchant_id, idempotency_key, response)
         await self.replays.put(merchant_id, idempotency_key, fingerprint, response)
-        return Outcome_(response.status, response.body)
+        return Handled(response.status, response.body)
 
     async def _record(
         self,
@@ -346,31 +318,18 @@ def _is_token(value: str) -> bool:
     return _TOKEN_ID.fullmatch(value) is not None
 
 
-def _reused() -> IdempotencyError:
-    return IdempotencyError(
-        "This idempotency key was used with a different request.",
-        code="idempotency_key_reused",
-    )
-
-
-def _response(view: PaymentView, request_id: str, error_body: Any) -> StoredResponse:
+def _response(view: PaymentView, request_id: str) -> StoredResponse:
     if view.status == "declined":
-        body = error_body(
-            "card_error",
-            "card_declined",
+        declined = CardError(
             "The card was declined.",
-            {"decline_code": view.decline_code or "generic_decline", "payment": view.id},
-            request_id,
+            extra={"decline_code": view.decline_code or "generic_decline", "payment": view.id},
         )
-        return StoredResponse(402, body)
+        return StoredResponse(402, error_bytes(declined, request_id))
     if view.status == "failed":
-        body = error_body(
-            "api_error",
-            "processor_error",
+        failed = ProcessorError(
             "The processor could not process the payment; nothing was authorized.",
-            {"payment": view.id},
-            request_id,
+            extra={"payment": view.id},
         )
-        return StoredResponse(502, body)
+        return StoredResponse(502, error_bytes(failed, request_id))
     status = 202 if view.status == "processing" else 201
     return StoredResponse(status, msgspec.json.encode(view))

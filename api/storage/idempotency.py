@@ -147,3 +147,48 @@ class ReplayCache:
             await self.redis.set(self._key(merchant_id, key), value, ex=self.retention_seconds)
         except redis.exceptions.RedisError as exc:
             log.warning("replay_cache_unavailable", error=type(exc).__name__)
+
+
+class OperationKeys:
+    """The extra columns an operation (capture, cancel, refund) keeps on its key."""
+
+    @staticmethod
+    async def start(
+        conn: Any,
+        merchant_id: str,
+        key: str,
+        *,
+        payment_id: str,
+        operation: str,
+        amount: int,
+        refund_id: str | None,
+    ) -> None:
+        await conn.execute(
+            "UPDATE idempotency_keys SET recovery_point = 'operation_started', payment_id = $3, "
+            "operation = $4, operation_amount = $5, refund_id = $6 "
+            "WHERE merchant_id = $1 AND key = $2",
+            merchant_id,
+            key,
+            payment_id,
+            operation,
+            amount,
+            refund_id,
+        )
+
+    @staticmethod
+    async def load(conn: Any, merchant_id: str, key: str) -> Any:
+        return await conn.fetchrow(
+            "SELECT payment_id, operation, operation_amount, refund_id FROM idempotency_keys "
+            "WHERE merchant_id = $1 AND key = $2",
+            merchant_id,
+            key,
+        )
+
+    @staticmethod
+    async def release(conn: Any, merchant_id: str, key: str) -> None:
+        """The outcome is unknown: let the next retry with this key resume at once."""
+        await conn.execute(
+            "UPDATE idempotency_keys SET locked_until = now() WHERE merchant_id = $1 AND key = $2",
+            merchant_id,
+            key,
+        )

@@ -142,3 +142,82 @@ class PaymentRepository:
             payment_ids,
         )
         return list(rows)
+
+
+class OperationRepository:
+    """SQL for captures, cancels and refunds: turn-taking on the payment row and refund rows."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def lock(self, merchant_id: str, payment_id: str) -> Any:
+        return await self.conn.fetchrow(
+            f"SELECT {PAYMENT_COLUMNS}, "  # noqa: S608 - constant column list
+            "coalesce(operation_lock_until > now(), false) AS busy "
+            "FROM payments WHERE merchant_id = $1 AND id = $2 FOR UPDATE",
+            merchant_id,
+            payment_id,
+        )
+
+    async def set_state(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        *,
+        status: str,
+        amount_captured: int,
+        amount_refunded: int,
+        lease_seconds: float | None,
+    ) -> None:
+        """Write the amounts; hold the operation lease while the processor is asked, or free it."""
+        await self.conn.execute(
+            "UPDATE payments SET status = $3, amount_captured = $4, amount_refunded = $5, "
+            "operation_lock_until = CASE WHEN $6::float8 IS NULL THEN NULL "
+            "ELSE now() + make_interval(secs => $6::float8) END, updated_at = now() "
+            "WHERE merchant_id = $1 AND id = $2",
+            merchant_id,
+            payment_id,
+            status,
+            amount_captured,
+            amount_refunded,
+            lease_seconds,
+        )
+
+    async def insert_refund(
+        self, merchant_id: str, refund_id: str, payment_id: str, amount: int, reason: str | None
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO refunds (merchant_id, id, payment_id, amount, reason, status) "
+            "VALUES ($1, $2, $3, $4, $5, 'pending')",
+            merchant_id,
+            refund_id,
+            payment_id,
+            amount,
+            reason,
+        )
+
+    async def settle_refund(
+        self,
+        merchant_id: str,
+        refund_id: str,
+        status: str,
+        processor_reference: str | None,
+        failure_code: str | None,
+    ) -> None:
+        await self.conn.execute(
+            "UPDATE refunds SET status = $3, processor_reference = $4, failure_code = $5, "
+            "updated_at = now() WHERE merchant_id = $1 AND id = $2 AND status = 'pending'",
+            merchant_id,
+            refund_id,
+            status,
+            processor_reference,
+            failure_code,
+        )
+
+    async def refund(self, merchant_id: str, refund_id: str) -> Any:
+        return await self.conn.fetchrow(
+            "SELECT id, payment_id, amount, status, reason, created_at FROM refunds "
+            "WHERE merchant_id = $1 AND id = $2",
+            merchant_id,
+            refund_id,
+        )

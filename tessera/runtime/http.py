@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -42,6 +42,7 @@ from core.ids import new_id
 from core.redaction import redact_value
 
 log = structlog.stdlib.get_logger("tessera.http")
+T = TypeVar("T")
 
 REQUEST_ID_HEADER = "request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -86,33 +87,14 @@ def request_id_of(scope: Scope | Any) -> str:
 
 
 def error_response(exc: errors.TesseraError, request_id: str) -> Response[bytes]:
-    """The error body. Messages and params are built from field names, but a client can name a
-    field with a card number (or put one in a URL): everything is redacted on the way out."""
-    body: dict[str, Any] = {"type": exc.type, "code": exc.code, "message": exc.message}
-    if exc.param is not None:
-        body["param"] = exc.param
-    body.update(exc.extra)
-    body = redact_value(body)
-    body["request_id"] = request_id
     return Response(
-        content=msgspec.json.encode({"error": body}),
-        status_code=status_of(exc),
-        media_type=MediaType.JSON,
+        content=error_bytes(exc, request_id), status_code=status_of(exc), media_type=MediaType.JSON
     )
 
 
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _NAMED_FIELD = re.compile(r"field `([^`]+)`")
 _MISSING_PARAMETER = re.compile(r"Missing required (\w+) parameter '([^']+)'")
-
-
-def error_body(
-    type_: str, code: str, message: str, extra: dict[str, Any], request_id: str
-) -> bytes:
-    """An error body built by a service, in the one shape every error has."""
-    body: dict[str, Any] = redact_value({"type": type_, "code": code, "message": message, **extra})
-    body["request_id"] = request_id
-    return msgspec.json.encode({"error": body})
 
 
 def _validation_error(exc: ValidationException) -> errors.TesseraError:
@@ -330,3 +312,46 @@ def install(app: Litestar, metrics: Metrics) -> Litestar:
 
 
 EXCEPTION_HANDLERS: dict[type[Exception] | int, Any] = {Exception: exception_handler}
+
+
+def error_bytes(exc: errors.TesseraError, request_id: str) -> bytes:
+    """The error body, also for services that store responses (idempotency).
+
+    Messages and params are built from field names, but a client can name a field with a card
+    number (or put one in a URL): everything is redacted on the way out."""
+    body: dict[str, Any] = {"type": exc.type, "code": exc.code, "message": exc.message}
+    if exc.param is not None:
+        body["param"] = exc.param
+    body.update(exc.extra)
+    body = redact_value(body)
+    body["request_id"] = request_id
+    return msgspec.json.encode({"error": body})
+
+
+def strict_body(raw: bytes, cls: type[T]) -> T:
+    """Decode a request body strictly: Litestar converts bodies leniently ("10" would become
+    10), but a payment API must refuse a string where it wants an integer."""
+    try:
+        return msgspec.json.decode(raw or b"{}", type=cls)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        path = _AT_PATH.search(message)
+        text = message[: path.start()] if path else message
+        named = _NAMED_FIELD.search(text)
+        key = path[1] if path else ""
+        param = f"{key}.{named[1]}" if named and key else (named[1] if named else key) or None
+        if text.startswith("Object contains unknown field"):
+            raise errors.InvalidRequest(
+                f"Unknown parameter: {param}.", code="parameter_unknown", param=param
+            ) from None
+        if text.startswith("Object missing required field"):
+            raise errors.InvalidRequest(
+                f"Missing required parameter: {param}.", code="parameter_missing", param=param
+            ) from None
+        raise errors.InvalidRequest(
+            f"Invalid {param or 'request'}: {text}.", code="parameter_invalid", param=param
+        ) from None
+    except msgspec.DecodeError:
+        raise errors.InvalidRequest(
+            "The request body is not valid JSON.", code="invalid_json"
+        ) from None

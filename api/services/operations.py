@@ -1,0 +1,326 @@
+"""Capture, cancel and refund: operations on an existing payment, in three atomic phases.
+
+1. Claim the key; lock the payment row; wait (bounded) while another operation holds the
+   payment's lease; decide with core's state machine; write the new amounts *before* asking the
+   processor (so concurrent refunds can never add up past the capture) and take the lease.
+2. Ask the processor, outside any transaction, by its reference for the payment.
+3. Confirm (free the lease, refund `succeeded`) or, when the processor definitely did not do it,
+   restore the amounts (refund `failed`). When the answer is unknown the reserved amounts stay
+   and the key is released, so a retry with the same key asks the processor again (its capture,
+   void and refund are idempotent on our references).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from api.connectors.base import Connector, OperationResult, Outcome
+from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
+from api.services.payments import RefundView, payment_view
+from api.storage.idempotency import (
+    IdempotencyRepository,
+    OperationKeys,
+    ReplayCache,
+    StoredResponse,
+)
+from api.storage.payments import OperationRepository, PaymentRepository
+from core import payments as machine
+from core.errors import NotFound, ServiceUnavailable, StateConflict, TesseraError
+from core.ids import new_id
+from core.money import parse_currency
+from tessera.runtime.http import error_bytes, status_of
+
+#: How long an operation waits for the one before it on the same payment.
+WAIT_SECONDS = 15.0
+
+
+class _Busy(Exception):
+    """Another operation holds the payment: roll back the claim, wait, try again."""
+
+
+@dataclass(frozen=True)
+class Started:
+    payment_id: str
+    operation: str
+    amount: int
+    refund_id: str | None
+
+
+@dataclass
+class OperationService:
+    pool: Any
+    connector: Connector
+    keys: IdempotencyRepository
+    replays: ReplayCache
+    lease_seconds: float
+
+    async def run(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        operation: str,
+        amount: int | None,
+        reason: str | None,
+        *,
+        idempotency_key: str,
+        method: str,
+        path: str,
+        raw_body: bytes,
+        request_id: str,
+    ) -> Handled:
+        fingerprint = request_hash(method, path, raw_body)
+        replay = await cached_replay(self.replays, merchant_id, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            try:
+                started = await self._phase_one(
+                    merchant_id,
+                    payment_id,
+                    operation,
+                    amount,
+                    reason,
+                    idempotency_key,
+                    method,
+                    path,
+                    fingerprint,
+                    request_id,
+                )
+                break
+            except _Busy:
+                if time.monotonic() > deadline:
+                    raise ServiceUnavailable(
+                        "Another operation on this payment is still running; retry.",
+                        code="payment_busy",
+                    ) from None
+                await asyncio.sleep(0.02)
+        if isinstance(started, Handled):
+            return started
+        result = await self._call_processor(merchant_id, started)
+        return await self._phase_three(
+            merchant_id, idempotency_key, fingerprint, started, result, request_id
+        )
+
+    async def _phase_one(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        operation: str,
+        amount: int | None,
+        reason: str | None,
+        key: str,
+        method: str,
+        path: str,
+        fingerprint: bytes,
+        request_id: str,
+    ) -> Started | Handled:
+        async with self.pool.acquire() as conn, conn.transaction():
+            claimed = await claim(self.keys, conn, merchant_id, key, method, path, fingerprint)
+            if claimed.kind is ClaimKind.REPLAY:
+                assert claimed.response is not None
+                await self.replays.put(merchant_id, key, fingerprint, claimed.response)
+                return Handled(claimed.response.status, claimed.response.body, replayed=True)
+            if claimed.kind is ClaimKind.RESUME:
+                row = await OperationKeys.load(conn, merchant_id, key)
+                return Started(
+                    row["payment_id"], row["operation"], row["operation_amount"], row["refund_id"]
+                )
+            operations = OperationRepository(conn)
+            payment = await operations.lock(merchant_id, payment_id)
+            if payment is None:
+                return await self._finish_error(
+                    conn,
+                    merchant_id,
+                    key,
+                    fingerprint,
+                    request_id,
+                    NotFound("No such payment.", param="id"),
+                )
+            if payment["busy"]:
+                raise _Busy
+            state = machine.PaymentState(
+                payment["status"],
+                parse_currency(payment["currency"]),
+                payment["amount"],
+                payment["amount_authorized"],
+                payment["amount_captured"],
+                payment["amount_refunded"],
+            )
+            try:
+                new, moved = _decide(state, operation, amount)
+            except TesseraError as exc:
+                return await self._finish_error(
+                    conn, merchant_id, key, fingerprint, request_id, exc
+                )
+            refund_id = new_id("re") if operation == "refund" else None
+            await operations.set_state(
+                merchant_id,
+                payment_id,
+                status=str(new.status),
+                amount_captured=new.amount_captured,
+                amount_refunded=new.amount_refunded,
+                lease_seconds=self.lease_seconds,
+            )
+            if refund_id is not None:
+                await operations.insert_refund(merchant_id, refund_id, payment_id, moved, reason)
+            await OperationKeys.start(
+                conn,
+                merchant_id,
+                key,
+                payment_id=payment_id,
+                operation=operation,
+                amount=moved,
+                refund_id=refund_id,
+            )
+            return Started(payment_id, operation, moved, refund_id)
+
+    async def _call_processor(self, merchant_id: str, started: Started) -> OperationResult:
+        async with self.pool.acquire() as conn:
+            payment = await PaymentRepository(conn).get(merchant_id, started.payment_id)
+        reference = payment["processor_reference"]
+        if started.operation == "capture":
+            return await self.connector.capture(reference, started.amount)
+        if started.operation == "cancel":
+            return await self.connector.void(reference)
+        assert started.refund_id is not None
+        return await self.connector.refund(reference, started.refund_id, started.amount)
+
+    async def _phase_three(
+        self,
+        merchant_id: str,
+        key: str,
+        fingerprint: bytes,
+        started: Started,
+        result: OperationResult,
+        request_id: str,
+    ) -> Handled:
+        async with self.pool.acquire() as conn, conn.transaction():
+            operations = OperationRepository(conn)
+            payment = await operations.lock(merchant_id, started.payment_id)
+            if result.outcome is Outcome.UNKNOWN:
+                await OperationKeys.release(conn, merchant_id, key)
+                unknown = ServiceUnavailable(
+                    "The processor did not answer; retry with the same Idempotency-Key.",
+                    code="processor_unavailable",
+                )
+                return Handled(503, error_bytes(unknown, request_id))
+            ok = result.outcome is Outcome.APPROVED
+            state = machine.PaymentState(
+                payment["status"],
+                parse_currency(payment["currency"]),
+                payment["amount"],
+                payment["amount_authorized"],
+                payment["amount_captured"],
+                payment["amount_refunded"],
+            )
+            final = state if ok else _undo(state, started)
+            await operations.set_state(
+                merchant_id,
+                started.payment_id,
+                status=str(final.status),
+                amount_captured=final.amount_captured,
+                amount_refunded=final.amount_refunded,
+                lease_seconds=None,
+            )
+            if started.refund_id is not None:
+                await operations.settle_refund(
+                    merchant_id,
+                    started.refund_id,
+                    "succeeded" if ok else "failed",
+                    result.processor_reference,
+                    result.failure_code,
+                )
+            response = await self._response(conn, merchant_id, started, ok, result, request_id)
+            await self.keys.finish(conn, merchant_id, key, response)
+        await self.replays.put(merchant_id, key, fingerprint, response)
+        return Handled(response.status, response.body)
+
+    async def _response(
+        self,
+        conn: Any,
+        merchant_id: str,
+        started: Started,
+        ok: bool,
+        result: OperationResult,
+        request_id: str,
+    ) -> StoredResponse:
+        if not ok:
+            failure = TesseraError(
+                f"The processor refused the {started.operation}; nothing changed.",
+                code="processor_error",
+                extra={"payment": started.payment_id, "processor_code": result.failure_code or ""},
+            )
+            return StoredResponse(502, error_bytes(failure, request_id))
+        if started.refund_id is not None:
+            refund = await OperationRepository(conn).refund(merchant_id, started.refund_id)
+            view = RefundView(
+                id=refund["id"],
+                payment=refund["payment_id"],
+                amount=refund["amount"],
+                status=refund["status"],
+                created=int(refund["created_at"].timestamp()),
+                reason=refund["reason"],
+            )
+            return StoredResponse(201, msgspec.json.encode(view))
+        payments = PaymentRepository(conn)
+        payment = await payments.get(merchant_id, started.payment_id)
+        refunds = await payments.refunds(merchant_id, [started.payment_id])
+        return StoredResponse(200, msgspec.json.encode(payment_view(payment, refunds)))
+
+    async def _finish_error(
+        self,
+        conn: Any,
+        merchant_id: str,
+        key: str,
+        fingerprint: bytes,
+        request_id: str,
+        exc: TesseraError,
+    ) -> Handled:
+        """An error once the handler started is the outcome: stored and replayed like any."""
+        response = StoredResponse(status_of(exc), error_bytes(exc, request_id))
+        await self.keys.finish(conn, merchant_id, key, response)
+        return Handled(response.status, response.body)
+
+    async def refund_view(self, merchant_id: str, refund_id: str) -> RefundView:
+        async with self.pool.acquire() as conn:
+            refund = await OperationRepository(conn).refund(merchant_id, refund_id)
+        if refund is None:
+            raise NotFound("No such refund.", param="id")
+        return RefundView(
+            id=refund["id"],
+            payment=refund["payment_id"],
+            amount=refund["amount"],
+            status=refund["status"],
+            created=int(refund["created_at"].timestamp()),
+            reason=refund["reason"],
+        )
+
+
+def _decide(
+    state: machine.PaymentState, operation: str, amount: int | None
+) -> tuple[machine.PaymentState, int]:
+    """The new state, and how much money the operation moves."""
+    if operation == "capture":
+        new = machine.capture(state, amount)
+        return new, new.amount_captured
+    if operation == "cancel":
+        return machine.cancel(state), state.amount_authorized
+    new = machine.refund(state, amount)
+    return new, new.amount_refunded - state.amount_refunded
+
+
+def _undo(state: machine.PaymentState, started: Started) -> machine.PaymentState:
+    """The processor definitely did not do it: put the amounts back."""
+    if started.operation == "refund":
+        return machine.reverse_refund(state, started.amount)
+    if state.status in (machine.PaymentStatus.CAPTURED, machine.PaymentStatus.CANCELED):
+        return machine.PaymentState(
+            machine.PaymentStatus.AUTHORIZED, state.currency, state.amount, state.amount_authorized
+        )
+    raise StateConflict("The payment changed meanwhile.", code="invalid_state")
