@@ -48,8 +48,9 @@ def wrk_binary() -> str:
     if os.geteuid() == 0 and shutil.which("apt-get"):
         print("installing wrk (Debian package) for the HTTP rows ...", flush=True)
         subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "wrk"], check=False, stdout=subprocess.DEVNULL
+        )
     found = shutil.which("wrk")
     if not found:
         raise SystemExit("make bench needs wrk: apt-get install wrk")
@@ -72,8 +73,9 @@ def http_row(
         base += ["-s", script]
     subprocess.run([*base, "-d1s", url], check=True, capture_output=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([*base, f"-d{seconds}s", url], check=True, capture_output=True,
-                         text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [*base, f"-d{seconds}s", url], check=True, capture_output=True, text=True
+    ).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])  # type: ignore[index]
@@ -117,6 +119,7 @@ def main() -> None:
             finally:
                 process.stop()
     vault_rows(env)
+    payment_rows(env)
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
 
 
@@ -158,25 +161,36 @@ def vault_rows(env: dict[str, str]) -> None:
             ).raise_for_status()
             card = '{"number": "4242424242424242", "exp_month": 12, "exp_year": 2040}'
             token = httpx.post(
-                vault.url + "/v1/tokens", content=card,
+                vault.url + "/v1/tokens",
+                content=card,
                 headers={"authorization": f"Bearer {pk}", "content-type": "application/json"},
-            ).json()["id"]  # fmt: skip
+            ).json()["id"]
             service = {
                 "Authorization": f"Bearer {env['TESSERA_VAULT_SERVICE_TOKEN']}",
                 "Tessera-Merchant": merchant,
                 "Content-Type": "application/json",
             }
             forward = json.dumps(
-                {"destination": "bench", "path": "/auth", "token": token,
-                 "body": {"pan": "{{card.number}}", "exp": "{{card.exp_month}}"}}
-            )  # fmt: skip
+                {
+                    "destination": "bench",
+                    "path": "/auth",
+                    "token": token,
+                    "body": {"pan": "{{card.number}}", "exp": "{{card.exp_month}}"},
+                }
+            )
             cases = [
-                ("tokenize POST /v1/tokens", "/v1/tokens",
-                 _lua("POST", card, {"Authorization": f"Bearer {pk}",
-                                     "Content-Type": "application/json"})),
+                (
+                    "tokenize POST /v1/tokens",
+                    "/v1/tokens",
+                    _lua(
+                        "POST",
+                        card,
+                        {"Authorization": f"Bearer {pk}", "Content-Type": "application/json"},
+                    ),
+                ),
                 ("metadata GET /v1/tokens/{id}", f"/v1/tokens/{token}", _lua("GET", "", service)),
                 ("forward POST /v1/forward", "/v1/forward", _lua("POST", forward, service)),
-            ]  # fmt: skip
+            ]
             for name, path, lua in cases:
                 script = Path(work) / "case.lua"
                 script.write_text(lua)
@@ -187,6 +201,98 @@ def vault_rows(env: dict[str, str]) -> None:
             vault.stop()
             psp.terminate()
             psp.wait()
+
+
+def _unique_key_lua(body: str, headers: dict[str, str]) -> str:
+    """Every request a new Idempotency-Key: each one is a new payment."""
+    lines = [
+        'wrk.method = "POST"',
+        f"wrk.body = {json.dumps(body)}",
+        *(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()),
+        "local counter = 0",
+        "local prefix = tostring(math.random(1, 1e9))",
+        "request = function()",
+        "  counter = counter + 1",
+        '  wrk.headers["Idempotency-Key"] = "bench-" .. prefix .. "-" .. counter',
+        "  return wrk.format()",
+        "end",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def payment_rows(env: dict[str, str]) -> None:
+    """Authorize-and-capture through the whole stack (API -> vault -> PSP A, zero latency)."""
+    print("\nwhole stack: API, vault and PSP A (no added latency), wrk on core 1, 5 s each")
+    with tempfile.TemporaryDirectory() as work:
+        ports = {"psp": free_port(), "vault": free_port(), "api": free_port()}
+        psp_url = f"http://127.0.0.1:{ports['psp']}"
+        destinations = {"psp_a": {"url": psp_url, "paths": ["/v1/authorizations"]}}
+        stack_env = {
+            **env,
+            "TESSERA_PSP_A_PORT": str(ports["psp"]),
+            "TESSERA_VAULT_PORT": str(ports["vault"]),
+            "TESSERA_VAULT_FORWARD_DESTINATIONS": json.dumps(destinations),
+            "TESSERA_API_PORT": str(ports["api"]),
+            "TESSERA_API_VAULT_URL": f"http://127.0.0.1:{ports['vault']}",
+            "TESSERA_API_PSP_A_URL": psp_url,
+        }
+        log = Path(work)
+        processes = [
+            ServiceProcess("sandbox.psp_a", stack_env, ports["psp"], log / "psp.log", args=[]),
+            ServiceProcess("vault", stack_env, ports["vault"], log / "vault.log"),
+            ServiceProcess("api", stack_env, ports["api"], log / "api.log"),
+        ]
+        started: list[ServiceProcess] = []
+        try:
+            for process in processes:
+                ready = "/healthz" if process.module == "sandbox.psp_a" else "/readyz"
+                started.append(process.start(ready_path=ready))
+            created = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tessera.cli",
+                    "merchants",
+                    "create",
+                    "--name",
+                    "Bench",
+                    "--json",
+                ],
+                env={**os.environ, **stack_env},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            merchant = json.loads(created.stdout)
+            card = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2040}
+            token = httpx.post(
+                f"http://127.0.0.1:{ports['vault']}/v1/tokens",
+                json=card,
+                headers={"authorization": f"Bearer {merchant['publishable_key']}"},
+            ).json()["id"]
+            api_url = f"http://127.0.0.1:{ports['api']}"
+            auth = {
+                "Authorization": f"Bearer {merchant['secret_key']}",
+                "Content-Type": "application/json",
+            }
+            body = json.dumps({"amount": 1050, "currency": "EUR", "token": token, "capture": True})
+            script = log / "pay.lua"
+            script.write_text(_unique_key_lua(body, auth))
+            print(http_row("authorize+capture POST", api_url + "/v1/payments", script=str(script)))
+            replay = log / "replay.lua"
+            replay.write_text(_lua("POST", body, {**auth, "Idempotency-Key": "bench-replay"}))
+            httpx.post(
+                api_url + "/v1/payments",
+                content=body,
+                headers={**auth, "Idempotency-Key": "bench-replay"},
+            )
+            print(http_row("idempotent replay POST", api_url + "/v1/payments", script=str(replay)))
+            read = log / "read.lua"
+            read.write_text(_lua("GET", "", auth))
+            print(http_row("list GET /v1/payments", api_url + "/v1/payments", script=str(read)))
+        finally:
+            for process in reversed(started):
+                process.stop()
 
 
 if __name__ == "__main__":

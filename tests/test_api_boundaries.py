@@ -69,9 +69,7 @@ def test_a_body_over_64_kib_is_refused_with_413(api: ServiceProcess, merchant: A
     assert response.json()["error"]["code"] == "body_too_large"
 
 
-def test_malformed_json_is_a_400(
-    api: ServiceProcess, merchant: ApiMerchant
-) -> None:
+def test_malformed_json_is_a_400(api: ServiceProcess, merchant: ApiMerchant) -> None:
     response = httpx.post(
         api.url + "/v1/payments",
         content=b'{"amount": 1,',

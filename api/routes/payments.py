@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from api.auth import merchant_of, require_secret_key
@@ -20,7 +21,7 @@ from api.services.payments import (
     RefundView,
 )
 from core.errors import InvalidRequest, NotFound
-from tessera.runtime.http import request_id_of, strict_body
+from tessera.runtime.http import error_responses, request_id_of, strict_body
 
 _PAYMENT_ID = re.compile(r"pay_[0-9a-z]{26}")
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
@@ -119,7 +120,7 @@ class RefundController(Controller):
     guards = [require_secret_key]
     tags = ["refunds"]
 
-    @get("/{refund:str}", operation_id="getRefund")
+    @get("/{refund:str}", operation_id="getRefund", responses=error_responses(401, 404))
     async def read(
         self, request: Request[Any, Any, Any], refund: str, operations: OperationService
     ) -> RefundView:
@@ -133,7 +134,16 @@ class PaymentController(Controller):
     guards = [require_secret_key]
     tags = ["payments"]
 
-    @post(operation_id="createPayment", status_code=201)
+    @post(
+        operation_id="createPayment",
+        status_code=201,
+        summary="Authorize (and by default capture) a payment with a vault token",
+        responses={
+            201: ResponseSpec(PaymentView, description="Authorized or captured"),
+            202: ResponseSpec(PaymentView, description="Processing: the outcome is not known yet"),
+            **error_responses(400, 401, 402, 409, 413, 422, 502, 503),
+        },
+    )
     async def create(
         self,
         request: Request[Any, Any, Any],
@@ -153,7 +163,15 @@ class PaymentController(Controller):
         )
         return _answer(outcome)
 
-    @post("/{payment:str}/capture", operation_id="capturePayment", status_code=200)
+    @post(
+        "/{payment:str}/capture",
+        operation_id="capturePayment",
+        status_code=200,
+        responses={
+            200: ResponseSpec(PaymentView, description="Captured"),
+            **error_responses(400, 401, 404, 409, 413, 422, 502, 503),
+        },
+    )
     async def capture(
         self,
         request: Request[Any, Any, Any],
@@ -165,7 +183,15 @@ class PaymentController(Controller):
         amount = data.amount if data else None
         return await _operate(request, operations, payment, "capture", key, amount)
 
-    @post("/{payment:str}/cancel", operation_id="cancelPayment", status_code=200)
+    @post(
+        "/{payment:str}/cancel",
+        operation_id="cancelPayment",
+        status_code=200,
+        responses={
+            200: ResponseSpec(PaymentView, description="Canceled"),
+            **error_responses(400, 401, 404, 409, 413, 422, 502, 503),
+        },
+    )
     async def cancel(
         self,
         request: Request[Any, Any, Any],
@@ -176,7 +202,15 @@ class PaymentController(Controller):
     ) -> Response[bytes]:
         return await _operate(request, operations, payment, "cancel", key)
 
-    @post("/{payment:str}/refunds", operation_id="refundPayment", status_code=201)
+    @post(
+        "/{payment:str}/refunds",
+        operation_id="refundPayment",
+        status_code=201,
+        responses={
+            201: ResponseSpec(RefundView, description="Refunded"),
+            **error_responses(400, 401, 404, 409, 413, 422, 502, 503),
+        },
+    )
     async def refund(
         self,
         request: Request[Any, Any, Any],
@@ -188,13 +222,13 @@ class PaymentController(Controller):
         amount, reason = (data.amount, data.reason) if data else (None, None)
         return await _operate(request, operations, payment, "refund", key, amount, reason)
 
-    @get("/{payment:str}", operation_id="getPayment")
+    @get("/{payment:str}", operation_id="getPayment", responses=error_responses(401, 404))
     async def read(
         self, request: Request[Any, Any, Any], payment: str, payments: PaymentService
     ) -> PaymentView:
         return await payments.get(merchant_of(request), payment_id(payment))
 
-    @get(operation_id="listPayments")
+    @get(operation_id="listPayments", responses=error_responses(400, 401))
     async def index(
         self,
         request: Request[Any, Any, Any],

@@ -355,3 +355,43 @@ def strict_body(raw: bytes, cls: type[T]) -> T:
         raise errors.InvalidRequest(
             "The request body is not valid JSON.", code="invalid_json"
         ) from None
+
+
+class ErrorDetail(msgspec.Struct):
+    type: str
+    code: str
+    message: str
+    request_id: str
+    param: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    """Every error body: `{"error": {"type", "code", "message", "param"?, "request_id", ...}}`."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int, Any]:
+    """OpenAPI entries for the error statuses an operation really returns."""
+    from litestar.openapi.datastructures import ResponseSpec
+
+    descriptions = {
+        400: "Invalid request (`param` names the field)",
+        401: "Missing or invalid credential",
+        402: "Card declined (`decline_code`, `payment`)",
+        403: "Credential not allowed here",
+        404: "No such object (or another merchant's)",
+        409: "Invalid state, idempotency key in use, or conflict",
+        413: "Body too large",
+        422: "Idempotency key reused with another request",
+        429: "Rate limited",
+        502: "Processor error (nothing was authorized)",
+        503: "A dependency is unavailable; retry",
+        504: "Destination time-out",
+    }
+    return {
+        status: ResponseSpec(
+            data_container=ErrorEnvelope, description=descriptions[status], generate_examples=False
+        )
+        for status in statuses
+    }
