@@ -211,3 +211,58 @@ def test_a_crash_between_the_processor_and_the_record_never_authorizes_twice(
         assert replay.content == retried.content
     finally:
         survivor.stop()
+
+
+def test_a_crash_after_the_processor_captured_is_finished_by_a_retry_with_the_same_key(
+    api_env: dict[str, str],
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    merchant: ApiMerchant,
+    tmp_path: Path,
+) -> None:
+    extra = {
+        "TESSERA_API_VAULT_URL": vault.url,
+        "TESSERA_API_PSP_A_URL": psp_a.url,
+        "TESSERA_API_AUTHORIZATION_TIMEOUT_SECONDS": "0.5",
+        "TESSERA_API_IDEMPOTENCY_LEASE_SECONDS": "6",
+    }
+    armed = {**extra, "TESSERA_FAILPOINTS": "after_operation_call"}
+    doomed = start_service("api", api_env, tmp_path, armed)
+    payment = pay(doomed, vault, merchant, amount=800, capture=False).json()
+    key = new_key()
+    try:
+        post(doomed, merchant, f"/v1/payments/{payment['id']}/capture", {"amount": 500}, key)
+        raise AssertionError("the process should have died at the failpoint")
+    except httpx.HTTPError:
+        pass
+    assert doomed.process is not None
+    assert doomed.process.wait(timeout=10) == -9
+    survivor = start_service("api", api_env, tmp_path, extra)
+    try:
+        time.sleep(6.2)  # the key's lease (and the payment's) run out
+        retried = post(
+            survivor, merchant, f"/v1/payments/{payment['id']}/capture", {"amount": 500}, key
+        )
+        assert retried.status_code == 200, retried.text
+        assert (retried.json()["status"], retried.json()["amount_captured"]) == ("captured", 500)
+        [authorization] = psp_authorizations(psp_a, f"{payment['id']}_1")
+        assert authorization["status"] == "captured"
+        assert authorization["amount_captured"] == 500
+    finally:
+        survivor.stop()
+
+
+def test_a_deleted_token_is_refused(
+    api: ServiceProcess, vault: ServiceProcess, merchant: ApiMerchant, tokens: dict[str, str]
+) -> None:
+    token = tokenize(vault, merchant)
+    deleted = httpx.delete(
+        f"{vault.url}/v1/tokens/{token}",
+        headers={"authorization": f"Bearer {tokens['service']}", "tessera-merchant": merchant.id},
+    )
+    assert deleted.status_code == 200
+    response = post(
+        api, merchant, "/v1/payments", {"amount": 100, "currency": "EUR", "token": token}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "token"

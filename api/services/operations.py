@@ -33,6 +33,7 @@ from core import payments as machine
 from core.errors import NotFound, ServiceUnavailable, StateConflict, TesseraError
 from core.ids import new_id
 from core.money import parse_currency
+from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import error_bytes, status_of
 
 #: How long an operation waits for the one before it on the same payment.
@@ -103,6 +104,7 @@ class OperationService:
         if isinstance(started, Handled):
             return started
         result = await self._call_processor(merchant_id, started)
+        failpoint("after_operation_call")
         return await self._phase_three(
             merchant_id, idempotency_key, fingerprint, started, result, request_id
         )
