@@ -21,7 +21,7 @@ import msgspec
 
 from api.connectors.base import Connector, OperationResult, Outcome
 from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
-from api.services.payments import RefundView, payment_view
+from api.services.payments import RefundView, payment_view, refund_view, state_of
 from api.storage.idempotency import (
     IdempotencyRepository,
     OperationKeys,
@@ -32,7 +32,6 @@ from api.storage.payments import OperationRepository, PaymentRepository
 from core import payments as machine
 from core.errors import NotFound, ServiceUnavailable, StateConflict, TesseraError
 from core.ids import new_id
-from core.money import parse_currency
 from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import error_bytes, status_of
 
@@ -146,14 +145,7 @@ class OperationService:
                 )
             if payment["busy"]:
                 raise _Busy
-            state = machine.PaymentState(
-                payment["status"],
-                parse_currency(payment["currency"]),
-                payment["amount"],
-                payment["amount_authorized"],
-                payment["amount_captured"],
-                payment["amount_refunded"],
-            )
+            state = state_of(payment)
             try:
                 new, moved = _decide(state, operation, amount)
             except TesseraError as exc:
@@ -213,14 +205,7 @@ class OperationService:
                 )
                 return Handled(503, error_bytes(unknown, request_id))
             ok = result.outcome is Outcome.APPROVED
-            state = machine.PaymentState(
-                payment["status"],
-                parse_currency(payment["currency"]),
-                payment["amount"],
-                payment["amount_authorized"],
-                payment["amount_captured"],
-                payment["amount_refunded"],
-            )
+            state = state_of(payment)
             final = state if ok else _undo(state, started)
             await operations.set_state(
                 merchant_id,
@@ -261,15 +246,7 @@ class OperationService:
             return StoredResponse(502, error_bytes(failure, request_id))
         if started.refund_id is not None:
             refund = await OperationRepository(conn).refund(merchant_id, started.refund_id)
-            view = RefundView(
-                id=refund["id"],
-                payment=refund["payment_id"],
-                amount=refund["amount"],
-                status=refund["status"],
-                created=int(refund["created_at"].timestamp()),
-                reason=refund["reason"],
-            )
-            return StoredResponse(201, msgspec.json.encode(view))
+            return StoredResponse(201, msgspec.json.encode(refund_view(refund)))
         payments = PaymentRepository(conn)
         payment = await payments.get(merchant_id, started.payment_id)
         refunds = await payments.refunds(merchant_id, [started.payment_id])
@@ -294,14 +271,7 @@ class OperationService:
             refund = await OperationRepository(conn).refund(merchant_id, refund_id)
         if refund is None:
             raise NotFound("No such refund.", param="id")
-        return RefundView(
-            id=refund["id"],
-            payment=refund["payment_id"],
-            amount=refund["amount"],
-            status=refund["status"],
-            created=int(refund["created_at"].timestamp()),
-            reason=refund["reason"],
-        )
+        return refund_view(refund)
 
 
 def _decide(

@@ -121,17 +121,30 @@ def payment_view(row: Any, refunds: list[Any]) -> PaymentView:
         reference=row["reference"],
         metadata=metadata,
         created=int(row["created_at"].timestamp()),
-        refunds=[
-            RefundView(
-                id=r["id"],
-                payment=r["payment_id"],
-                amount=r["amount"],
-                status=r["status"],
-                created=int(r["created_at"].timestamp()),
-                reason=r["reason"],
-            )
-            for r in refunds
-        ],
+        refunds=[refund_view(r) for r in refunds],
+    )
+
+
+def refund_view(row: Any) -> RefundView:
+    return RefundView(
+        id=row["id"],
+        payment=row["payment_id"],
+        amount=row["amount"],
+        status=row["status"],
+        created=int(row["created_at"].timestamp()),
+        reason=row["reason"],
+    )
+
+
+def state_of(row: Any) -> machine.PaymentState:
+    """The state machine's view of a payment row."""
+    return machine.PaymentState(
+        row["status"],
+        parse_currency(row["currency"]),
+        row["amount"],
+        row["amount_authorized"],
+        row["amount_captured"],
+        row["amount_refunded"],
     )
 
 
@@ -255,8 +268,7 @@ class PaymentService:
         attempt: int,
         result: AuthorizeResult,
     ) -> None:
-        row = await payments.get(merchant_id, payment_id)
-        state = machine.PaymentState(row["status"], parse_currency(row["currency"]), row["amount"])
+        state = state_of(await payments.get(merchant_id, payment_id))
         if result.outcome is Outcome.UNKNOWN:
             return  # stays `processing`; the reconciler settles it
         outcome = {
