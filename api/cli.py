@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve HTTP (settings from TESSERA_API_* variables)")
     commands.add_parser("migrate", help="apply migrations as the owner role")
+    commands.add_parser("worker", help="reconciler, completer and expiry (safe to run several)")
     merchants = commands.add_parser("merchants", help="create merchants, roll their keys")
     actions = merchants.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a merchant in the API and the vault")
@@ -93,6 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         from api.app import create_app
 
         serve_service(ApiSettings, create_app, "api")
+        return
+    if args.command == "worker":
+        from api.worker import main as worker_main
+        from tessera.runtime.logging import configure_logging
+
+        settings = load_or_exit(ApiSettings, "api")
+        configure_logging("worker", settings.log_level)
+        worker_main(settings)
         return
     if args.command == "migrate":
         migrate_service("api", "api.migrations", DEFAULT_MIGRATION_URL)

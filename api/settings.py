@@ -28,6 +28,13 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     #: The lease on a key whose request is in flight: longer than any processor call, so a
     #: crashed request's key frees itself and a retry can finish it.
     idempotency_lease_seconds: int = 30
+    #: Authorizations not captured within this are canceled by the worker (7 days).
+    authorization_expiry_seconds: float = 7 * 24 * 3600
+    #: A processor that has not heard of our reference this long after we sent it never will:
+    #: the reconciler then calls the payment `failed`.
+    processor_cutoff_seconds: float = 60.0
+    #: How long the worker sleeps when it found nothing to do.
+    worker_interval_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

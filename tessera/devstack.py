@@ -353,6 +353,7 @@ def services(config: StackConfig) -> list[Service]:
         Service("vault", [py, "-m", "vault", "serve"], f"{base}:{config.vault_port}", "/readyz"),
         Service("psp-a", [py, "-m", "sandbox.psp_a"], f"{base}:{config.psp_a_port}", "/healthz"),
         Service("api", [py, "-m", "api", "serve"], f"{base}:{config.api_port}", "/readyz"),
+        Service("worker", [py, "-m", "api", "worker"], "", ""),
     ]
 
 
@@ -371,7 +372,10 @@ def wait_until_ready(service: Service, process: subprocess.Popen[bytes], timeout
             raise StackError(
                 f"{service.name} exited with code {process.returncode}; see {service.log_file}"
             )
-        if _answers(service.url + service.probe):
+        if not service.probe:  # no HTTP port (the worker): alive for a second is ready
+            if time.monotonic() > deadline - timeout + 1:
+                return
+        elif _answers(service.url + service.probe):
             return
         time.sleep(0.1)
     raise StackError(f"{service.name} did not answer {service.probe} in {timeout:.0f}s")
@@ -398,7 +402,7 @@ def start_services(config: StackConfig, env: dict[str, str], *, detach: bool) ->
     running = Running()
     try:
         for service in services(config):
-            if _port_taken(service.url):
+            if service.url and _port_taken(service.url):
                 raise StackError(
                     f"{service.url} is already taken (another `make up`? run `make down`)"
                 )
@@ -413,7 +417,7 @@ def start_services(config: StackConfig, env: dict[str, str], *, detach: bool) ->
             running.processes[service.name] = process
             service.pid_file.write_text(str(process.pid))
             wait_until_ready(service, process, timeout=30)
-            say(f"{service.name} ready at {service.url}")
+            say(f"{service.name} ready" + (f" at {service.url}" if service.url else ""))
     except BaseException:
         stop_processes(running)
         raise
@@ -477,7 +481,7 @@ def _is_ours(pid: int) -> bool:
     except OSError:
         return False
     text = b" ".join(cmdline)
-    return any(marker in text for marker in (b"-m vault", b"-m api", b"-m sandbox.psp_a"))
+    return any(marker in text for marker in (b"-m vault", b"-m api", b"-m sandbox.psp"))
 
 
 # --- the demo merchant ---------------------------------------------------------------------
@@ -523,6 +527,7 @@ def banner(config: StackConfig, demo: dict[str, str]) -> str:
             f"  payment API    http://{host}:{config.api_port}   (OpenAPI: /schema)",
             f"  vault          http://{host}:{config.vault_port}",
             f"  PSP simulator  http://{host}:{config.psp_a_port}   (psp_a)",
+            "  worker         reconciler, completer, expiry (no port)",
             f"  logs           {LOGS}/",
             "Demo merchant",
             f"  merchant id      {demo['merchant_id']}",

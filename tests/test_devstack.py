@@ -108,7 +108,7 @@ def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> 
             [*tessera, "dev", "down"], env=env, capture_output=True, text=True, timeout=120
         )
     assert down.returncode == 0, down.stderr
-    assert "stopped 3 service process(es)" in down.stdout
+    assert "stopped 4 service process(es)" in down.stdout
     for port in ports.values():
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

@@ -108,6 +108,38 @@ class OperationService:
             merchant_id, idempotency_key, fingerprint, started, result, request_id
         )
 
+    async def complete(self, merchant_id: str, idempotency_key: str) -> None:
+        """The completer's entry: finish an operation whose process died after phase 1, as the
+        client's retry would (the worker has already taken the key's lease)."""
+        async with self.pool.acquire() as conn:
+            row = await OperationKeys.load(conn, merchant_id, idempotency_key)
+            key = await self.keys.lock_free(conn, merchant_id, idempotency_key)
+        if row is None or key is None or row["operation"] is None:
+            return
+        started = Started(
+            row["payment_id"], row["operation"], row["operation_amount"], row["refund_id"]
+        )
+        result = await self._call_processor(merchant_id, started)
+        await self._phase_three(
+            merchant_id, idempotency_key, key.request_hash, started, result, new_id("req")
+        )
+
+    async def expire(self, merchant_id: str, payment_id: str) -> Handled:
+        """Cancel an authorization nobody captured in time, idempotently by construction."""
+        path = f"/v1/payments/{payment_id}/cancel"
+        return await self.run(
+            merchant_id,
+            payment_id,
+            "cancel",
+            None,
+            None,
+            idempotency_key=f"tessera-expiry:{payment_id}",
+            method="POST",
+            path=path,
+            raw_body=b"",
+            request_id=new_id("req"),
+        )
+
     async def _phase_one(
         self,
         merchant_id: str,

@@ -155,6 +155,8 @@ class PaymentService:
     connector: Connector
     keys: IdempotencyRepository
     replays: ReplayCache
+    #: After this long, an authorization the processor has never heard of will never appear.
+    processor_cutoff_seconds: float = 60.0
 
     async def create(
         self,
@@ -226,13 +228,38 @@ class PaymentService:
                     conn, merchant_id, idempotency_key, "payment_created", payment_id
                 )
 
-        # Phase 2: outside any transaction.
+        return await self._drive(
+            merchant_id, idempotency_key, payment_id, resumed, fingerprint, request_id
+        )
+
+    async def complete(self, merchant_id: str, idempotency_key: str) -> None:
+        """The completer's entry: finish a request whose process died after phase 1, exactly
+        as the client's own retry would (the worker has already taken the key's lease)."""
+        async with self.pool.acquire() as conn:
+            row = await self.keys.lock_free(conn, merchant_id, idempotency_key)
+        if row is None or row.payment_id is None:
+            return
+        await self._drive(
+            merchant_id, idempotency_key, row.payment_id, True, row.request_hash, new_id("req")
+        )
+
+    async def _drive(
+        self,
+        merchant_id: str,
+        idempotency_key: str,
+        payment_id: str,
+        resumed: bool,
+        fingerprint: bytes,
+        request_id: str,
+    ) -> Handled:
+        """Phases 2 and 3, from a new request, a client's retry or the completer."""
         async with self.pool.acquire() as conn:
             payments = PaymentRepository(conn)
             attempt = await payments.latest_attempt(merchant_id, payment_id)
             payment = await payments.get(merchant_id, payment_id)
         result: AuthorizeResult | None = None
         if resumed:
+            # Never authorize blindly after a crash: ask about our reference first.
             result = await self.connector.inquire(attempt["reference"])
         if result is None and payment["status"] == "processing":
             result = await self.connector.authorize(
@@ -260,6 +287,31 @@ class PaymentService:
         await self.replays.put(merchant_id, idempotency_key, fingerprint, response)
         return Handled(response.status, response.body)
 
+    async def settle(
+        self, merchant_id: str, payment_id: str, attempt: int, reference: str, age_seconds: float
+    ) -> str:
+        """The reconciler's entry for a `processing` payment: ask the processor about the
+        attempt. Found: record what it says. Not found after the processor's cut-off: failed.
+        Returns what happened, for the worker's log."""
+        found = await self.connector.inquire(reference)
+        async with self.pool.acquire() as conn, conn.transaction():
+            payments = PaymentRepository(conn)
+            if found is not None and found.outcome is not Outcome.UNKNOWN:
+                await payments.reopen_attempt(merchant_id, payment_id, attempt)
+                await self._record(payments, merchant_id, payment_id, attempt, found)
+                return str(found.outcome)
+            if found is None and age_seconds > self.processor_cutoff_seconds:
+                await payments.reopen_attempt(merchant_id, payment_id, attempt)
+                await self._record(
+                    payments,
+                    merchant_id,
+                    payment_id,
+                    attempt,
+                    AuthorizeResult(Outcome.FAILED, failure_code="not_found_at_processor"),
+                )
+                return "failed_not_found"
+        return "still_unknown"
+
     async def _record(
         self,
         payments: PaymentRepository,
@@ -270,7 +322,9 @@ class PaymentService:
     ) -> None:
         state = state_of(await payments.get(merchant_id, payment_id))
         if result.outcome is Outcome.UNKNOWN:
-            return  # stays `processing`; the reconciler settles it
+            # Stays `processing`; the reconciler settles it by asking the processor.
+            await payments.mark_unknown(merchant_id, payment_id, attempt)
+            return
         outcome = {
             Outcome.APPROVED: machine.AuthorizationOutcome.APPROVED,
             Outcome.DECLINED: machine.AuthorizationOutcome.DECLINED,

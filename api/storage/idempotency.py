@@ -85,6 +85,16 @@ class IdempotencyRepository:
             response,
         )
 
+    async def lock_free(self, conn: Any, merchant_id: str, key: str) -> KeyRow | None:
+        """The key without a row lock (the caller holds its lease), or None if it is gone."""
+        exists = await conn.fetchval(
+            "SELECT 1 FROM idempotency_keys WHERE merchant_id = $1 AND key = $2", merchant_id, key
+        )
+        if not exists:
+            return None
+        async with conn.transaction():
+            return await self.lock(conn, merchant_id, key)
+
     async def renew_lease(self, conn: Any, merchant_id: str, key: str) -> None:
         await conn.execute(
             "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3) "

@@ -107,6 +107,28 @@ class PaymentRepository:
         )
         return bool(updated)
 
+    async def mark_unknown(self, merchant_id: str, payment_id: str, attempt: int) -> None:
+        """No answer we can trust: the reconciler asks the processor about it in a second."""
+        await self.conn.execute(
+            "UPDATE payment_attempts SET outcome = 'unknown', "
+            "next_inquiry_at = now() + interval '1 second' "
+            "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3 AND outcome = 'pending'",
+            merchant_id,
+            payment_id,
+            attempt,
+        )
+
+    async def reopen_attempt(self, merchant_id: str, payment_id: str, attempt: int) -> None:
+        """An unknown attempt about to be settled goes back to pending, so the recording
+        update (which only moves pending attempts of processing payments) applies."""
+        await self.conn.execute(
+            "UPDATE payment_attempts SET outcome = 'pending' "
+            "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3 AND outcome = 'unknown'",
+            merchant_id,
+            payment_id,
+            attempt,
+        )
+
     async def page(
         self,
         merchant_id: str,

@@ -47,6 +47,11 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+        if not ready_path:  # no HTTP port (a worker): alive after a second is started
+            time.sleep(1.0)
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.module} exited early:\n{self.output()}")
+            return self
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

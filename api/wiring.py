@@ -1,0 +1,63 @@
+"""The API's services and their clients, built once, for the web app and for the worker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from api.connectors.psp_a import PspAConnector
+from api.services.operations import OperationService
+from api.services.payments import PaymentService
+from api.settings import ApiSettings
+from api.storage.idempotency import IdempotencyRepository, ReplayCache
+from api.vault_client import VaultClient
+
+
+@dataclass(frozen=True)
+class Services:
+    payments: PaymentService
+    operations: OperationService
+
+
+@asynccontextmanager
+async def open_services(
+    settings: ApiSettings, pool: Any, redis: aioredis.Redis
+) -> AsyncIterator[Services]:
+    # The vault answers after its own forward time-out; wait a little longer for it.
+    vault = VaultClient(
+        settings.vault_url, settings.vault_service_token, settings.authorization_timeout_seconds + 2
+    )
+    connector = PspAConnector(
+        vault,
+        base_url=settings.psp_a_url,
+        api_key=settings.psp_a_api_key,
+        timeout_seconds=settings.authorization_timeout_seconds,
+    )
+    retention = settings.idempotency_retention_hours * 3600
+    keys = IdempotencyRepository(retention, settings.idempotency_lease_seconds)
+    replays = ReplayCache(redis, retention)
+    try:
+        yield Services(
+            payments=PaymentService(
+                pool=pool,
+                vault=vault,
+                connector=connector,
+                keys=keys,
+                replays=replays,
+                processor_cutoff_seconds=settings.processor_cutoff_seconds,
+            ),
+            operations=OperationService(
+                pool=pool,
+                connector=connector,
+                keys=keys,
+                replays=replays,
+                lease_seconds=float(settings.idempotency_lease_seconds),
+            ),
+        )
+    finally:
+        await connector.close()
+        await vault.close()

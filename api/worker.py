@@ -1,0 +1,107 @@
+"""`tessera worker`: settles what requests left unsettled. Safe to run in several processes.
+
+- reconciler: `processing` payments are settled by the processor's status inquiry on our
+  reference, first within seconds of the time-out, then backing off to once a minute; a payment
+  the processor never heard of is `failed` after the processor's cut-off.
+- completer: idempotent requests abandoned half-way (a crashed API process) are driven to the
+  end from their recovery point, so the client's next retry finds the final answer.
+- expiry: authorizations not captured within the window (7 days) are canceled at the processor.
+- idempotency keys past their retention are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+import redis.asyncio as aioredis
+import structlog
+
+from api.settings import ApiSettings
+from api.storage.worker import WorkerRepository
+from api.wiring import Services, open_services
+from core.errors import TesseraError
+from tessera.runtime.db import create_pool
+
+log = structlog.stdlib.get_logger("tessera.worker")
+BATCH = 50
+
+
+async def reconcile(services: Services, work: WorkerRepository) -> int:
+    rows = await work.claim_unknown_attempts(BATCH)
+    for row in rows:
+        outcome = await services.payments.settle(
+            row["merchant_id"],
+            row["payment_id"],
+            row["attempt"],
+            row["reference"],
+            row["age_seconds"],
+        )
+        log.info("reconciled", payment=row["payment_id"], outcome=outcome)
+    return len(rows)
+
+
+async def complete(services: Services, work: WorkerRepository, lease: float) -> int:
+    rows = await work.claim_abandoned_keys(BATCH, lease)
+    for row in rows:
+        if row["recovery_point"] == "payment_created":
+            await services.payments.complete(row["merchant_id"], row["key"])
+        else:
+            await services.operations.complete(row["merchant_id"], row["key"])
+        log.info("completed", merchant=row["merchant_id"], recovery_point=row["recovery_point"])
+    return len(rows)
+
+
+async def expire(services: Services, work: WorkerRepository, window: float) -> int:
+    rows = await work.expired_authorizations(window, BATCH)
+    done = 0
+    for row in rows:
+        try:
+            await services.operations.expire(row["merchant_id"], row["id"])
+            done += 1
+        except TesseraError as exc:  # another worker is on it, or the payment moved on
+            log.info("expiry_skipped", payment=row["id"], code=exc.code)
+    return done
+
+
+async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
+    pool = await create_pool(
+        settings.database_url, min_size=1, max_size=4, wait_seconds=settings.db_timeout_seconds
+    )
+    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    work = WorkerRepository(pool)
+    lease = float(settings.idempotency_lease_seconds)
+    try:
+        async with open_services(settings, pool, redis) as services:
+            log.info("worker_started")
+            while not stop.is_set():
+                try:
+                    busy = await reconcile(services, work)
+                    busy += await complete(services, work, lease)
+                    busy += await expire(services, work, settings.authorization_expiry_seconds)
+                    await work.purge_expired_keys(1000)
+                except Exception:
+                    log.exception("worker_cycle_failed")
+                    busy = 0
+                if not busy:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), settings.worker_interval_seconds)
+    finally:
+        await redis.aclose()
+        await pool.close()
+        log.info("worker_stopped")
+
+
+def main(settings: ApiSettings) -> None:
+    """Run until SIGTERM or SIGINT; the cycle in progress finishes first."""
+    import uvloop
+
+    async def start() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    uvloop.run(start())
