@@ -9,11 +9,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from api.connectors.base import Connector
 from api.connectors.psp_a import PspAConnector
+from api.services.breaker import CircuitBreaker
 from api.services.operations import OperationService
 from api.services.payments import PaymentService
+from api.services.routing import OutcomeStats
 from api.settings import ApiSettings
 from api.storage.idempotency import IdempotencyRepository, ReplayCache
+from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
 
 
@@ -37,6 +41,7 @@ async def open_services(
         api_key=settings.psp_a_api_key,
         timeout_seconds=settings.authorization_timeout_seconds,
     )
+    connectors: dict[str, Connector] = {connector.name: connector}
     retention = settings.idempotency_retention_hours * 3600
     keys = IdempotencyRepository(retention, settings.idempotency_lease_seconds)
     replays = ReplayCache(redis, retention)
@@ -45,14 +50,17 @@ async def open_services(
             payments=PaymentService(
                 pool=pool,
                 vault=vault,
-                connector=connector,
+                connectors=connectors,
                 keys=keys,
                 replays=replays,
+                routing=RoutingRepository(pool),
+                stats=OutcomeStats(redis),
+                breaker=CircuitBreaker(redis),
                 processor_cutoff_seconds=settings.processor_cutoff_seconds,
             ),
             operations=OperationService(
                 pool=pool,
-                connector=connector,
+                connectors=connectors,
                 keys=keys,
                 replays=replays,
                 lease_seconds=float(settings.idempotency_lease_seconds),

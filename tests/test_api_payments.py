@@ -37,6 +37,7 @@ PAYMENT_FIELDS = {
     "metadata",
     "created",
     "refunds",
+    "attempts",
 }
 
 

@@ -54,7 +54,7 @@ class Started:
 @dataclass
 class OperationService:
     pool: Any
-    connector: Connector
+    connectors: dict[str, Connector]
     keys: IdempotencyRepository
     replays: ReplayCache
     lease_seconds: float
@@ -210,12 +210,13 @@ class OperationService:
         async with self.pool.acquire() as conn:
             payment = await PaymentRepository(conn).get(merchant_id, started.payment_id)
         reference = payment["processor_reference"]
+        connector = self.connectors[payment["processor"]]
         if started.operation == "capture":
-            return await self.connector.capture(reference, started.amount)
+            return await connector.capture(reference, started.amount)
         if started.operation == "cancel":
-            return await self.connector.void(reference)
+            return await connector.void(reference)
         assert started.refund_id is not None
-        return await self.connector.refund(reference, started.refund_id, started.amount)
+        return await connector.refund(reference, started.refund_id, started.amount)
 
     async def _phase_three(
         self,
@@ -282,7 +283,9 @@ class OperationService:
         payments = PaymentRepository(conn)
         payment = await payments.get(merchant_id, started.payment_id)
         refunds = await payments.refunds(merchant_id, [started.payment_id])
-        return StoredResponse(200, msgspec.json.encode(payment_view(payment, refunds)))
+        attempts = await payments.attempts(merchant_id, [started.payment_id])
+        view = payment_view(payment, refunds, attempts)
+        return StoredResponse(200, msgspec.json.encode(view))
 
     async def _finish_error(
         self,

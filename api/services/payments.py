@@ -14,19 +14,23 @@ a card is never authorized twice.
 
 from __future__ import annotations
 
+import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
 
 from api.connectors.base import AuthorizeRequest, AuthorizeResult, Connector, Outcome
+from api.services.breaker import CircuitBreaker
 from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
+from api.services.routing import SOFT_DECLINES, Candidate, OutcomeStats, rank
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
 from api.storage.payments import PaymentRepository
+from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
 from core import payments as machine
-from core.errors import CardError, InvalidRequest, NotFound, ProcessorError
+from core.errors import CardError, InvalidRequest, NotFound, ProcessorError, ServiceUnavailable
 from core.ids import new_id
 from core.money import parse_currency, validate_amount
 from tessera.runtime.failpoints import failpoint
@@ -69,6 +73,15 @@ class RefundView(msgspec.Struct):
     object: str = "refund"
 
 
+class AttemptView(msgspec.Struct):
+    processor: str
+    reference: str
+    outcome: str
+    processor_reference: str | None
+    decline_code: str | None
+    latency_ms: int | None
+
+
 class PaymentView(msgspec.Struct, omit_defaults=False):
     id: str
     amount: int
@@ -88,6 +101,7 @@ class PaymentView(msgspec.Struct, omit_defaults=False):
     metadata: dict[str, str]
     created: int
     refunds: list[RefundView]
+    attempts: list[AttemptView] = []
     object: str = "payment"
 
 
@@ -97,7 +111,7 @@ class PaymentList(msgspec.Struct):
     object: str = "list"
 
 
-def payment_view(row: Any, refunds: list[Any]) -> PaymentView:
+def payment_view(row: Any, refunds: list[Any], attempts: list[Any] | None = None) -> PaymentView:
     metadata = row["metadata"]
     if isinstance(metadata, str):
         metadata = msgspec.json.decode(metadata)
@@ -122,6 +136,17 @@ def payment_view(row: Any, refunds: list[Any]) -> PaymentView:
         metadata=metadata,
         created=int(row["created_at"].timestamp()),
         refunds=[refund_view(r) for r in refunds],
+        attempts=[
+            AttemptView(
+                a["processor"],
+                a["reference"],
+                a["outcome"],
+                a["processor_reference"],
+                a["decline_code"],
+                a["latency_ms"],
+            )
+            for a in attempts or []
+        ],
     )
 
 
@@ -152,11 +177,31 @@ def state_of(row: Any) -> machine.PaymentState:
 class PaymentService:
     pool: Any
     vault: VaultClient
-    connector: Connector
+    connectors: dict[str, Connector]
     keys: IdempotencyRepository
     replays: ReplayCache
+    routing: RoutingRepository
+    stats: OutcomeStats
+    breaker: CircuitBreaker
     #: After this long, an authorization the processor has never heard of will never appear.
     processor_cutoff_seconds: float = 60.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    async def ranking(
+        self, merchant_id: str, currency: str, brand: str, amount: int, tried: set[str]
+    ) -> list[Candidate]:
+        config = await self.routing.config(merchant_id)
+        ranked = await rank(
+            config,
+            self.stats,
+            currency=currency,
+            brand=brand,
+            country=None,
+            amount=amount,
+            is_open=self.breaker.is_open,
+            rng=self.rng,
+        )
+        return [c for c in ranked if c.processor not in tried and c.processor in self.connectors]
 
     async def create(
         self,
@@ -186,6 +231,13 @@ class PaymentService:
                 param="token",
             )
 
+        ranked = await self.ranking(merchant_id, currency.code, card.brand, amount, set())
+        if not ranked:
+            raise ServiceUnavailable(
+                "No processor can take this payment right now; retry later.",
+                code="no_processor_available",
+            )
+        processor = ranked[0].processor
         payment_id = new_id("pay")
         resumed = False
         async with self.pool.acquire() as conn, conn.transaction():
@@ -215,14 +267,14 @@ class PaymentService:
                         "card_last4": card.last4,
                         "card_exp_month": card.exp_month,
                         "card_exp_year": card.exp_year,
-                        "processor": self.connector.name,
+                        "processor": processor,
                         "description": data.description,
                         "reference": data.reference,
                         "metadata": data.metadata,
                     },
                 )
                 await payments.insert_attempt(
-                    merchant_id, payment_id, 1, self.connector.name, f"{payment_id}_1"
+                    merchant_id, payment_id, 1, processor, f"{payment_id}_1"
                 )
                 await self.keys.set_recovery_point(
                     conn, merchant_id, idempotency_key, "payment_created", payment_id
@@ -252,27 +304,63 @@ class PaymentService:
         fingerprint: bytes,
         request_id: str,
     ) -> Handled:
-        """Phases 2 and 3, from a new request, a client's retry or the completer."""
+        """Phases 2 and 3, from a new request, a client's retry or the completer.
+
+        Phase 2 may take several attempts: after a *definite* failure (the processor said it did
+        not process the payment) — or a soft decline, when the merchant switched cascading on —
+        the next processor in the ranking gets a new attempt with its own reference, recorded
+        before it is sent. Never after an unknown outcome: that could authorize twice.
+        """
         async with self.pool.acquire() as conn:
             payments = PaymentRepository(conn)
             attempt = await payments.latest_attempt(merchant_id, payment_id)
             payment = await payments.get(merchant_id, payment_id)
+            tried = {a["processor"] for a in await payments.attempts(merchant_id, [payment_id])}
         result: AuthorizeResult | None = None
         if resumed:
             # Never authorize blindly after a crash: ask about our reference first.
-            result = await self.connector.inquire(attempt["reference"])
-        if result is None and payment["status"] == "processing":
-            result = await self.connector.authorize(
-                AuthorizeRequest(
-                    merchant_id=merchant_id,
-                    payment_id=payment_id,
-                    reference=attempt["reference"],
-                    token=payment["token"],
-                    amount=payment["amount"],
-                    currency=payment["currency"],
-                    capture=payment["capture"],
+            result = await self.connectors[attempt["processor"]].inquire(attempt["reference"])
+        while payment["status"] == "processing":
+            connector = self.connectors[attempt["processor"]]
+            if result is None:
+                result = await connector.authorize(
+                    AuthorizeRequest(
+                        merchant_id=merchant_id,
+                        payment_id=payment_id,
+                        reference=attempt["reference"],
+                        token=payment["token"],
+                        amount=payment["amount"],
+                        currency=payment["currency"],
+                        capture=payment["capture"],
+                    )
                 )
+                await self._learn(connector.name, payment, result)
+            if not await self._should_fail_over(merchant_id, result):
+                break
+            ranked = await self.ranking(
+                merchant_id, payment["currency"], payment["card_brand"], payment["amount"], tried
             )
+            if not ranked:
+                break
+            next_processor = ranked[0].processor
+            number = attempt["attempt"] + 1
+            async with self.pool.acquire() as conn, conn.transaction():
+                payments = PaymentRepository(conn)
+                await payments.close_attempt(
+                    merchant_id,
+                    payment_id,
+                    attempt["attempt"],
+                    outcome=str(result.outcome),
+                    processor_reference=result.processor_reference,
+                    decline_code=result.decline_code,
+                )
+                await payments.insert_attempt(
+                    merchant_id, payment_id, number, next_processor, f"{payment_id}_{number}"
+                )
+                await payments.switch_processor(merchant_id, payment_id, next_processor)
+                attempt = await payments.latest_attempt(merchant_id, payment_id)
+            tried.add(next_processor)
+            result = None
 
         failpoint("after_processor_call")
         # Phase 3: record the answer and the response together.
@@ -281,11 +369,32 @@ class PaymentService:
             if result is not None:
                 await self._record(payments, merchant_id, payment_id, attempt["attempt"], result)
             payment = await payments.get(merchant_id, payment_id)
-            view = payment_view(payment, [])
+            attempts = await payments.attempts(merchant_id, [payment_id])
+            view = payment_view(payment, [], attempts)
             response = _response(view, request_id)
             await self.keys.finish(conn, merchant_id, idempotency_key, response)
         await self.replays.put(merchant_id, idempotency_key, fingerprint, response)
         return Handled(response.status, response.body)
+
+    async def _learn(self, processor: str, payment: Any, result: AuthorizeResult) -> None:
+        """Feed the router's auth-rate window and the processor's circuit breaker."""
+        if result.outcome in (Outcome.APPROVED, Outcome.DECLINED):
+            await self.stats.record(
+                processor,
+                payment["card_brand"],
+                payment["currency"],
+                approved=result.outcome is Outcome.APPROVED,
+            )
+        await self.breaker.record(
+            processor, ok=result.outcome in (Outcome.APPROVED, Outcome.DECLINED)
+        )
+
+    async def _should_fail_over(self, merchant_id: str, result: AuthorizeResult) -> bool:
+        if result.outcome is Outcome.FAILED:
+            return True
+        if result.outcome is Outcome.DECLINED and result.decline_code in SOFT_DECLINES:
+            return (await self.routing.config(merchant_id)).cascade_soft_declines
+        return False
 
     async def settle(
         self, merchant_id: str, payment_id: str, attempt: int, reference: str, age_seconds: float
@@ -293,7 +402,9 @@ class PaymentService:
         """The reconciler's entry for a `processing` payment: ask the processor about the
         attempt. Found: record what it says. Not found after the processor's cut-off: failed.
         Returns what happened, for the worker's log."""
-        found = await self.connector.inquire(reference)
+        async with self.pool.acquire() as conn:
+            row = await PaymentRepository(conn).latest_attempt(merchant_id, payment_id)
+        found = await self.connectors[row["processor"]].inquire(reference)
         async with self.pool.acquire() as conn, conn.transaction():
             payments = PaymentRepository(conn)
             if found is not None and found.outcome is not Outcome.UNKNOWN:
@@ -353,7 +464,8 @@ class PaymentService:
             if row is None:
                 raise NotFound("No such payment.", param="id")
             refunds = await payments.refunds(merchant_id, [payment_id])
-        return payment_view(row, refunds)
+            attempts = await payments.attempts(merchant_id, [payment_id])
+        return payment_view(row, refunds, attempts)
 
     async def page(
         self,
@@ -371,13 +483,19 @@ class PaymentService:
             rows = rows[:limit]
             if ending_before is not None:
                 rows.reverse()
-            refunds = await payments.refunds(merchant_id, [r["id"] for r in rows])
-        by_payment: dict[str, list[Any]] = {}
+            ids = [r["id"] for r in rows]
+            refunds = await payments.refunds(merchant_id, ids)
+            attempts = await payments.attempts(merchant_id, ids)
+        refunds_of: dict[str, list[Any]] = {}
         for refund in refunds:
-            by_payment.setdefault(refund["payment_id"], []).append(refund)
-        return PaymentList(
-            data=[payment_view(r, by_payment.get(r["id"], [])) for r in rows], has_more=has_more
-        )
+            refunds_of.setdefault(refund["payment_id"], []).append(refund)
+        attempts_of: dict[str, list[Any]] = {}
+        for attempt in attempts:
+            attempts_of.setdefault(attempt["payment_id"], []).append(attempt)
+        data = [
+            payment_view(r, refunds_of.get(r["id"], []), attempts_of.get(r["id"], [])) for r in rows
+        ]
+        return PaymentList(data=data, has_more=has_more)
 
 
 def _is_token(value: str) -> bool:

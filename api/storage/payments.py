@@ -107,6 +107,49 @@ class PaymentRepository:
         )
         return bool(updated)
 
+    async def close_attempt(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        attempt: int,
+        *,
+        outcome: str,
+        processor_reference: str | None,
+        decline_code: str | None,
+    ) -> None:
+        """An attempt that failed over to another processor: closed, the payment untouched."""
+        await self.conn.execute(
+            "UPDATE payment_attempts SET outcome = $4, processor_reference = $5, "
+            "decline_code = $6, finished_at = now(), "
+            "latency_ms = (extract(epoch FROM now() - started_at) * 1000)::int "
+            "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3",
+            merchant_id,
+            payment_id,
+            attempt,
+            outcome,
+            processor_reference,
+            decline_code,
+        )
+
+    async def switch_processor(self, merchant_id: str, payment_id: str, processor: str) -> None:
+        await self.conn.execute(
+            "UPDATE payments SET processor = $3, updated_at = now() "
+            "WHERE merchant_id = $1 AND id = $2 AND status = 'processing'",
+            merchant_id,
+            payment_id,
+            processor,
+        )
+
+    async def attempts(self, merchant_id: str, payment_ids: list[str]) -> list[Any]:
+        rows = await self.conn.fetch(
+            "SELECT payment_id, attempt, processor, reference, outcome, processor_reference, "
+            "decline_code, latency_ms FROM payment_attempts "
+            "WHERE merchant_id = $1 AND payment_id = ANY($2) ORDER BY payment_id, attempt",
+            merchant_id,
+            payment_ids,
+        )
+        return list(rows)
+
     async def mark_unknown(self, merchant_id: str, payment_id: str, attempt: int) -> None:
         """No answer we can trust: the reconciler asks the processor about it in a second."""
         await self.conn.execute(
