@@ -6,18 +6,24 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import sys
+from typing import Any
 
 import asyncpg
+import msgspec
 
+from api.services.routing import Fee, ProcessorFees, RoutingConfig, Rule
 from api.settings import ApiSettings
 from api.storage.merchants import MerchantRepository
+from api.storage.routing import RoutingRepository
 from api.vault_client import VaultAdminClient
 from core.errors import TesseraError
 from core.ids import new_id
 from tessera.runtime.commands import load_or_exit, migrate_service, serve_service
 
+KNOWN_PROCESSORS = frozenset({"psp_a", "psp_b"})
 DEFAULT_MIGRATION_URL = "postgresql://tessera_api_owner@127.0.0.1:5432/tessera_api"
 
 
@@ -73,6 +79,61 @@ def roll_secret_key(merchant_id: str) -> dict[str, str]:
     return {"merchant_id": merchant_id, "secret_key": new_key}
 
 
+def configure_routing(args: argparse.Namespace) -> dict[str, Any]:
+    """Change a merchant's routing; options not given keep their current value."""
+    settings = load_or_exit(ApiSettings, "api")
+
+    async def apply() -> RoutingConfig:
+        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_timeout_seconds)
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM merchants WHERE id = $1", args.merchant)
+            if not exists:
+                raise TesseraError(f"No merchant {args.merchant}.", code="resource_missing")
+            routing = RoutingRepository(conn, ttl_seconds=0.001)
+            current = await routing.config(args.merchant)
+            updated = edit_routing(current, args)
+            await routing.save(args.merchant, updated)
+            return updated
+        finally:
+            await conn.close()
+
+    config = asyncio.run(apply())
+    result: dict[str, Any] = msgspec.to_builtins(config)
+    return {"merchant_id": args.merchant, **result}
+
+
+def edit_routing(config: RoutingConfig, args: argparse.Namespace) -> RoutingConfig:
+    processors = config.processors
+    if args.processors:
+        processors = tuple(p.strip() for p in args.processors.split(",") if p.strip())
+    unknown = set(processors) - KNOWN_PROCESSORS
+    if unknown:
+        raise TesseraError(f"Unknown processors: {sorted(unknown)}.", code="processor_unknown")
+    fees = {name: fees for name, fees in config.fees.items()}
+    for entry in args.fee:
+        match = re.fullmatch(r"([a-z_0-9]+)(?::([a-z]+))?=(\d+)\+(\d+)", entry)
+        if not match:
+            raise TesseraError(f"--fee {entry!r}: use PSP[:BRAND]=FIXED+BP", code="fee_invalid")
+        name, brand, fixed, bp = match[1], match[2], int(match[3]), int(match[4])
+        current = fees.get(name, ProcessorFees())
+        if brand:
+            fees[name] = ProcessorFees(current.default, {**current.brands, brand: Fee(fixed, bp)})
+        else:
+            fees[name] = ProcessorFees(Fee(fixed, bp), current.brands)
+    rules = list(config.rules)
+    for entry in args.rule:
+        name, _, conditions = entry.partition(":")
+        fields: dict[str, Any] = {"processor": name}
+        for condition in filter(None, conditions.split(",")):
+            key, _, value = condition.partition("=")
+            fields[key] = int(value) if key.endswith("amount") else value
+        rules.append(msgspec.convert(fields, Rule))
+    cascade = config.cascade_soft_declines
+    if args.cascade_soft_declines is not None:
+        cascade = args.cascade_soft_declines
+    return RoutingConfig(tuple(processors), tuple(rules), fees, cascade)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tessera api", description="The payment API.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +149,30 @@ def main(argv: list[str] | None = None) -> None:
     roll = actions.add_parser("roll-key", help="replace a merchant's secret key")
     roll.add_argument("--merchant", required=True)
     roll.add_argument("--json", action="store_true", help="print JSON only")
+    configure = actions.add_parser("configure", help="routing: processors, rules, fees")
+    configure.add_argument("--merchant", required=True)
+    configure.add_argument("--processors", help="comma-separated, e.g. psp_a,psp_b")
+    configure.add_argument(
+        "--cascade-soft-declines",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="retry soft declines (do_not_honor, ...) at the next processor",
+    )
+    configure.add_argument(
+        "--fee",
+        action="append",
+        default=[],
+        metavar="PSP[:BRAND]=FIXED+BP",
+        help="fee schedule entry, e.g. psp_a=10+140 or psp_b:amex=20+250 (minor units, bp)",
+    )
+    configure.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="PSP:KEY=VALUE[,KEY=VALUE]",
+        help="eligibility rule, e.g. psp_b:currency=EUR,brand=visa,max_amount=50000",
+    )
+    configure.add_argument("--json", action="store_true", help="print JSON only")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -116,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                     code="vault_admin_token_missing",
                 )
             result = create_merchant(args.name, args.origin, admin_token)
+        elif args.action == "configure":
+            result = configure_routing(args)
         else:
             result = roll_secret_key(args.merchant)
     except TesseraError as exc:

@@ -41,7 +41,9 @@ class CircuitBreaker:
             if self.clock() < float(open_until):
                 return True
             # Half-open: one probe a second, shared by all processes.
-            acquired = await self.redis.set(self._key(processor, "probe"), b"1", nx=True, ex=1)
+            second = int(self.clock())
+            probe = self._key(processor, f"probe:{second}")
+            acquired = await self.redis.set(probe, b"1", nx=True, ex=2)
             return not acquired
         except redis.exceptions.RedisError:
             return False
