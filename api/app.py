@@ -10,7 +10,9 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from api.auth import MerchantKeys
+from api.routes.notifications import NotificationController
 from api.routes.payments import PaymentController, RefundController
+from api.services.notifications import NotificationService
 from api.services.operations import OperationService
 from api.services.payments import PaymentService
 from api.settings import MAX_BODY_BYTES, ApiSettings
@@ -28,6 +30,11 @@ def _operations(state: State) -> OperationService:
     return service
 
 
+def _notifications(state: State) -> NotificationService:
+    service: NotificationService = state.services.notifications
+    return service
+
+
 def create_app(settings: ApiSettings) -> Litestar:
     @asynccontextmanager
     async def api_lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -41,10 +48,11 @@ def create_app(settings: ApiSettings) -> Litestar:
         title="Tessera payment API",
         settings=settings,
         migrations_package="api.migrations",
-        route_handlers=[PaymentController, RefundController],
+        route_handlers=[PaymentController, RefundController, NotificationController],
         dependencies={
             "payments": Provide(_payments, sync_to_thread=False),
             "operations": Provide(_operations, sync_to_thread=False),
+            "notifications": Provide(_notifications, sync_to_thread=False),
         },
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=api_lifespan,

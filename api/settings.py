@@ -21,6 +21,10 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     #: PSP A, for captures, voids, refunds and inquiries (authorizations go through the vault).
     psp_a_url: str = "http://127.0.0.1:8201"
     psp_a_api_key: str = "psp_a_test_key"
+    #: PSP B (Adyen-like), and the key its notifications are signed with (hex).
+    psp_b_url: str = "http://127.0.0.1:8202"
+    psp_b_api_key: str = "psp_b_test_key"
+    psp_b_hmac_key: str = "E92EF49F9B36436D3A9FBEFC305A24593559B43D854C8151FC9E242818957599"
     #: How long an authorization may take before its outcome is called unknown (`processing`).
     authorization_timeout_seconds: float = 10.0
     #: How long idempotency keys (and their responses) are kept.
@@ -41,6 +45,14 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
         validate_url(self.vault_url, ("http", "https"), self.env_name("vault_url"))
         check_secret(self.vault_service_token, self.env_name("vault_service_token"))
         validate_url(self.psp_a_url, ("http", "https"), self.env_name("psp_a_url"))
+        validate_url(self.psp_b_url, ("http", "https"), self.env_name("psp_b_url"))
+        try:
+            if len(bytes.fromhex(self.psp_b_hmac_key)) < 16:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{self.env_name('psp_b_hmac_key')}: at least 16 bytes, hex-encoded"
+            ) from None
         if not 0 < self.authorization_timeout_seconds <= 10:
             raise ValueError(f"{self.env_name('authorization_timeout_seconds')}: 0 < s <= 10")
         if self.idempotency_retention_hours < 24:
@@ -57,6 +69,10 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
             problems.append("TESSERA_API_VAULT_URL must use https:// (mTLS to the vault)")
         if not self.psp_a_url.startswith("https://") or self.psp_a_api_key == "psp_a_test_key":
             problems.append("PSP A needs an https URL and a real API key")
+        if not self.psp_b_url.startswith("https://") or self.psp_b_api_key == "psp_b_test_key":
+            problems.append("PSP B needs an https URL and a real API key")
+        if self.psp_b_hmac_key.upper().startswith("E92EF49F"):
+            problems.append("PSP B's notification key is the public development key")
         return problems
 
 

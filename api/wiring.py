@@ -11,7 +11,9 @@ import redis.asyncio as aioredis
 
 from api.connectors.base import Connector
 from api.connectors.psp_a import PspAConnector
+from api.connectors.psp_b import PspBConnector
 from api.services.breaker import CircuitBreaker
+from api.services.notifications import NotificationService
 from api.services.operations import OperationService
 from api.services.payments import PaymentService
 from api.services.routing import OutcomeStats
@@ -25,6 +27,7 @@ from api.vault_client import VaultClient
 class Services:
     payments: PaymentService
     operations: OperationService
+    notifications: NotificationService
 
 
 @asynccontextmanager
@@ -41,7 +44,13 @@ async def open_services(
         api_key=settings.psp_a_api_key,
         timeout_seconds=settings.authorization_timeout_seconds,
     )
-    connectors: dict[str, Connector] = {connector.name: connector}
+    psp_b = PspBConnector(
+        vault,
+        base_url=settings.psp_b_url,
+        api_key=settings.psp_b_api_key,
+        timeout_seconds=settings.authorization_timeout_seconds,
+    )
+    connectors: dict[str, Connector] = {connector.name: connector, psp_b.name: psp_b}
     retention = settings.idempotency_retention_hours * 3600
     keys = IdempotencyRepository(retention, settings.idempotency_lease_seconds)
     replays = ReplayCache(redis, retention)
@@ -58,6 +67,7 @@ async def open_services(
                 breaker=CircuitBreaker(redis),
                 processor_cutoff_seconds=settings.processor_cutoff_seconds,
             ),
+            notifications=NotificationService(pool, bytes.fromhex(settings.psp_b_hmac_key)),
             operations=OperationService(
                 pool=pool,
                 connectors=connectors,
@@ -67,5 +77,6 @@ async def open_services(
             ),
         )
     finally:
+        await psp_b.close()
         await connector.close()
         await vault.close()

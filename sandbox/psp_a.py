@@ -26,15 +26,20 @@ Every `/v1` request needs `Authorization: Bearer <TESSERA_PSP_A_API_KEY>`; other
   `404 not_found`: the status inquiry after a time-out.
 
 Admin endpoints (no key; tests and load tests only): `GET|POST /admin/config` (latency, jitter,
-slow card delay), `GET /admin/stats`, `GET /admin/authorizations?reference=…`, `POST /admin/reset`.
+slow card delay, fault injection), `GET /admin/stats`, `GET /admin/authorizations?reference=…`,
+`POST /admin/reset`.
 
 Card numbers and CVCs are used to decide the outcome and dropped: only brand and last4 are kept,
 nothing is logged per request, and error messages never carry a submitted value.
 
-Extension points for fault injection (issue 5): `Config` takes more fields (settable through
-`POST /admin/config` with no other change), `Simulator.network` is where every `/v1` request
-waits and can be failed or held, and `Simulator.outcome` is where an approval rate per brand
-would overrule the card table.
+Fault injection (issue 5), shared with PSP B (`sandbox.psp_b` imports it from here):
+`FaultConfig` holds the fields (`fail_all_5xx`, `timeout_rate`, `timeout_seconds`,
+`approval_rate`, `seed`) that both simulators' `Config` inherit, so `POST /admin/config` sets them
+like any other field; `Faults` makes the seeded random decisions and counts what fired;
+`HoldMiddleware` holds a chosen `/v1` answer for `timeout_seconds` after the request was processed
+(a time-out is always a late answer, never a lost operation); `Simulator.network` fails every
+request while `fail_all_5xx` is on; `Faults.overrule` turns table approvals into `do_not_honor`
+declines at the configured rate per brand.
 """
 
 from __future__ import annotations
@@ -49,14 +54,16 @@ import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox.cards import (
     TEST_CARDS,
@@ -173,12 +180,123 @@ class PspError(Exception):
 # --- run-time configuration ----------------------------------------------------------------
 
 
-class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """What `POST /admin/config` changes at run time; the env vars give the starting values.
+Brand = Literal["visa", "mastercard", "amex", "discover", "jcb", "diners", "unionpay", "unknown"]
+Rate = Annotated[float, msgspec.Meta(ge=0, le=1)]
 
-    Fault injection (issue 5) adds fields here, e.g. `error_rate`, `timeout_rate`,
-    `approval_rate: dict[brand, float]`; the admin endpoint validates and applies them as is.
+
+class FaultConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The fault-injection fields both simulators' `Config` inherit (sandbox/README.md).
+
+    - `fail_all_5xx`: every authenticated `/v1` request answers `500 processing_error` after its
+      latency, without being processed (nothing recorded, nothing changed).
+    - `timeout_rate`: that fraction of `/v1` requests is processed as usual (an authorization is
+      recorded, a capture applied) and its answer, whatever it is, is then held for
+      `timeout_seconds` before it is sent: a client that gives up first has an unknown outcome
+      that the status inquiry resolves.
+    - `approval_rate`: brand -> probability that an approval from the card table stays an
+      approval; otherwise it becomes a `do_not_honor` decline. Brands not listed: 1.
+    - `seed`: seeds the random decisions of `timeout_rate` and `approval_rate` (two streams, so
+      one fault's draws do not shift the other's); setting it (even to the same value) restarts
+      both sequences, and so does `POST /admin/reset`. `null`: seeded from the OS.
     """
+
+    fail_all_5xx: bool = False
+    timeout_rate: Rate = 0.0
+    timeout_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
+    approval_rate: dict[Brand, Rate] = {}
+    seed: int | None = None
+
+
+#: The fault fields, listed by `GET /admin/config` only when not at their default (so the config
+#: of an unfaulted simulator reads as it did before fault injection existed).
+FAULT_FIELDS: Final = FaultConfig.__struct_fields__
+_FAULT_DEFAULTS: Final[dict[str, Any]] = msgspec.to_builtins(FaultConfig())
+
+
+def config_view(config: FaultConfig, *, full: bool = False) -> dict[str, Any]:
+    """What `GET /admin/config` answers: the simulator's own fields, then the fault fields that
+    are not at their default (every one of them with `full`, i.e. `?all=true`)."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    view = {name: value for name, value in data.items() if name not in FAULT_FIELDS}
+    for name in FAULT_FIELDS:
+        if full or data[name] != _FAULT_DEFAULTS[name]:
+            view[name] = data[name]
+    return view
+
+
+class Faults:
+    """The random decisions of fault injection and the count of the faults that fired."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.counters: Counter[str] = Counter()
+        self.reseed(seed)
+
+    def reseed(self, seed: int | None) -> None:
+        self._timeouts = random.Random(None if seed is None else f"timeouts:{seed}")
+        self._approvals = random.Random(None if seed is None else f"approvals:{seed}")
+
+    def reset(self, seed: int | None) -> None:
+        self.counters.clear()
+        self.reseed(seed)
+
+    def fail_all(self, config: FaultConfig) -> bool:
+        if config.fail_all_5xx:
+            self.counters["errors"] += 1
+        return config.fail_all_5xx
+
+    def hold_seconds(self, config: FaultConfig) -> float:
+        """How long to hold this request's answer: 0, or `timeout_seconds` at `timeout_rate`."""
+        rate = config.timeout_rate
+        if rate <= 0 or (rate < 1 and self._timeouts.random() >= rate):
+            return 0.0
+        self.counters["timeouts"] += 1
+        return config.timeout_seconds
+
+    def overrule(self, outcome: Outcome, brand: str, config: FaultConfig) -> Outcome:
+        """An approval from the card table stays one with the brand's `approval_rate`, else it
+        becomes a `do_not_honor` decline. Declines, errors and the slow card are left alone."""
+        if outcome.behaviour is not Behaviour.APPROVE:
+            return outcome
+        rate = cast("Mapping[str, float]", config.approval_rate).get(brand)
+        if rate is None or rate >= 1 or (rate > 0 and self._approvals.random() < rate):
+            return outcome
+        self.counters["declines"] += 1
+        return Outcome(Behaviour.DECLINE, DeclineCode.DO_NOT_HONOR)
+
+    def stats(self) -> dict[str, int]:
+        return {kind: self.counters[kind] for kind in ("errors", "timeouts", "declines")}
+
+
+class HoldMiddleware:
+    """Holds a `/v1` answer for `hold_seconds()` (the `timeout_rate` fault) after the request was
+    processed: the response is kept, then sent whole once the time is up. Other paths pass."""
+
+    def __init__(self, app: ASGIApp, hold_seconds: Callable[[], float]) -> None:
+        self.app = app
+        self.hold_seconds = hold_seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hold = 0.0
+        if scope["type"] == ScopeType.HTTP and scope["path"].startswith("/v1/"):
+            hold = self.hold_seconds()
+        if hold <= 0:
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def keep(message: Message) -> None:
+            held.append(message)
+
+        await self.app(scope, receive, keep)
+        await asyncio.sleep(hold)
+        for message in held:
+            await send(message)
+
+
+class Config(FaultConfig, kw_only=True):
+    """What `POST /admin/config` changes at run time; the env vars give the starting values.
+    The fault-injection fields come from `FaultConfig`; the admin endpoint validates and applies
+    any field as is."""
 
     latency_ms: Annotated[float, msgspec.Meta(ge=0, le=600_000)] = 0.0
     jitter_ms: Annotated[float, msgspec.Meta(ge=0, le=600_000)] = 0.0
@@ -238,6 +356,17 @@ def _number(name: str, text: str, *, maximum: float) -> float:
 # --- the processor -------------------------------------------------------------------------
 
 
+def latency_seconds(latency_ms: float, jitter_ms: float, distribution: str) -> float:
+    """`latency_ms ± jitter_ms` in seconds: uniform, or normal (sigma = jitter); at least 0."""
+    if jitter_ms == 0:
+        millis = latency_ms
+    elif distribution == "uniform":
+        millis = random.uniform(latency_ms - jitter_ms, latency_ms + jitter_ms)
+    else:
+        millis = random.gauss(latency_ms, jitter_ms)
+    return max(0.0, millis) / 1000
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
@@ -253,6 +382,7 @@ class Simulator:
         self._api_key = api_key.encode()
         self.config = config
         self.cards = cards
+        self.faults = Faults(config.seed)
         self.reset()
 
     def reset(self) -> None:
@@ -262,6 +392,14 @@ class Simulator:
         self.counters: Counter[str] = Counter()
         self.statuses: Counter[str] = Counter()
         self.declines: Counter[str] = Counter()
+        self.faults.reset(self.config.seed)
+
+    def configure(self, changes: Mapping[str, Any]) -> Config:
+        """Applies `changes` (all or nothing); a given `seed` restarts the random sequences."""
+        self.config = self.config.updated(changes)
+        if "seed" in changes:
+            self.faults.reseed(self.config.seed)
+        return self.config
 
     # -- every /v1 request --
 
@@ -273,26 +411,24 @@ class Simulator:
             raise PspError(401, "unauthorized", "Authorization: Bearer <api key> is required.")
 
     async def network(self) -> None:
-        """The time the request takes on the wire and at the processor. Fault injection (issue
-        5: all 5xx, time-outs) belongs here, after the wait and before any processing."""
+        """The time the request takes on the wire and at the processor; then, with
+        `fail_all_5xx`, the processor fails before processing anything. (Held answers, the
+        `timeout_rate` fault, are `HoldMiddleware`'s: they come after the processing.)"""
         delay = self.latency_seconds()
         if delay > 0:
             await asyncio.sleep(delay)
+        if self.faults.fail_all(self.config):
+            self.counters["processing_errors"] += 1
+            raise PspError(500, "processing_error", "The processor is failing (fail_all_5xx).")
 
     def latency_seconds(self) -> float:
         config = self.config
-        if config.jitter_ms == 0:
-            millis = config.latency_ms
-        elif config.latency_distribution == "uniform":
-            millis = random.uniform(
-                config.latency_ms - config.jitter_ms, config.latency_ms + config.jitter_ms
-            )
-        else:
-            millis = random.gauss(config.latency_ms, config.jitter_ms)
-        return max(0.0, millis) / 1000
+        return latency_seconds(config.latency_ms, config.jitter_ms, config.latency_distribution)
 
     def outcome(self, card: CardIn) -> Outcome:
-        """What the issuer says. An approval rate per brand (issue 5) would decide here."""
+        """What the card table and the expiry date say (no randomness: a replay asks it too).
+        The approval rate per brand overrules it only for a new authorization
+        (`Faults.overrule`)."""
         table = outcome_for(card.number, self.cards)
         if table.behaviour is Behaviour.PROCESSING_ERROR:
             return table
@@ -334,6 +470,7 @@ class Simulator:
         if outcome.behaviour is Behaviour.PROCESSING_ERROR:
             self.counters["processing_errors"] += 1
             raise PspError(500, "processing_error", "The processor could not process this.")
+        outcome = self.faults.overrule(outcome, brand_of(card.number), self.config)
         if outcome.behaviour is Behaviour.DECLINE:
             status, decline_code = Status.DECLINED, outcome.decline_code
         elif request.capture:
@@ -448,7 +585,7 @@ class Simulator:
 
     def stats(self) -> dict[str, Any]:
         counters = self.counters
-        return {
+        body: dict[str, Any] = {
             "requests": counters["requests"],
             "authorizations": counters["authorizations"],
             "by_status": {status.value: self.statuses[status] for status in Status},
@@ -460,6 +597,11 @@ class Simulator:
             "processing_errors": counters["processing_errors"],
             "unauthorized": counters["unauthorized"],
         }
+        # Only once a fault has fired, so an unfaulted run's stats keep their earlier shape.
+        # Injected 5xx answers count in `processing_errors` too.
+        if any(self.faults.counters.values()):
+            body["injected"] = self.faults.stats()
+        return body
 
 
 # --- HTTP ----------------------------------------------------------------------------------
@@ -566,17 +708,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
         return _json(status, created)
 
     @get("/admin/config", sync_to_thread=False)
-    def read_config() -> Response[bytes]:
-        return _json(200, sim.config)
+    def read_config(request: Request[Any, Any, Any]) -> Response[bytes]:
+        full = request.query_params.get("all", "").lower() in ("1", "true", "yes")
+        return _json(200, config_view(sim.config, full=full))
 
     @post("/admin/config")
     async def write_config(request: Request[Any, Any, Any]) -> Response[bytes]:
         try:
             changes = msgspec.json.decode(await request.body(), type=dict[str, Any])
-            sim.config = sim.config.updated(changes)
+            sim.configure(changes)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             raise PspError(400, "invalid_request", str(exc)) from None
-        return _json(200, sim.config)
+        return _json(200, config_view(sim.config))
 
     @get("/admin/stats", sync_to_thread=False)
     def stats() -> Response[bytes]:
@@ -612,6 +755,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             HTTPException: _on_http_error,
             Exception: _on_internal_error,
         },
+        middleware=[lambda app: HoldMiddleware(app, lambda: sim.faults.hold_seconds(sim.config))],
         request_max_body_size=MAX_BODY,
         openapi_config=None,
         logging_config=None,

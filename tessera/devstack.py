@@ -57,6 +57,7 @@ class StackConfig:
     api_port: int
     vault_port: int
     psp_a_port: int
+    psp_b_port: int = 8202
     host: str = "127.0.0.1"
 
     @classmethod
@@ -68,6 +69,7 @@ class StackConfig:
             api_port=int(env.get("TESSERA_API_PORT", "8000")),
             vault_port=int(env.get("TESSERA_VAULT_PORT", "8100")),
             psp_a_port=int(env.get("TESSERA_PSP_A_PORT", "8201")),
+            psp_b_port=int(env.get("TESSERA_PSP_B_PORT", "8202")),
         )
 
     def redis_db(self, index: int) -> str:
@@ -106,6 +108,10 @@ def service_env(config: StackConfig) -> dict[str, str]:
         "TESSERA_API_REDIS_URL": config.redis_db(0),
         "TESSERA_API_VAULT_URL": f"http://{config.host}:{config.vault_port}",
         "TESSERA_API_PSP_A_URL": f"http://{config.host}:{config.psp_a_port}",
+        "TESSERA_API_PSP_B_URL": f"http://{config.host}:{config.psp_b_port}",
+        "TESSERA_PSP_B_HOST": config.host,
+        "TESSERA_PSP_B_PORT": str(config.psp_b_port),
+        "TESSERA_PSP_B_NOTIFY_URL": f"http://{config.host}:{config.api_port}/v1/notifications/psp_b",
         "TESSERA_VAULT_HOST": config.host,
         "TESSERA_VAULT_PORT": str(config.vault_port),
         "TESSERA_VAULT_DATABASE_URL": service_dsn(
@@ -120,7 +126,11 @@ def service_env(config: StackConfig) -> dict[str, str]:
                 "psp_a": {
                     "url": f"http://{config.host}:{config.psp_a_port}",
                     "paths": ["/v1/authorizations"],
-                }
+                },
+                "psp_b": {
+                    "url": f"http://{config.host}:{config.psp_b_port}",
+                    "paths": ["/v1/payments"],
+                },
             }
         ),
         "TESSERA_PSP_A_HOST": config.host,
@@ -352,6 +362,7 @@ def services(config: StackConfig) -> list[Service]:
     return [
         Service("vault", [py, "-m", "vault", "serve"], f"{base}:{config.vault_port}", "/readyz"),
         Service("psp-a", [py, "-m", "sandbox.psp_a"], f"{base}:{config.psp_a_port}", "/healthz"),
+        Service("psp-b", [py, "-m", "sandbox.psp_b"], f"{base}:{config.psp_b_port}", "/healthz"),
         Service("api", [py, "-m", "api", "serve"], f"{base}:{config.api_port}", "/readyz"),
         Service("worker", [py, "-m", "api", "worker"], "", ""),
     ]
@@ -526,7 +537,8 @@ def banner(config: StackConfig, demo: dict[str, str]) -> str:
             "Tessera is running (development mode)",
             f"  payment API    http://{host}:{config.api_port}   (OpenAPI: /schema)",
             f"  vault          http://{host}:{config.vault_port}",
-            f"  PSP simulator  http://{host}:{config.psp_a_port}   (psp_a)",
+            f"  PSP simulators http://{host}:{config.psp_a_port}   (psp_a)",
+            f"                 http://{host}:{config.psp_b_port}   (psp_b)",
             "  worker         reconciler, completer, expiry (no port)",
             f"  logs           {LOGS}/",
             "Demo merchant",

@@ -99,6 +99,18 @@ def psp_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
 
 
 @pytest.fixture(scope="session")
+def psp_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The PSP B simulator; the `api` fixture points its notifications at the API."""
+    port = free_port()
+    log = Path(tmp_path_factory.mktemp("psp_b")) / "psp_b.log"
+    env = {"TESSERA_PSP_B_PORT": str(port), "TESSERA_PSP_B_SLOW_SECONDS": "4"}
+    process = ServiceProcess("sandbox.psp_b", env, port, log, args=[])
+    process.start(ready_path="/healthz")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
 def local_kms_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("kms") / "keyring.json"
     LocalKms.create_keyring(str(path))
@@ -113,11 +125,13 @@ def vault_env(
     local_kms_path: str,
     psp_echo: EchoServer,
     psp_a: ServiceProcess,
+    psp_b: ServiceProcess,
 ) -> dict[str, str]:
     db = databases["vault"]
     destinations = {
         "echo": {"url": psp_echo.url, "paths": ["/v1/authorizations"]},
         "psp_a": {"url": psp_a.url, "paths": ["/v1/authorizations"]},
+        "psp_b": {"url": psp_b.url, "paths": ["/v1/payments"]},
     }
     return {
         "TESSERA_VAULT_LOCAL_KMS_PATH": local_kms_path,
@@ -135,7 +149,11 @@ def vault_env(
 
 @pytest.fixture(scope="session")
 def api_env(
-    databases: dict[str, ServiceDatabase], redis_urls: dict[str, str], tokens: dict[str, str]
+    databases: dict[str, ServiceDatabase],
+    redis_urls: dict[str, str],
+    tokens: dict[str, str],
+    psp_a: ServiceProcess,
+    psp_b: ServiceProcess,
 ) -> dict[str, str]:
     db = databases["api"]
     return {
@@ -145,6 +163,8 @@ def api_env(
         "TESSERA_API_REDIS_URL": redis_urls["api"],
         "TESSERA_API_VAULT_SERVICE_TOKEN": tokens["service"],
         "TESSERA_API_SHUTDOWN_TIMEOUT_SECONDS": "10",
+        "TESSERA_API_PSP_A_URL": psp_a.url,
+        "TESSERA_API_PSP_B_URL": psp_b.url,
     }
 
 
@@ -172,10 +192,13 @@ def api(
     api_env: dict[str, str],
     vault: ServiceProcess,
     psp_a: ServiceProcess,
+    psp_b: ServiceProcess,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServiceProcess]:
-    extra = {"TESSERA_API_VAULT_URL": vault.url, "TESSERA_API_PSP_A_URL": psp_a.url}
+    extra = {"TESSERA_API_VAULT_URL": vault.url}
     process = start_service("api", api_env, tmp_path_factory.mktemp("api"), extra)
+    notify = {"notify_url": process.url + "/v1/notifications/psp_b"}
+    httpx.post(psp_b.url + "/admin/config", json=notify).raise_for_status()
     yield process
     process.stop()
 

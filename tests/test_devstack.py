@@ -81,13 +81,14 @@ def test_missing_binaries_name_the_debian_packages(
 
 @pytest.mark.slow
 def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> None:
-    ports = {"api": free_port(), "vault": free_port(), "psp-a": free_port()}
+    ports = {"api": free_port(), "vault": free_port(), "psp-a": free_port(), "psp-b": free_port()}
     env = {
         **os.environ,
         "TESSERA_ROOT": str(tmp_path),
         "TESSERA_API_PORT": str(ports["api"]),
         "TESSERA_VAULT_PORT": str(ports["vault"]),
         "TESSERA_PSP_A_PORT": str(ports["psp-a"]),
+        "TESSERA_PSP_B_PORT": str(ports["psp-b"]),
     }
     tessera = [sys.executable, "-m", "tessera.cli"]
     up = subprocess.run(
@@ -96,7 +97,7 @@ def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> 
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         for name, port in ports.items():
-            path = "/healthz" if name == "psp-a" else "/readyz"
+            path = "/healthz" if name.startswith("psp") else "/readyz"
             assert httpx.get(f"http://127.0.0.1:{port}{path}").status_code == 200, name
         demo = json.loads((tmp_path / ".run" / "demo.json").read_text())
         assert demo["secret_key"] in up.stdout
@@ -108,7 +109,7 @@ def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> 
             [*tessera, "dev", "down"], env=env, capture_output=True, text=True, timeout=120
         )
     assert down.returncode == 0, down.stderr
-    assert "stopped 4 service process(es)" in down.stdout
+    assert "stopped 5 service process(es)" in down.stdout
     for port in ports.values():
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

@@ -23,6 +23,9 @@ EXPECTED_TABLES = {
         "payment_attempts",
         "refunds",
         "idempotency_keys",
+        "merchant_routing",
+        "processor_operations",
+        "processed_notifications",
     },
     "vault": {
         "schema_migrations",

@@ -106,6 +106,9 @@ def test_production_mode_accepts_a_production_configuration() -> None:
         "TESSERA_API_VAULT_URL": "https://vault.tessera-cde.svc:8100",
         "TESSERA_API_PSP_A_URL": "https://api.psp-a.example",
         "TESSERA_API_PSP_A_API_KEY": "live_key_from_secret_manager",
+        "TESSERA_API_PSP_B_URL": "https://checkout.psp-b.example",
+        "TESSERA_API_PSP_B_API_KEY": "live_key_from_secret_manager",
+        "TESSERA_API_PSP_B_HMAC_KEY": "00" * 32,
     }
     assert load_settings(VaultSettings, env).production
     assert load_settings(ApiSettings, env).production

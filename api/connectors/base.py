@@ -20,6 +20,8 @@ class Outcome(StrEnum):
     FAILED = "failed"
     #: No answer we can trust (time-out, reset after sending): it may have been authorized.
     UNKNOWN = "unknown"
+    #: Accepted; the processor confirms (or refuses) it later by a signed notification.
+    PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,14 @@ class Connector(Protocol):
         """What the processor knows of our reference; None if it never saw it."""
         ...
 
-    async def capture(self, processor_reference: str, amount: int) -> OperationResult: ...
+    async def capture(
+        self, processor_reference: str, amount: int, currency: str, reference: str
+    ) -> OperationResult: ...
 
-    async def void(self, processor_reference: str) -> OperationResult: ...
+    async def void(self, processor_reference: str, reference: str) -> OperationResult: ...
 
     async def refund(
-        self, processor_reference: str, reference: str, amount: int
+        self, processor_reference: str, reference: str, amount: int, currency: str
     ) -> OperationResult: ...
 
     async def close(self) -> None: ...

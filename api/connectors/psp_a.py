@@ -80,16 +80,18 @@ class PspAConnector:
             return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status_code}")
         return _authorization(200, response.json())
 
-    async def capture(self, processor_reference: str, amount: int) -> OperationResult:
+    async def capture(
+        self, processor_reference: str, amount: int, currency: str, reference: str
+    ) -> OperationResult:
         return await self._operation(
             f"/v1/authorizations/{processor_reference}/capture", {"amount": amount}
         )
 
-    async def void(self, processor_reference: str) -> OperationResult:
+    async def void(self, processor_reference: str, reference: str) -> OperationResult:
         return await self._operation(f"/v1/authorizations/{processor_reference}/void", {})
 
     async def refund(
-        self, processor_reference: str, reference: str, amount: int
+        self, processor_reference: str, reference: str, amount: int, currency: str
     ) -> OperationResult:
         return await self._operation(
             f"/v1/authorizations/{processor_reference}/refunds",

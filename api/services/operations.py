@@ -211,12 +211,15 @@ class OperationService:
             payment = await PaymentRepository(conn).get(merchant_id, started.payment_id)
         reference = payment["processor_reference"]
         connector = self.connectors[payment["processor"]]
+        currency = payment["currency"]
         if started.operation == "capture":
-            return await connector.capture(reference, started.amount)
+            return await connector.capture(
+                reference, started.amount, currency, f"{started.payment_id}_capture"
+            )
         if started.operation == "cancel":
-            return await connector.void(reference)
+            return await connector.void(reference, f"{started.payment_id}_cancel")
         assert started.refund_id is not None
-        return await connector.refund(reference, started.refund_id, started.amount)
+        return await connector.refund(reference, started.refund_id, started.amount, currency)
 
     async def _phase_three(
         self,
@@ -237,9 +240,28 @@ class OperationService:
                     code="processor_unavailable",
                 )
                 return Handled(503, error_bytes(unknown, request_id))
+            if result.outcome is Outcome.PENDING:
+                # Accepted; confirmed by a notification. The amounts stay counted and the
+                # payment stays leased to this operation until then.
+                await operations.expect_notification(
+                    payment["processor"],
+                    result.processor_reference or "",
+                    merchant_id,
+                    started.operation,
+                    started.payment_id,
+                    started.amount,
+                    started.refund_id,
+                    lease_seconds=self.lease_seconds,
+                )
+                response = await self._response(
+                    conn, merchant_id, started, True, result, request_id
+                )
+                await self.keys.finish(conn, merchant_id, key, response)
+                await self.replays.put(merchant_id, key, fingerprint, response)
+                return Handled(response.status, response.body)
             ok = result.outcome is Outcome.APPROVED
             state = state_of(payment)
-            final = state if ok else _undo(state, started)
+            final = state if ok else undo(state, started)
             await operations.set_state(
                 merchant_id,
                 started.payment_id,
@@ -322,7 +344,7 @@ def _decide(
     return new, new.amount_refunded - state.amount_refunded
 
 
-def _undo(state: machine.PaymentState, started: Started) -> machine.PaymentState:
+def undo(state: machine.PaymentState, started: Started) -> machine.PaymentState:
     """The processor definitely did not do it: put the amounts back."""
     if started.operation == "refund":
         return machine.reverse_refund(state, started.amount)

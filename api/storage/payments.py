@@ -286,3 +286,74 @@ class OperationRepository:
             merchant_id,
             refund_id,
         )
+
+    async def expect_notification(
+        self,
+        processor: str,
+        processor_reference: str,
+        merchant_id: str,
+        operation: str,
+        payment_id: str,
+        amount: int,
+        refund_id: str | None,
+        *,
+        lease_seconds: float,
+    ) -> None:
+        await self.conn.execute(
+            "INSERT INTO processor_operations (processor, processor_reference, merchant_id, "
+            "payment_id, operation, amount, refund_id, status) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending') ON CONFLICT DO NOTHING",
+            processor,
+            processor_reference,
+            merchant_id,
+            payment_id,
+            operation,
+            amount,
+            refund_id,
+        )
+        await self.conn.execute(
+            "UPDATE payments SET operation_lock_until = now() + make_interval(secs => $3) "
+            "WHERE merchant_id = $1 AND id = $2",
+            merchant_id,
+            payment_id,
+            lease_seconds,
+        )
+        if refund_id is not None:
+            await self.conn.execute(
+                "UPDATE refunds SET processor_reference = $3 WHERE merchant_id = $1 AND id = $2",
+                merchant_id,
+                refund_id,
+                processor_reference,
+            )
+
+    async def pending_operation(self, processor: str, processor_reference: str) -> Any:
+        return await self.conn.fetchrow(
+            "SELECT merchant_id, payment_id, operation, amount, refund_id, status "
+            "FROM processor_operations WHERE processor = $1 AND processor_reference = $2 "
+            "FOR UPDATE",
+            processor,
+            processor_reference,
+        )
+
+    async def settle_operation(self, processor: str, processor_reference: str, status: str) -> None:
+        await self.conn.execute(
+            "UPDATE processor_operations SET status = $3, settled_at = now() "
+            "WHERE processor = $1 AND processor_reference = $2",
+            processor,
+            processor_reference,
+            status,
+        )
+
+    async def first_notification(
+        self, processor: str, psp_reference: str, event_code: str, success: bool
+    ) -> bool:
+        """Record a notification; False if it was applied before (a replay)."""
+        inserted = await self.conn.fetchval(
+            "INSERT INTO processed_notifications (processor, psp_reference, event_code, success) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true",
+            processor,
+            psp_reference,
+            event_code,
+            success,
+        )
+        return bool(inserted)

@@ -1,0 +1,135 @@
+"""PSP B: an Adyen-like processor (the simulator in `sandbox/psp_b.py` speaks its protocol).
+
+Wire format: `X-API-Key`, camelCase, amounts as `{"value", "currency"}`, our reference in
+`merchantReference`, the outcome in a 200 body (`resultCode` `Authorised` / `Refused` with a
+`refusalReason` / `Error`). Captures, cancels and refunds are only *received* at once and
+confirmed later by an HMAC-signed notification (`api/routes/notifications.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from api.connectors.base import AuthorizeRequest, AuthorizeResult, OperationResult, Outcome
+from api.vault_client import ForwardFailed, VaultClient
+
+REFUSAL_REASONS = {
+    "Not enough balance": "insufficient_funds",
+    "Expired Card": "expired_card",
+    "CVC Declined": "incorrect_cvc",
+    "Do Not Honor": "do_not_honor",
+    "Refused": "generic_decline",
+}
+
+
+class PspBConnector:
+    name = "psp_b"
+
+    def __init__(
+        self, vault: VaultClient, *, base_url: str, api_key: str, timeout_seconds: float
+    ) -> None:
+        self.vault = vault
+        self._auth = {"X-API-Key": api_key}
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            headers=self._auth,
+            timeout=httpx.Timeout(timeout_seconds, connect=3.0),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+            trust_env=False,
+        )
+
+    async def authorize(self, request: AuthorizeRequest) -> AuthorizeResult:
+        body = {
+            "merchantReference": request.reference,
+            "amount": {"value": request.amount, "currency": request.currency},
+            "paymentMethod": {
+                "number": "{{card.number}}",
+                "expiryMonth": "{{card.exp_month}}",
+                "expiryYear": "{{card.exp_year}}",
+                "cvc": "{{card.cvc}}",
+                "holderName": "{{card.name}}",
+            },
+            "captureImmediately": request.capture,
+        }
+        try:
+            answer = await self.vault.forward(
+                request.merchant_id,
+                destination=self.name,
+                path="/v1/payments",
+                token=request.token,
+                body=body,
+                headers=self._auth,
+            )
+        except ForwardFailed as exc:
+            outcome = Outcome.FAILED if exc.sent == "false" else Outcome.UNKNOWN
+            return AuthorizeResult(outcome, failure_code=exc.code)
+        return _payment(answer.status, answer.body, request.capture)
+
+    async def inquire(self, reference: str) -> AuthorizeResult | None:
+        response = await self._http.get("/v1/payments", params={"merchantReference": reference})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status_code}")
+        body = response.json()
+        captured = bool(body.get("captureImmediately")) if isinstance(body, dict) else False
+        return _payment(200, body, captured)
+
+    async def capture(
+        self, processor_reference: str, amount: int, currency: str, reference: str
+    ) -> OperationResult:
+        return await self._modify(
+            f"/v1/payments/{processor_reference}/captures",
+            {"merchantReference": reference, "amount": {"value": amount, "currency": currency}},
+        )
+
+    async def void(self, processor_reference: str, reference: str) -> OperationResult:
+        return await self._modify(
+            f"/v1/payments/{processor_reference}/cancels", {"merchantReference": reference}
+        )
+
+    async def refund(
+        self, processor_reference: str, reference: str, amount: int, currency: str
+    ) -> OperationResult:
+        return await self._modify(
+            f"/v1/payments/{processor_reference}/refunds",
+            {"merchantReference": reference, "amount": {"value": amount, "currency": currency}},
+        )
+
+    async def _modify(self, path: str, body: dict[str, Any]) -> OperationResult:
+        try:
+            response = await self._http.post(path, json=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            return OperationResult(Outcome.FAILED, failure_code="processor_unreachable")
+        except httpx.HTTPError:
+            return OperationResult(Outcome.UNKNOWN, failure_code="processor_timeout")
+        data = response.json() if response.content else {}
+        if response.status_code in (200, 201) and data.get("status") == "received":
+            return OperationResult(Outcome.PENDING, processor_reference=data.get("pspReference"))
+        code = str(data.get("errorCode", "processor_error")) if isinstance(data, dict) else ""
+        if response.status_code >= 500:
+            return OperationResult(Outcome.UNKNOWN, failure_code=code)
+        return OperationResult(Outcome.FAILED, failure_code=code)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+def _payment(status: int, body: Any, captured: bool) -> AuthorizeResult:
+    if status != 200 or not isinstance(body, dict):
+        code = str(body.get("errorCode", "processor_error")) if isinstance(body, dict) else ""
+        if 400 <= status < 500:
+            return AuthorizeResult(Outcome.FAILED, failure_code=code)
+        return AuthorizeResult(Outcome.UNKNOWN, failure_code=code or f"status_{status}")
+    reference = body.get("pspReference")
+    result = body.get("resultCode")
+    if result == "Authorised":
+        return AuthorizeResult(Outcome.APPROVED, processor_reference=reference, captured=captured)
+    if result == "Refused":
+        code = REFUSAL_REASONS.get(str(body.get("refusalReason")), "generic_decline")
+        return AuthorizeResult(Outcome.DECLINED, processor_reference=reference, decline_code=code)
+    if result == "Error":
+        return AuthorizeResult(Outcome.FAILED, failure_code="processor_error")
+    return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"result_{result}")
