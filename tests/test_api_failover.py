@@ -1,0 +1,261 @@
+"""Two processors: failover after a definite failure only, soft-decline cascading on request,
+and PSP B's asynchronous operations confirmed by signed notifications."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tessera.dbsetup import ServiceDatabase
+from tests.conftest import ApiMerchant, create_merchant, dsn
+from tests.support.payments import SLOW, pay, post, psp_authorizations
+from tests.support.processes import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_HMAC_KEY = bytes.fromhex("E92EF49F9B36436D3A9FBEFC305A24593559B43D854C8151FC9E242818957599")
+
+
+def configure(api_env: dict[str, str], merchant: ApiMerchant, *args: str) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tessera.cli",
+            "merchants",
+            "configure",
+            "--merchant",
+            merchant.id,
+            "--json",
+            *args,
+        ],
+        env={**os.environ, **api_env},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture(scope="module")
+def a_then_b(api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]) -> ApiMerchant:
+    """Both processors; PSP B costs half the amount, so PSP A always ranks first."""
+    merchant = create_merchant(api_env, vault, tokens["admin"], "Two processors")
+    configure(api_env, merchant, "--processors", "psp_a,psp_b", "--fee", "psp_b=0+5000")
+    return merchant
+
+
+@pytest.fixture(scope="module")
+def only_b(api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]) -> ApiMerchant:
+    merchant = create_merchant(api_env, vault, tokens["admin"], "PSP B only")
+    configure(api_env, merchant, "--processors", "psp_b")
+    return merchant
+
+
+def psp_b_payments(psp_b: ServiceProcess, reference: str) -> list[dict[str, Any]]:
+    response = httpx.get(psp_b.url + "/admin/payments", params={"merchantReference": reference})
+    body = response.json()
+    found: list[dict[str, Any]] = body["payments"] if isinstance(body, dict) else body
+    return found
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the condition did not hold in time")
+
+
+def test_a_definite_failure_fails_over_to_the_next_processor(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    psp_b: ServiceProcess,
+    a_then_b: ApiMerchant,
+) -> None:
+    response = pay(api, vault, a_then_b, number="4000000000000119")  # 5xx at A, approved at B
+    assert response.status_code == 201, response.text
+    payment = response.json()
+    assert payment["processor"] == "psp_b"
+    attempts = payment["attempts"]
+    assert [(a["processor"], a["outcome"]) for a in attempts] == [
+        ("psp_a", "failed"),
+        ("psp_b", "approved"),
+    ]
+    assert [a["reference"] for a in attempts] == [f"{payment['id']}_1", f"{payment['id']}_2"]
+    assert psp_authorizations(psp_a, f"{payment['id']}_1") == []
+    assert len(psp_b_payments(psp_b, f"{payment['id']}_2")) == 1
+
+
+def test_an_unknown_outcome_never_fails_over(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    psp_b: ServiceProcess,
+    a_then_b: ApiMerchant,
+) -> None:
+    response = pay(api, vault, a_then_b, number=SLOW)
+    assert response.status_code == 202, response.text
+    payment = response.json()
+    assert [a["processor"] for a in payment["attempts"]] == ["psp_a"]
+    assert payment["attempts"][0]["outcome"] == "unknown"
+    assert psp_b_payments(psp_b, f"{payment['id']}_2") == []
+    assert len(psp_authorizations(psp_a, f"{payment['id']}_1")) == 1
+
+
+def test_a_soft_decline_cascades_only_when_the_merchant_switched_it_on(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    api_env: dict[str, str],
+    a_then_b: ApiMerchant,
+) -> None:
+    declined = pay(api, vault, a_then_b, number="4000000000003220")  # do_not_honor at A only
+    assert declined.status_code == 402
+    assert declined.json()["error"]["decline_code"] == "do_not_honor"
+    configure(api_env, a_then_b, "--cascade-soft-declines")
+    time.sleep(5.1)  # the API reads routing through a 5-second cache
+    try:
+        cascaded = pay(api, vault, a_then_b, number="4000000000003220")
+        assert cascaded.status_code == 201, cascaded.text
+        assert [(a["processor"], a["outcome"]) for a in cascaded.json()["attempts"]] == [
+            ("psp_a", "declined"),
+            ("psp_b", "approved"),
+        ]
+        hard = pay(api, vault, a_then_b, number="4000000000009995")  # insufficient funds: hard
+        assert hard.status_code == 402
+    finally:
+        configure(api_env, a_then_b, "--no-cascade-soft-declines")
+
+
+def test_a_refund_at_psp_b_is_pending_until_its_notification_confirms_it(
+    api: ServiceProcess, vault: ServiceProcess, only_b: ApiMerchant
+) -> None:
+    payment = pay(api, vault, only_b, amount=1000).json()
+    assert payment["processor"] == "psp_b"
+    response = post(api, only_b, f"/v1/payments/{payment['id']}/refunds", {"amount": 400})
+    assert response.status_code == 201, response.text
+    refund = response.json()
+    assert refund["status"] == "pending"
+    during = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=only_b.auth).json()
+    assert during["amount_refunded"] == 400  # counted while in flight: no over-refund possible
+
+    def succeeded() -> bool:
+        read = httpx.get(f"{api.url}/v1/refunds/{refund['id']}", headers=only_b.auth).json()
+        return bool(read["status"] == "succeeded")
+
+    wait_for(succeeded)
+
+
+def test_a_refund_psp_b_reports_failed_is_reversed_visibly(
+    api: ServiceProcess, vault: ServiceProcess, psp_b: ServiceProcess, only_b: ApiMerchant
+) -> None:
+    payment = pay(api, vault, only_b, amount=1000).json()
+    httpx.post(psp_b.url + "/admin/config", json={"fail_next_refunds": 1}).raise_for_status()
+    refund = post(api, only_b, f"/v1/payments/{payment['id']}/refunds", {"amount": 300}).json()
+
+    def failed() -> bool:
+        read = httpx.get(f"{api.url}/v1/refunds/{refund['id']}", headers=only_b.auth).json()
+        return bool(read["status"] == "failed")
+
+    wait_for(failed)
+    after = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=only_b.auth).json()
+    assert (after["status"], after["amount_refunded"]) == ("captured", 0)
+
+
+def signed_item(**fields: Any) -> dict[str, Any]:
+    item = {"merchantAccountCode": "TesseraSandbox", "success": "true", **fields}
+    amount = item.get("amount") or {}
+    payload = ":".join(
+        str(p)
+        for p in (
+            item.get("pspReference", ""),
+            item.get("originalReference", ""),
+            item["merchantAccountCode"],
+            item.get("merchantReference", ""),
+            amount.get("value", ""),
+            amount.get("currency", ""),
+            item.get("eventCode", ""),
+            item["success"],
+        )
+    )
+    signature = base64.b64encode(hmac.new(DEV_HMAC_KEY, payload.encode(), hashlib.sha256).digest())
+    item["additionalData"] = {"hmacSignature": signature.decode()}
+    return item
+
+
+def notify(api: ServiceProcess, *items: dict[str, Any]) -> httpx.Response:
+    body = {"live": "false", "notificationItems": [{"NotificationRequestItem": i} for i in items]}
+    return httpx.post(api.url + "/v1/notifications/psp_b", content=json.dumps(body))
+
+
+def test_a_notification_with_a_bad_signature_is_refused_and_changes_nothing(
+    api: ServiceProcess, vault: ServiceProcess, psp_b: ServiceProcess, only_b: ApiMerchant
+) -> None:
+    payment = pay(api, vault, only_b, amount=1000).json()
+    httpx.post(psp_b.url + "/admin/config", json={"notify_delay_ms": 3000}).raise_for_status()
+    try:
+        refund = post(api, only_b, f"/v1/payments/{payment['id']}/refunds", {"amount": 100})
+        reference = httpx.get(
+            psp_b.url + "/admin/payments", params={"merchantReference": f"{payment['id']}_1"}
+        ).json()
+        del reference
+        forged = signed_item(pspReference="X" * 16, eventCode="REFUND", success="false")
+        forged["additionalData"]["hmacSignature"] = base64.b64encode(b"\0" * 32).decode()
+        response = notify(api, forged)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "signature_invalid"
+        assert refund.json()["status"] == "pending"
+    finally:
+        httpx.post(psp_b.url + "/admin/config", json={"notify_delay_ms": 200}).raise_for_status()
+
+
+async def test_a_replayed_notification_has_no_second_effect(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_b: ServiceProcess,
+    only_b: ApiMerchant,
+    databases: dict[str, ServiceDatabase],
+) -> None:
+    payment = pay(api, vault, only_b, amount=1000).json()
+    refund = post(api, only_b, f"/v1/payments/{payment['id']}/refunds", {"amount": 250}).json()
+
+    def settled() -> bool:
+        read = httpx.get(f"{api.url}/v1/refunds/{refund['id']}", headers=only_b.auth).json()
+        return bool(read["status"] == "succeeded")
+
+    wait_for(settled)
+    conn = await asyncpg.connect(dsn("tessera_api_owner", databases["api"].database))
+    try:
+        reference = await conn.fetchval(
+            "SELECT processor_reference FROM refunds WHERE id = $1", refund["id"]
+        )
+        replay = httpx.post(
+            psp_b.url + "/admin/notifications/replay", json={"pspReference": reference}
+        )
+        assert replay.status_code == 200, replay.text
+
+        # PSP B re-sent it byte for byte and the API acknowledged it (200 "[accepted]").
+        assert replay.json()["status"] == 200
+        applied = await conn.fetchval(
+            "SELECT count(*) FROM processed_notifications WHERE psp_reference = $1", reference
+        )
+        assert applied == 1
+    finally:
+        await conn.close()
+    after = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=only_b.auth).json()
+    assert after["amount_refunded"] == 250
+    assert [r["status"] for r in after["refunds"]] == ["succeeded"]
