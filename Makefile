@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export TESSERA_ROOT := $(CURDIR)
 
-.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format
+.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -51,3 +51,6 @@ test: setup lint pytest ## everything CI runs: set-up, lint, type check, import 
 
 bench: setup ## benchmarks that print numbers (never timed assertions in tests)
 	$(BIN)/python -m tests.bench
+
+routing-simulate: venv ## the router against always-A and always-B on `make up`'s stack
+	set -a; . .run/dev.env; set +a; $(BIN)/tessera routing simulate --traffic docs/examples/routing-traffic.json

@@ -102,6 +102,27 @@ def configure_routing(args: argparse.Namespace) -> dict[str, Any]:
     return {"merchant_id": args.merchant, **result}
 
 
+def _api_url(settings: ApiSettings) -> str:
+    return os.environ.get("TESSERA_API_URL", f"http://{settings.host}:{settings.port}")
+
+
+def configure_routing_for(
+    merchant_id: str, processors: tuple[str, ...], fees: dict[str, Fee]
+) -> None:
+    """Set a merchant's processors and default fees (the simulation's strategies)."""
+    settings = load_or_exit(ApiSettings, "api")
+
+    async def apply() -> None:
+        conn = await asyncpg.connect(settings.database_url, timeout=settings.db_timeout_seconds)
+        try:
+            config = RoutingConfig(processors, (), {n: ProcessorFees(f) for n, f in fees.items()})
+            await RoutingRepository(conn, ttl_seconds=0.001).save(merchant_id, config)
+        finally:
+            await conn.close()
+
+    asyncio.run(apply())
+
+
 def edit_routing(config: RoutingConfig, args: argparse.Namespace) -> RoutingConfig:
     processors = config.processors
     if args.processors:
@@ -173,6 +194,12 @@ def main(argv: list[str] | None = None) -> None:
         help="eligibility rule, e.g. psp_b:currency=EUR,brand=visa,max_amount=50000",
     )
     configure.add_argument("--json", action="store_true", help="print JSON only")
+    routing = commands.add_parser("routing", help="routing tools")
+    routing_actions = routing.add_subparsers(dest="routing_action", required=True)
+    simulate = routing_actions.add_parser(
+        "simulate", help="the router against always-A and always-B on the running stack"
+    )
+    simulate.add_argument("--traffic", required=True, help="a traffic file (JSON)")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -187,6 +214,14 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_or_exit(ApiSettings, "api")
         configure_logging("worker", settings.log_level)
         worker_main(settings)
+        return
+    if args.command == "routing":
+        from api import simulate as simulation
+
+        settings = load_or_exit(ApiSettings, "api")
+        simulators = {"psp_a": settings.psp_a_url, "psp_b": settings.psp_b_url}
+        results = simulation.run(args.traffic, _api_url(settings), settings.vault_url, simulators)
+        print(simulation.report(results))
         return
     if args.command == "migrate":
         migrate_service("api", "api.migrations", DEFAULT_MIGRATION_URL)

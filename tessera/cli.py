@@ -14,7 +14,9 @@ USAGE = """usage: tessera COMMAND ...
   dev run|up|down|setup       the local development stack (what `make run/up/down` call)
   migrate api|vault           apply a service's migrations (as its owner role)
   serve api|vault|psp-a       serve one process in the foreground
-  merchants create|roll-key   manage merchants (API and vault); see `tessera merchants -h`
+  merchants create|roll-key|configure   merchants (API and vault) and their routing
+  routing simulate --traffic FILE      the router against always-A / always-B (needs make up)
+  worker                      reconciler, completer and expiry (make run/up start one)
   api ...                     any `python -m api` command
   vault ...                   any `python -m vault` command
 """
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         if target in ("api", "vault"):
             _service(target, [command, *extra])
             return
-    if command == "merchants":
-        _service("api", ["merchants", *rest])
+    if command in ("merchants", "routing", "worker"):
+        _service("api", [command, *rest])
         return
     if command in ("api", "vault"):
         _service(command, rest)

@@ -121,10 +121,11 @@ class Arrival:
 
 @dataclass
 class Receiver:
-    """A real HTTP server that records each notification and answers `statuses` in turn (then
-    200 with Adyen's `[accepted]`)."""
+    """A real HTTP server that records each notification and answers 200 with Adyen's
+    `[accepted]`, except that notifications of an event code in `failures` get the statuses
+    listed there first, in turn (by event code: other notifications may arrive in any order)."""
 
-    statuses: list[int] = field(default_factory=list)
+    failures: dict[str, list[int]] = field(default_factory=dict)
     arrivals: list[Arrival] = field(default_factory=list)
     _changed: threading.Condition = field(default_factory=threading.Condition)
     _server: ThreadingHTTPServer | None = None
@@ -144,9 +145,11 @@ class Receiver:
                 document = json.loads(raw)
                 assert document["live"] == "false"
                 [wrapper] = document["notificationItems"]
+                item = wrapper["NotificationRequestItem"]
                 with owner._changed:
-                    status = owner.statuses.pop(0) if owner.statuses else 200
-                    arrival = Arrival(time.monotonic(), raw, wrapper["NotificationRequestItem"])
+                    script = owner.failures.get(item["eventCode"])
+                    status = script.pop(0) if script else 200
+                    arrival = Arrival(time.monotonic(), raw, item)
                     owner.arrivals.append(arrival)
                     owner._changed.notify_all()
                 body = b"[accepted]" if status == 200 else b"oops"
@@ -704,7 +707,7 @@ def test_the_inquiry_without_a_merchant_reference_is_a_validation_error(
 def test_a_capture_is_received_and_then_confirmed_by_a_signed_notification(
     client: httpx.Client, receiver: Receiver, configure: Callable[..., dict[str, Any]]
 ) -> None:
-    configure(notify_delay_ms=300)
+    configure(notify_delay_ms=600)  # long enough to see the capture `received`
     psp_ref = authorised(client, value=1000)
     ref = reference()
     response = capture(client, psp_ref, 600, ref=ref)
@@ -978,7 +981,7 @@ def test_fail_next_captures_makes_the_next_captures_fail_and_the_payment_captura
 def test_a_refund_of_a_capture_that_then_fails_fails_too(
     client: httpx.Client, receiver: Receiver, configure: Callable[..., dict[str, Any]]
 ) -> None:
-    configure(fail_next_captures=1, notify_delay_ms=200)
+    configure(fail_next_captures=1, notify_delay_ms=500)  # the refund comes before it fails
     psp_ref = authorised(client)
     received = capture(client, psp_ref, 1000).json()
     pending_refund = refund(client, psp_ref, 400)
@@ -1036,8 +1039,7 @@ def test_a_notification_is_retried_until_the_receiver_answers_2xx(
     client: httpx.Client, receiver: Receiver
 ) -> None:
     psp_ref = captured(client)
-    receiver.item(payment(client, psp_ref)["modifications"][0]["pspReference"])
-    receiver.statuses = [500, 503]
+    receiver.failures["REFUND"] = [500, 503]
     received = refund(client, psp_ref, 100).json()
     arrivals = receiver.wait(received["pspReference"], count=3)
     assert len({a.raw for a in arrivals}) == 1, "the same document each time"
@@ -1228,7 +1230,7 @@ def test_delivery_stats_count_attempts_and_deliveries(
     client: httpx.Client, receiver: Receiver
 ) -> None:
     client.post("/admin/reset")
-    receiver.statuses = [500]
+    receiver.failures["AUTHORISATION"] = [500]
     psp_ref = authorised(client)
     receiver.wait(psp_ref, count=2)
     wait_until(lambda: client.get("/admin/stats").json()["notifications"]["delivered"] == 1)
