@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export TESSERA_ROOT := $(CURDIR)
 
-.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate
+.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,3 +54,6 @@ bench: setup ## benchmarks that print numbers (never timed assertions in tests)
 
 routing-simulate: venv ## the router against always-A and always-B on `make up`'s stack
 	set -a; . .run/dev.env; set +a; $(BIN)/tessera routing simulate --traffic docs/examples/routing-traffic.json
+
+chaos: setup ## 5 minutes of traffic while PSP A fails and recovers and the API and worker are killed once
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-300} $(BIN)/python -m tests.chaos
