@@ -259,3 +259,67 @@ async def test_a_replayed_notification_has_no_second_effect(
     after = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=only_b.auth).json()
     assert after["amount_refunded"] == 250
     assert [r["status"] for r in after["refunds"]] == ["succeeded"]
+
+
+def test_the_breaker_takes_a_failing_processor_out_and_lets_it_back_after_recovery(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    a_then_b: ApiMerchant,
+) -> None:
+    config = psp_a.url + "/admin/config"
+    httpx.post(config, json={"fail_all_5xx": True}).raise_for_status()
+    try:
+        routes = []
+        for _ in range(16):
+            payment = pay(api, vault, a_then_b).json()
+            routes.append([a["processor"] for a in payment["attempts"]])
+        # First each payment tries PSP A and fails over; once A has failed 10 times the breaker
+        # opens and payments go straight to PSP B.
+        assert routes[0] == ["psp_a", "psp_b"]
+        assert routes[-1] == ["psp_b"]
+        assert ["psp_b"] in routes[10:]
+    finally:
+        httpx.post(config, json={"fail_all_5xx": False}).raise_for_status()
+    time.sleep(10.5)  # the breaker's open period; then one probe may go to PSP A
+
+    def a_is_back() -> bool:
+        payment = pay(api, vault, a_then_b).json()
+        return [a["processor"] for a in payment["attempts"]] == ["psp_a"]
+
+    wait_for(a_is_back, seconds=10)
+    assert a_is_back()  # closed: not just the probe
+
+
+def test_an_unknown_outcome_is_settled_with_the_processor_that_approved_it(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    psp_b: ServiceProcess,
+    a_then_b: ApiMerchant,
+    api_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    payment = pay(api, vault, a_then_b, number=SLOW).json()
+    assert payment["status"] == "processing"
+    env = {
+        **api_env,
+        "TESSERA_API_VAULT_URL": vault.url,
+        "TESSERA_API_WORKER_INTERVAL_SECONDS": "0.2",
+    }
+    worker = ServiceProcess("api", env, 0, tmp_path / "worker.log", args=["worker"])
+    worker.start(ready_path="")
+    try:
+
+        def settled() -> bool:
+            read = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=a_then_b.auth)
+            return bool(read.json()["status"] == "captured")
+
+        wait_for(settled, seconds=20)
+    finally:
+        worker.stop()
+    final = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=a_then_b.auth).json()
+    assert final["processor"] == "psp_a"
+    assert [a["outcome"] for a in final["attempts"]] == ["approved"]
+    assert len(psp_authorizations(psp_a, f"{payment['id']}_1")) == 1
+    assert psp_b_payments(psp_b, f"{payment['id']}_2") == []
