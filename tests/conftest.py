@@ -279,3 +279,17 @@ def other_merchant(
     api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]
 ) -> ApiMerchant:
     return create_merchant(api_env, vault, tokens["admin"], "Other shop")
+
+
+@pytest.fixture(autouse=True)
+def fresh_routing_state(redis_urls: dict[str, str]) -> None:
+    """Each test starts with no learned auth rates and closed breakers: what one test does to a
+    processor (a staged outage, a run of declines) must not steer the next test's routing."""
+    client = redis.Redis.from_url(redis_urls["api"])
+    try:
+        for pattern in ("route:*", "breaker:*"):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            if keys:
+                client.delete(*keys)
+    finally:
+        client.close()
