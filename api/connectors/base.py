@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+import httpx
+
 
 class Outcome(StrEnum):
     APPROVED = "approved"
@@ -73,3 +75,18 @@ class Connector(Protocol):
     ) -> OperationResult: ...
 
     async def close(self) -> None: ...
+
+
+def processor_client(
+    base_url: str, headers: dict[str, str], timeout_seconds: float
+) -> httpx.AsyncClient:
+    """The pooled keep-alive client a connector talks to its processor with (captures, voids,
+    refunds, inquiries; authorizations go through the vault). Proxies from the environment are
+    ignored: where the payment API may connect is the deployment's decision."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        timeout=httpx.Timeout(timeout_seconds, connect=3.0),
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
+        trust_env=False,
+    )

@@ -12,7 +12,13 @@ from typing import Any
 
 import httpx
 
-from api.connectors.base import AuthorizeRequest, AuthorizeResult, OperationResult, Outcome
+from api.connectors.base import (
+    AuthorizeRequest,
+    AuthorizeResult,
+    OperationResult,
+    Outcome,
+    processor_client,
+)
 from api.vault_client import ForwardFailed, VaultClient
 
 REFUSAL_REASONS = {
@@ -32,13 +38,7 @@ class PspBConnector:
     ) -> None:
         self.vault = vault
         self._auth = {"X-API-Key": api_key}
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            headers=self._auth,
-            timeout=httpx.Timeout(timeout_seconds, connect=3.0),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
-            trust_env=False,
-        )
+        self._http = processor_client(base_url, self._auth, timeout_seconds)
 
     async def authorize(self, request: AuthorizeRequest) -> AuthorizeResult:
         body = {
