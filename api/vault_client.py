@@ -19,6 +19,7 @@ class TokenCard(msgspec.Struct, frozen=True):
     last4: str
     exp_month: int
     exp_year: int
+    bin: str = ""
 
 
 class _TokenView(msgspec.Struct):

@@ -324,3 +324,22 @@ def test_an_unknown_outcome_is_settled_with_the_processor_that_approved_it(
     assert [a["outcome"] for a in final["attempts"]] == ["approved"]
     assert len(psp_authorizations(psp_a, f"{payment['id']}_1")) == 1
     assert psp_b_payments(psp_b, f"{payment['id']}_2") == []
+
+
+def test_a_country_rule_sends_each_card_to_the_processor_allowed_for_its_country(
+    api: ServiceProcess, vault: ServiceProcess, api_env: dict[str, str], tokens: dict[str, str]
+) -> None:
+    merchant = create_merchant(api_env, vault, tokens["admin"], "By country")
+    configure(
+        api_env,
+        merchant,
+        "--processors",
+        "psp_a,psp_b",
+        "--fee",
+        "psp_b=0+9000",
+        "--rule",
+        "psp_a:country=US",
+    )
+    us = pay(api, vault, merchant, number="4242424242424242").json()
+    japan = pay(api, vault, merchant, number="3566002020360505").json()
+    assert (us["processor"], japan["processor"]) == ("psp_a", "psp_b")

@@ -30,6 +30,7 @@ from api.storage.payments import PaymentRepository
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
 from core import payments as machine
+from core.bins import country_of
 from core.errors import CardError, InvalidRequest, NotFound, ProcessorError, ServiceUnavailable
 from core.ids import new_id
 from core.money import parse_currency, validate_amount
@@ -188,7 +189,13 @@ class PaymentService:
     rng: random.Random = field(default_factory=random.Random)
 
     async def ranking(
-        self, merchant_id: str, currency: str, brand: str, amount: int, tried: set[str]
+        self,
+        merchant_id: str,
+        currency: str,
+        brand: str,
+        amount: int,
+        tried: set[str],
+        country: str | None = None,
     ) -> list[Candidate]:
         config = await self.routing.config(merchant_id)
         ranked = await rank(
@@ -196,7 +203,7 @@ class PaymentService:
             self.stats,
             currency=currency,
             brand=brand,
-            country=None,
+            country=country,
             amount=amount,
             is_open=self.breaker.is_open,
             rng=self.rng,
@@ -231,7 +238,8 @@ class PaymentService:
                 param="token",
             )
 
-        ranked = await self.ranking(merchant_id, currency.code, card.brand, amount, set())
+        country = country_of(card.bin)
+        ranked = await self.ranking(merchant_id, currency.code, card.brand, amount, set(), country)
         if not ranked:
             raise ServiceUnavailable(
                 "No processor can take this payment right now; retry later.",
@@ -271,6 +279,7 @@ class PaymentService:
                         "description": data.description,
                         "reference": data.reference,
                         "metadata": data.metadata,
+                        "card_country": country,
                     },
                 )
                 await payments.insert_attempt(
@@ -338,7 +347,12 @@ class PaymentService:
             if not await self._should_fail_over(merchant_id, result):
                 break
             ranked = await self.ranking(
-                merchant_id, payment["currency"], payment["card_brand"], payment["amount"], tried
+                merchant_id,
+                payment["currency"],
+                payment["card_brand"],
+                payment["amount"],
+                tried,
+                payment["card_country"],
             )
             if not ranked:
                 break

@@ -10,7 +10,7 @@ PAYMENT_COLUMNS = (
     "id, amount, currency, status, amount_authorized, amount_captured, amount_refunded, "
     "capture, token, card_brand, card_last4, card_exp_month, card_exp_year, processor, "
     "processor_reference, decline_code, failure_code, description, reference, metadata, "
-    "created_at"
+    "card_country, created_at"
 )
 
 
@@ -22,8 +22,9 @@ class PaymentRepository:
         await self.conn.execute(
             "INSERT INTO payments (merchant_id, id, amount, currency, status, capture, token, "
             "card_brand, card_last4, card_exp_month, card_exp_year, processor, description, "
-            "reference, metadata) "
-            "VALUES ($1, $2, $3, $4, 'processing', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "reference, metadata, card_country) "
+            "VALUES ($1, $2, $3, $4, 'processing', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
+            "$15)",
             merchant_id,
             values["id"],
             values["amount"],
@@ -38,6 +39,7 @@ class PaymentRepository:
             values["description"],
             values["reference"],
             msgspec.json.encode(values["metadata"]).decode(),
+            values.get("card_country"),
         )
 
     async def insert_attempt(

@@ -461,3 +461,13 @@ def test_a_masked_pan_never_reveals_more_than_bin_and_last_four(pan: str, show_b
     assert len(visible) <= 10
     assert all(masked[i] == pan[i] for i in visible)
     assert masked.endswith(pan[-4:])
+
+
+def test_the_country_of_issue_comes_from_the_bin_when_known() -> None:
+    from core.bins import country_of
+
+    assert country_of("424242") == "US"
+    assert country_of("356600") == "JP"
+    assert country_of("497012") == "FR"
+    assert country_of("999999") is None
+    assert country_of("4242") is None
