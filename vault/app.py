@@ -33,7 +33,11 @@ async def open_kms(settings: VaultSettings) -> KeyManagementService:
         )
     from vault.kms.local import LocalKms, default_keyring_path
 
-    return LocalKms.open(settings.local_kms_path or str(default_keyring_path()))
+    path = settings.local_kms_path or str(default_keyring_path())
+    if not settings.production:
+        # Development only (production refuses the local KMS): a first start makes its keyring.
+        LocalKms.create_keyring(path)
+    return LocalKms.open(path)
 
 
 async def _audit_log(state: State) -> AuditLog:
