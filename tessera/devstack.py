@@ -19,13 +19,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+import httpx
 
 from tessera.dbsetup import default_databases, ensure_roles_and_databases, service_dsn
 
@@ -370,9 +370,8 @@ def services(config: StackConfig) -> list[Service]:
 
 def _answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL
-            return bool(response.status == 200)
-    except OSError:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
         return False
 
 

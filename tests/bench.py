@@ -63,6 +63,13 @@ def _ms(text: str) -> float:
     return number * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
+def _wrk_field(pattern: str, output: str) -> str:
+    found = re.search(pattern, output)
+    if found is None:
+        raise RuntimeError(f"wrk's output has no {pattern!r}:\n{output}")
+    return found[1]
+
+
 def http_row(
     name: str, url: str, seconds: int = 5, connections: int = 16, script: str | None = None
 ) -> str:
@@ -78,9 +85,9 @@ def http_row(
     ).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", out)[1])  # type: ignore[index]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out)[1])  # type: ignore[index]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out)[1])  # type: ignore[index]
+    rate = float(_wrk_field(r"Requests/sec:\s+([0-9.]+)", out))
+    p50 = _ms(_wrk_field(r"50%\s+(\S+)", out))
+    p99 = _ms(_wrk_field(r"99%\s+(\S+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = int(non2xx[1]) if non2xx else 0
     return (

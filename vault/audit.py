@@ -127,9 +127,14 @@ RETURNING h.chain_id
 _APPEND_FREE_CHAIN: Final = _APPEND.format(skip="SKIP LOCKED")
 _APPEND_WAITING: Final = _APPEND.format(skip="")
 
-_COLUMNS: Final = (
-    "chain_id, seq, occurred_at, actor, action, token_hmac, outcome, request_id, "
-    "detail::text AS detail, prev_hash, hash"
+_ALL_RECORDS: Final = (
+    "SELECT chain_id, seq, occurred_at, actor, action, token_hmac, outcome, request_id, "
+    "detail::text AS detail, prev_hash, hash FROM audit_log ORDER BY chain_id, seq"
+)
+_RECORDS_SINCE: Final = (
+    "SELECT chain_id, seq, occurred_at, actor, action, token_hmac, outcome, request_id, "
+    "detail::text AS detail, prev_hash, hash FROM audit_log "
+    "WHERE $1::timestamptz IS NULL OR occurred_at >= $1 ORDER BY occurred_at, chain_id, seq"
 )
 
 
@@ -383,8 +388,7 @@ async def _walk(conn: Conn, batch: int) -> VerifyReport:
     }
     chains: dict[int, _Chain] = {}
     current: _Chain | None = None
-    query = f"SELECT {_COLUMNS} FROM audit_log ORDER BY chain_id, seq"  # noqa: S608 - constants
-    async for row in conn.cursor(query, prefetch=batch):
+    async for row in conn.cursor(_ALL_RECORDS, prefetch=batch):
         if current is None or current.chain_id != row["chain_id"]:
             if current is not None:
                 current.check_head(heads.get(current.chain_id))
@@ -423,15 +427,12 @@ async def export(
     Streams through a server-side cursor inside a read-only transaction, opened here unless the
     caller has one.
     """
-    where = "" if since is None else "WHERE occurred_at >= $1"
-    query = f"SELECT {_COLUMNS} FROM audit_log {where} ORDER BY occurred_at, chain_id, seq"  # noqa: S608
-    args = () if since is None else (since,)
     if conn.is_in_transaction():
-        async for row in conn.cursor(query, *args, prefetch=batch):
+        async for row in conn.cursor(_RECORDS_SINCE, since, prefetch=batch):
             yield _exported(row)
         return
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        async for row in conn.cursor(query, *args, prefetch=batch):
+        async for row in conn.cursor(_RECORDS_SINCE, since, prefetch=batch):
             yield _exported(row)
 
 

@@ -6,13 +6,6 @@ from typing import Any
 
 import msgspec
 
-PAYMENT_COLUMNS = (
-    "id, amount, currency, status, amount_authorized, amount_captured, amount_refunded, "
-    "capture, token, card_brand, card_last4, card_exp_month, card_exp_year, processor, "
-    "processor_reference, decline_code, failure_code, description, reference, metadata, "
-    "card_country, created_at"
-)
-
 
 class PaymentRepository:
     def __init__(self, conn: Any) -> None:
@@ -55,10 +48,9 @@ class PaymentRepository:
             reference,
         )
 
-    async def get(self, merchant_id: str, payment_id: str, *, for_update: bool = False) -> Any:
-        lock = " FOR UPDATE" if for_update else ""
+    async def get(self, merchant_id: str, payment_id: str) -> Any:
         return await self.conn.fetchrow(
-            f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE merchant_id = $1 AND id = $2{lock}",  # noqa: S608 - constant SQL, bound values
+            "SELECT * FROM payments WHERE merchant_id = $1 AND id = $2",
             merchant_id,
             payment_id,
         )
@@ -185,7 +177,7 @@ class PaymentRepository:
         """Newest first; ids sort by creation time, so the id is the cursor."""
         if ending_before is not None:
             rows = await self.conn.fetch(
-                f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE merchant_id = $1 AND id > $2 "  # noqa: S608
+                "SELECT * FROM payments WHERE merchant_id = $1 AND id > $2 "
                 "ORDER BY id ASC LIMIT $3",
                 merchant_id,
                 ending_before,
@@ -193,7 +185,7 @@ class PaymentRepository:
             )
             return list(rows)
         rows = await self.conn.fetch(
-            f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE merchant_id = $1 "  # noqa: S608
+            "SELECT * FROM payments WHERE merchant_id = $1 "
             "AND ($2::text IS NULL OR id < $2) ORDER BY id DESC LIMIT $3",
             merchant_id,
             starting_after,
@@ -219,8 +211,7 @@ class OperationRepository:
 
     async def lock(self, merchant_id: str, payment_id: str) -> Any:
         return await self.conn.fetchrow(
-            f"SELECT {PAYMENT_COLUMNS}, "  # noqa: S608 - constant column list
-            "coalesce(operation_lock_until > now(), false) AS busy "
+            "SELECT *, coalesce(operation_lock_until > now(), false) AS busy "
             "FROM payments WHERE merchant_id = $1 AND id = $2 FOR UPDATE",
             merchant_id,
             payment_id,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,12 @@ from core.payments import (
     refund,
     reverse_refund,
 )
+
+
+def unchecked(value: object) -> Any:
+    """A value of the wrong type, on purpose: the runtime checks must refuse it."""
+    return value
+
 
 EUR = parse_currency("EUR")
 S = PaymentStatus
@@ -109,7 +116,7 @@ def test_capture_needs_a_positive_amount(amount: int, code: str) -> None:
 
 def test_capture_refuses_a_non_int_amount() -> None:
     with pytest.raises(InvalidRequest) as caught:
-        capture(authorized(), 10.0)  # type: ignore[arg-type]
+        capture(authorized(), unchecked(10.0))
     assert caught.value.code == "amount_invalid"
     with pytest.raises(InvalidRequest):
         capture(authorized(), True)
@@ -289,8 +296,8 @@ def test_statuses_are_their_api_strings() -> None:
         PaymentState(S.DECLINED, EUR, 1000, 1000),
         PaymentState(S.CAPTURED, EUR, 1000, 1000, -1),
         PaymentState(S.CAPTURED, EUR, 1000, 1000, 1000, -1),
-        PaymentState(S.CAPTURED, EUR, 1000, 1000, 1000.0),  # type: ignore[arg-type]
-        PaymentState(S.CAPTURED, "EUR", 1000, 1000, 1000),  # type: ignore[arg-type]
+        PaymentState(S.CAPTURED, EUR, 1000, 1000, unchecked(1000.0)),
+        PaymentState(S.CAPTURED, unchecked("EUR"), 1000, 1000, 1000),
     ],
 )
 def test_check_invariants_rejects_impossible_states(state: PaymentState) -> None:
@@ -300,11 +307,11 @@ def test_check_invariants_rejects_impossible_states(state: PaymentState) -> None
 
 
 def test_a_status_read_back_as_a_string_becomes_the_enum() -> None:
-    state = PaymentState("captured", EUR, 1000, 1000, 1000)  # type: ignore[arg-type]
+    state = PaymentState(unchecked("captured"), EUR, 1000, 1000, 1000)
     assert state.status is S.CAPTURED
     assert refund(state, 100).status is S.PARTIALLY_REFUNDED
     with pytest.raises(ValueError, match="settled"):
-        PaymentState("settled", EUR, 1000)  # type: ignore[arg-type]
+        PaymentState(unchecked("settled"), EUR, 1000)
 
 
 def test_check_invariants_accepts_every_reachable_state() -> None:
