@@ -29,6 +29,7 @@ from core.ids import new_id
 from core.redaction import redact
 from tessera.devstack import StackConfig, service_env
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.stack import start_stack
 
 LINE = (
     '{"method": "POST", "route": "/v1/payments/{id}/capture", "status": 200, '
@@ -231,53 +232,17 @@ def payment_rows(env: dict[str, str]) -> None:
     """Authorize-and-capture through the whole stack (API -> vault -> PSP A, zero latency)."""
     print("\nwhole stack: API, vault and PSP A (no added latency), wrk on core 1, 5 s each")
     with tempfile.TemporaryDirectory() as work:
-        ports = {"psp": free_port(), "vault": free_port(), "api": free_port()}
-        psp_url = f"http://127.0.0.1:{ports['psp']}"
-        destinations = {"psp_a": {"url": psp_url, "paths": ["/v1/authorizations"]}}
-        stack_env = {
-            **env,
-            "TESSERA_PSP_A_PORT": str(ports["psp"]),
-            "TESSERA_VAULT_PORT": str(ports["vault"]),
-            "TESSERA_VAULT_FORWARD_DESTINATIONS": json.dumps(destinations),
-            "TESSERA_API_PORT": str(ports["api"]),
-            "TESSERA_API_VAULT_URL": f"http://127.0.0.1:{ports['vault']}",
-            "TESSERA_API_PSP_A_URL": psp_url,
-        }
+        stack = start_stack(env, Path(work))
         log = Path(work)
-        processes = [
-            ServiceProcess("sandbox.psp_a", stack_env, ports["psp"], log / "psp.log", args=[]),
-            ServiceProcess("vault", stack_env, ports["vault"], log / "vault.log"),
-            ServiceProcess("api", stack_env, ports["api"], log / "api.log"),
-        ]
-        started: list[ServiceProcess] = []
         try:
-            for process in processes:
-                ready = "/healthz" if process.module == "sandbox.psp_a" else "/readyz"
-                started.append(process.start(ready_path=ready))
-            created = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "tessera.cli",
-                    "merchants",
-                    "create",
-                    "--name",
-                    "Bench",
-                    "--json",
-                ],
-                env={**os.environ, **stack_env},
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            merchant = json.loads(created.stdout)
+            merchant = stack.create_merchant("Bench")
             card = {"number": "4242424242424242", "exp_month": 12, "exp_year": 2040}
             token = httpx.post(
-                f"http://127.0.0.1:{ports['vault']}/v1/tokens",
+                stack.urls["vault"] + "/v1/tokens",
                 json=card,
                 headers={"authorization": f"Bearer {merchant['publishable_key']}"},
             ).json()["id"]
-            api_url = f"http://127.0.0.1:{ports['api']}"
+            api_url = stack.urls["api"]
             auth = {
                 "Authorization": f"Bearer {merchant['secret_key']}",
                 "Content-Type": "application/json",
@@ -298,8 +263,7 @@ def payment_rows(env: dict[str, str]) -> None:
             read.write_text(_lua("GET", "", auth))
             print(http_row("list GET /v1/payments", api_url + "/v1/payments", script=str(read)))
         finally:
-            for process in reversed(started):
-                process.stop()
+            stack.stop()
 
 
 if __name__ == "__main__":

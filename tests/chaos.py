@@ -7,13 +7,10 @@ report with counts; exits 1 on any violation. Duration: CHAOS_SECONDS (default 3
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import secrets
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -23,7 +20,8 @@ from typing import Any
 import httpx
 
 from tessera.devstack import StackConfig, service_env
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import ServiceProcess
+from tests.support.stack import start_stack
 
 CARDS = (
     ["4242424242424242"] * 6 + ["5555555555554444"] * 3 + ["4000000000000002", "4000000000000119"]
@@ -82,86 +80,22 @@ async def client_loop(
 
 def main() -> int:
     seconds = float(os.environ.get("CHAOS_SECONDS", "300"))
-    env = service_env(StackConfig.from_env())
-    ports = {name: free_port() for name in ("psp_a", "psp_b", "vault", "api")}
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    destinations = {
-        "psp_a": {"url": urls["psp_a"], "paths": ["/v1/authorizations"]},
-        "psp_b": {"url": urls["psp_b"], "paths": ["/v1/payments"]},
-    }
-    env.update(
-        {
-            "TESSERA_PSP_A_PORT": str(ports["psp_a"]),
-            "TESSERA_PSP_B_PORT": str(ports["psp_b"]),
-            "TESSERA_PSP_B_NOTIFY_URL": urls["api"] + "/v1/notifications/psp_b",
-            "TESSERA_VAULT_PORT": str(ports["vault"]),
-            "TESSERA_VAULT_FORWARD_DESTINATIONS": json.dumps(destinations),
-            "TESSERA_API_PORT": str(ports["api"]),
-            "TESSERA_API_VAULT_URL": urls["vault"],
-            "TESSERA_API_PSP_A_URL": urls["psp_a"],
-            "TESSERA_API_PSP_B_URL": urls["psp_b"],
-            "TESSERA_API_AUTHORIZATION_TIMEOUT_SECONDS": "3",
-            "TESSERA_API_IDEMPOTENCY_LEASE_SECONDS": "10",
-            "TESSERA_API_PROCESSOR_CUTOFF_SECONDS": "20",
-            "TESSERA_API_WORKER_INTERVAL_SECONDS": "0.5",
-            "TESSERA_VAULT_FORWARD_TIMEOUT_SECONDS": "3",
-        }
-    )
     work = Path(tempfile.mkdtemp(prefix="tessera-chaos-"))
-    procs = {
-        "psp_a": ServiceProcess("sandbox.psp_a", env, ports["psp_a"], work / "psp_a.log", args=[]),
-        "psp_b": ServiceProcess("sandbox.psp_b", env, ports["psp_b"], work / "psp_b.log", args=[]),
-        "vault": ServiceProcess("vault", env, ports["vault"], work / "vault.log"),
-        "api": ServiceProcess("api", env, ports["api"], work / "api.log"),
-        "worker": ServiceProcess("api", env, 0, work / "worker.log", args=["worker"]),
+    extra = {
+        "TESSERA_API_AUTHORIZATION_TIMEOUT_SECONDS": "3",
+        "TESSERA_API_IDEMPOTENCY_LEASE_SECONDS": "10",
+        "TESSERA_API_PROCESSOR_CUTOFF_SECONDS": "20",
+        "TESSERA_API_WORKER_INTERVAL_SECONDS": "0.5",
+        "TESSERA_VAULT_FORWARD_TIMEOUT_SECONDS": "3",
     }
-    ready = {
-        "psp_a": "/healthz",
-        "psp_b": "/healthz",
-        "vault": "/readyz",
-        "api": "/readyz",
-        "worker": "",
-    }
-    for name, process in procs.items():
-        process.start(ready_path=ready[name])
+    stack = start_stack(service_env(StackConfig.from_env()), work, worker=True, extra=extra)
+    urls, procs = stack.urls, stack.processes
     violations: list[str] = []
     stats: Counter[str] = Counter()
     seen: dict[str, str] = {}
     try:
-        created = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tessera.cli",
-                "merchants",
-                "create",
-                "--name",
-                "Chaos",
-                "--json",
-            ],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        merchant = json.loads(created.stdout)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tessera.cli",
-                "merchants",
-                "configure",
-                "--merchant",
-                merchant["merchant_id"],
-                "--processors",
-                "psp_a,psp_b",
-                "--fee",
-                "psp_b=0+3000",
-            ],
-            env={**os.environ, **env},
-            capture_output=True,
-            check=True,
+        merchant = stack.create_merchant(
+            "Chaos", "--processors", "psp_a,psp_b", "--fee", "psp_b=0+3000"
         )
         tokens = {
             number: httpx.post(
@@ -242,9 +176,7 @@ def main() -> int:
             print(f"    {violation}")
         print(f"  logs                   {work}")
     finally:
-        for process in reversed(list(procs.values())):
-            if process.process is not None and process.process.poll() is None:
-                process.stop()
+        stack.stop()
     return 1 if violations else 0
 
 
