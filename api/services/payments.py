@@ -324,7 +324,11 @@ class PaymentService:
             payments = PaymentRepository(conn)
             attempt = await payments.latest_attempt(merchant_id, payment_id)
             payment = await payments.get(merchant_id, payment_id)
-            tried = {a["processor"] for a in await payments.attempts(merchant_id, [payment_id])}
+            tried = {attempt["processor"]}
+            if resumed:  # a resumed request may already have failed over: read every attempt
+                tried |= {
+                    a["processor"] for a in await payments.attempts(merchant_id, [payment_id])
+                }
         result: AuthorizeResult | None = None
         if resumed:
             # Never authorize blindly after a crash: ask about our reference first.
