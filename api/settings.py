@@ -34,9 +34,12 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     idempotency_lease_seconds: int = 30
     #: Authorizations not captured within this are canceled by the worker (7 days).
     authorization_expiry_seconds: float = 7 * 24 * 3600
-    #: A processor that has not heard of our reference this long after we sent it never will:
-    #: the reconciler then calls the payment `failed`.
+    #: A processor that has not heard of our reference this long after we sent it is taken not
+    #: to have it: the reconciler calls the payment `failed` (and watches for a late one).
     processor_cutoff_seconds: float = 60.0
+    #: After the cut-off, how long the worker keeps looking for a late authorization of a
+    #: failed payment (to void or refund it).
+    late_authorization_window_seconds: float = 24 * 3600
     #: How long the worker sleeps when it found nothing to do.
     worker_interval_seconds: float = 1.0
 

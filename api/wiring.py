@@ -66,6 +66,7 @@ async def open_services(
                 stats=OutcomeStats(redis),
                 breaker=CircuitBreaker(redis),
                 processor_cutoff_seconds=settings.processor_cutoff_seconds,
+                late_authorization_window_seconds=settings.late_authorization_window_seconds,
             ),
             notifications=NotificationService(pool, bytes.fromhex(settings.psp_b_hmac_key)),
             operations=OperationService(

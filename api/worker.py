@@ -3,6 +3,9 @@
 - reconciler: `processing` payments are settled by the processor's status inquiry on our
   reference, first within seconds of the time-out, then backing off to once a minute; a payment
   the processor never heard of is `failed` after the processor's cut-off.
+- late authorizations: a payment failed at the cut-off is still looked up for a day (backing off
+  to every ten minutes); an authorization the processor made late is voided, or refunded if it
+  was captured, and the attempt records `late_reversal`.
 - completer: idempotent requests abandoned half-way (a crashed API process) are driven to the
   end from their recovery point, so the client's next retry finds the final answer.
 - expiry: authorizations not captured within the window (7 days) are canceled at the processor.
@@ -42,6 +45,21 @@ async def reconcile(services: Services, work: WorkerRepository) -> int:
     return len(rows)
 
 
+async def reverse_late(services: Services, work: WorkerRepository) -> int:
+    rows = await work.claim_late_checks(BATCH)
+    for row in rows:
+        outcome = await services.payments.reverse_late_authorization(
+            row["merchant_id"],
+            row["payment_id"],
+            row["attempt"],
+            row["processor"],
+            row["reference"],
+            row["window_closed"],
+        )
+        log.info("late_check", payment=row["payment_id"], outcome=outcome)
+    return len(rows)
+
+
 async def complete(services: Services, work: WorkerRepository, lease: float) -> int:
     rows = await work.claim_abandoned_keys(BATCH, lease)
     for row in rows:
@@ -78,6 +96,7 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
             while not stop.is_set():
                 try:
                     busy = await reconcile(services, work)
+                    busy += await reverse_late(services, work)
                     busy += await complete(services, work, lease)
                     busy += await expire(services, work, settings.authorization_expiry_seconds)
                     await work.purge_expired_keys(1000)

@@ -49,6 +49,10 @@ class Behaviour(StrEnum):
     PROCESSING_ERROR = "processing_error"
     #: The processor authorizes (and records it) but answers only after a long delay.
     SLOW = "slow"
+    #: The request waits in the processor's queue: nothing exists (an inquiry says not found)
+    #: until `late_seconds` have passed, then it is approved and recorded. The caller has long
+    #: given up by then: the late authorization a payment system must reverse.
+    LATE = "late"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ TEST_CARDS: Final[Mapping[str, Outcome]] = MappingProxyType(
         "4000000000000127": decline(DeclineCode.INCORRECT_CVC),
         "4000000000000119": Outcome(Behaviour.PROCESSING_ERROR),
         "4000000000000259": Outcome(Behaviour.SLOW),
+        "4000000000000341": Outcome(Behaviour.LATE),
         # Declined by PSP A; the second PSP approves it (soft-decline cascading can be seen).
         "4000000000003220": decline(DeclineCode.DO_NOT_HONOR),
     }

@@ -17,7 +17,8 @@ Every `/v1` request needs `Authorization: Bearer <TESSERA_PSP_A_API_KEY>`; other
   authorization; otherwise `409 reference_reused`. The outcome depends on the card number
   (`sandbox.cards.TEST_CARDS`): a non-Luhn number -> `400 invalid_card`; 4000000000000119 ->
   `500 processing_error`, nothing recorded; 4000000000000259 is recorded and then answered after
-  `slow_seconds`; a past expiry -> declined `expired_card`.
+  `slow_seconds`; 4000000000000341 is held unrecorded for `late_seconds` (an inquiry meanwhile
+  says not found) and only then approved; a past expiry -> declined `expired_card`.
 - `POST /v1/authorizations/{id}/capture` `{"amount"?}` -> `200`, from `approved` only.
 - `POST /v1/authorizations/{id}/void` -> `200` status `voided`, from `approved` only.
 - `POST /v1/authorizations/{id}/refunds` `{"reference", "amount"}` -> `201` the refund
@@ -302,6 +303,8 @@ class Config(FaultConfig, kw_only=True):
     jitter_ms: Annotated[float, msgspec.Meta(ge=0, le=600_000)] = 0.0
     latency_distribution: Literal["uniform", "normal"] = "uniform"
     slow_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 12.0
+    #: How long the late card's request waits unrecorded; longer than the API's cut-off.
+    late_seconds: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 90.0
 
     def updated(self, changes: Mapping[str, Any]) -> Config:
         """A new config with `changes` applied; `msgspec.ValidationError` if one is invalid."""
@@ -389,6 +392,7 @@ class Simulator:
         self._entries: dict[str, _Entry] = {}
         self._by_reference: dict[str, _Entry] = {}
         self._refunds: dict[str, Refund] = {}
+        self._late: set[asyncio.Future[tuple[int, Authorization]]] = set()
         self.counters: Counter[str] = Counter()
         self.statuses: Counter[str] = Counter()
         self.declines: Counter[str] = Counter()
@@ -440,9 +444,21 @@ class Simulator:
     # -- authorizations --
 
     async def authorize(self, request: AuthorizationRequest) -> tuple[int, Authorization]:
+        late = outcome_for(request.card.number, self.cards).behaviour is Behaviour.LATE
+        if late and request.reference not in self._by_reference:
+            # Its own task, so the authorization still happens after the caller hung up.
+            task = asyncio.ensure_future(self._authorize_late(request))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            return await asyncio.shield(task)
         status, auth, slow = self._authorize_now(request)
         if slow:
             await asyncio.sleep(self.config.slow_seconds)
+        return status, auth
+
+    async def _authorize_late(self, request: AuthorizationRequest) -> tuple[int, Authorization]:
+        await asyncio.sleep(self.config.late_seconds)
+        status, auth, _ = self._authorize_now(request)
         return status, auth
 
     def _authorize_now(self, request: AuthorizationRequest) -> tuple[int, Authorization, bool]:

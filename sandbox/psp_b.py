@@ -383,6 +383,8 @@ class Config(FaultConfig, kw_only=True):
     jitter_ms: Millis = 0.0
     latency_distribution: Literal["uniform", "normal"] = "uniform"
     slow_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 12.0
+    #: How long the late card's request waits unrecorded; longer than the API's cut-off.
+    late_seconds: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 90.0
     #: Where notifications go; empty: none are made.
     notify_url: NotifyUrl = ""
     #: How long after it is received a capture, cancel or refund is done and notified (and an
@@ -509,6 +511,7 @@ class Simulator:
         self._tasks.clear()
         self._payments: dict[str, _Payment] = {}
         self._by_reference: dict[str, _Payment] = {}
+        self._late: set[asyncio.Future[PaymentResponse]] = set()
         self._modifications: dict[str, _Modification] = {}
         self._refunds: dict[str, _Modification] = {}
         self._notifications: dict[str, _Notification] = {}
@@ -562,10 +565,22 @@ class Simulator:
     # -- payments --
 
     async def pay(self, request: PaymentRequest) -> PaymentResponse:
+        number = request.payment_method.number
+        late = outcome_for(number, self.cards).behaviour is Behaviour.LATE
+        if late and request.merchant_reference not in self._by_reference:
+            # Its own task, so the payment still happens after the caller hung up.
+            task = asyncio.ensure_future(self._pay_late(request))
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            return await asyncio.shield(task)
         answer, slow = self._pay_now(request)
         if slow:
             await asyncio.sleep(self.config.slow_seconds)
         return answer
+
+    async def _pay_late(self, request: PaymentRequest) -> PaymentResponse:
+        await asyncio.sleep(self.config.late_seconds)
+        return self._pay_now(request)[0]
 
     def _pay_now(self, request: PaymentRequest) -> tuple[PaymentResponse, bool]:
         # No await from the reference lookup to the insert: this is the idempotency guarantee.

@@ -7,11 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +17,19 @@ import pytest
 
 from tessera.dbsetup import ServiceDatabase
 from tests.conftest import ApiMerchant, create_merchant, dsn
-from tests.support.payments import SLOW, pay, post, psp_authorizations
+from tests.support.payments import (
+    SLOW,
+    configure_routing,
+    pay,
+    post,
+    psp_authorizations,
+    psp_b_payments,
+    wait_for,
+)
 from tests.support.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 DEV_HMAC_KEY = bytes.fromhex("E92EF49F9B36436D3A9FBEFC305A24593559B43D854C8151FC9E242818957599")
-
-
-def configure(api_env: dict[str, str], merchant: ApiMerchant, *args: str) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tessera.cli",
-            "merchants",
-            "configure",
-            "--merchant",
-            merchant.id,
-            "--json",
-            *args,
-        ],
-        env={**os.environ, **api_env},
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -54,31 +37,15 @@ def a_then_b(api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, s
     """Both processors; PSP B costs 90 % of the amount, so PSP A ranks first (exploration
     would need a draw of A's auth rate under 10 %: about one in ten million)."""
     merchant = create_merchant(api_env, vault, tokens["admin"], "Two processors")
-    configure(api_env, merchant, "--processors", "psp_a,psp_b", "--fee", "psp_b=0+9000")
+    configure_routing(api_env, merchant, "--processors", "psp_a,psp_b", "--fee", "psp_b=0+9000")
     return merchant
 
 
 @pytest.fixture(scope="module")
 def only_b(api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]) -> ApiMerchant:
     merchant = create_merchant(api_env, vault, tokens["admin"], "PSP B only")
-    configure(api_env, merchant, "--processors", "psp_b")
+    configure_routing(api_env, merchant, "--processors", "psp_b")
     return merchant
-
-
-def psp_b_payments(psp_b: ServiceProcess, reference: str) -> list[dict[str, Any]]:
-    response = httpx.get(psp_b.url + "/admin/payments", params={"merchantReference": reference})
-    body = response.json()
-    found: list[dict[str, Any]] = body["payments"] if isinstance(body, dict) else body
-    return found
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("the condition did not hold in time")
 
 
 def test_a_definite_failure_fails_over_to_the_next_processor(
@@ -127,7 +94,7 @@ def test_a_soft_decline_cascades_only_when_the_merchant_switched_it_on(
     declined = pay(api, vault, a_then_b, number="4000000000003220")  # do_not_honor at A only
     assert declined.status_code == 402
     assert declined.json()["error"]["decline_code"] == "do_not_honor"
-    configure(api_env, a_then_b, "--cascade-soft-declines")
+    configure_routing(api_env, a_then_b, "--cascade-soft-declines")
     time.sleep(5.1)  # the API reads routing through a 5-second cache
     try:
         cascaded = pay(api, vault, a_then_b, number="4000000000003220")
@@ -139,7 +106,7 @@ def test_a_soft_decline_cascades_only_when_the_merchant_switched_it_on(
         hard = pay(api, vault, a_then_b, number="4000000000009995")  # insufficient funds: hard
         assert hard.status_code == 402
     finally:
-        configure(api_env, a_then_b, "--no-cascade-soft-declines")
+        configure_routing(api_env, a_then_b, "--no-cascade-soft-declines")
 
 
 def test_a_refund_at_psp_b_is_pending_until_its_notification_confirms_it(
@@ -330,7 +297,7 @@ def test_a_country_rule_sends_each_card_to_the_processor_allowed_for_its_country
     api: ServiceProcess, vault: ServiceProcess, api_env: dict[str, str], tokens: dict[str, str]
 ) -> None:
     merchant = create_merchant(api_env, vault, tokens["admin"], "By country")
-    configure(
+    configure_routing(
         api_env,
         merchant,
         "--processors",

@@ -4,16 +4,27 @@ authorizations expired, and two workers never act twice on one payment."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tessera.dbsetup import ServiceDatabase
-from tests.conftest import ApiMerchant, start_service
-from tests.support.payments import SLOW, new_key, pay, post, psp_authorizations, tokenize
+from tests.conftest import ApiMerchant, create_merchant, start_service
+from tests.support.payments import (
+    LATE,
+    SLOW,
+    configure_routing,
+    new_key,
+    pay,
+    post,
+    psp_authorizations,
+    psp_b_payments,
+    tokenize,
+    wait_for,
+)
 from tests.support.processes import ServiceProcess
 
 
@@ -45,15 +56,6 @@ def workers(
     yield start
     for process in started:
         process.stop()
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError("the condition did not hold in time")
 
 
 def status(api: ServiceProcess, merchant: ApiMerchant, payment_id: str) -> str:
@@ -171,3 +173,116 @@ def test_two_workers_never_act_twice_on_one_payment(
         ]
         assert len(settled) == 1, settled
         assert len(psp_authorizations(psp_a, f"{payment_id}_1")) == 1
+
+
+@pytest.fixture
+def late_processors(psp_a: ServiceProcess, psp_b: ServiceProcess) -> Iterator[None]:
+    """The late card's request waits 8 s at either simulator instead of 90: after the API's
+    time-out (the vault's forward gives up at 2 s), after the worker (started then) applied
+    its 1 s cut-off."""
+    for psp in (psp_a, psp_b):
+        httpx.post(psp.url + "/admin/config", json={"late_seconds": 8}).raise_for_status()
+    yield
+    for psp in (psp_a, psp_b):
+        httpx.post(psp.url + "/admin/config", json={"late_seconds": 90}).raise_for_status()
+
+
+def read(api: ServiceProcess, merchant: ApiMerchant, payment_id: str) -> dict[str, Any]:
+    payment: dict[str, Any] = httpx.get(
+        f"{api.url}/v1/payments/{payment_id}", headers=merchant.auth
+    ).json()
+    return payment
+
+
+def late_reversal(api: ServiceProcess, merchant: ApiMerchant, payment_id: str) -> str | None:
+    value: str | None = read(api, merchant, payment_id)["attempts"][0]["late_reversal"]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("capture", "reversal", "status_at_psp"),
+    [(True, "refunded", "captured"), (False, "voided", "voided")],
+)
+def test_a_late_authorization_of_a_failed_payment_is_reversed_at_psp_a(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    merchant: ApiMerchant,
+    workers: Callable[..., ServiceProcess],
+    late_processors: None,
+    capture: bool,
+    reversal: str,
+    status_at_psp: str,
+) -> None:
+    response = pay(api, vault, merchant, number=LATE, capture=capture, amount=880)
+    assert response.status_code == 202, response.text
+    payment_id = response.json()["id"]
+    workers(TESSERA_API_PROCESSOR_CUTOFF_SECONDS="1")
+    wait_for(lambda: status(api, merchant, payment_id) == "failed")
+    # Failed means the processor answered "not found" after the cut-off: nothing there yet.
+    assert read(api, merchant, payment_id)["failure_code"] == "not_found_at_processor"
+
+    wait_for(lambda: late_reversal(api, merchant, payment_id) == reversal, 30)
+    payment = read(api, merchant, payment_id)
+    assert payment["status"] == "failed"
+    assert (payment["amount_authorized"], payment["amount_captured"]) == (0, 0)
+    [authorization] = psp_authorizations(psp_a, f"{payment_id}_1")
+    assert authorization["status"] == status_at_psp
+    assert authorization["amount_refunded"] == (880 if capture else 0)
+    assert payment["attempts"][0]["processor_reference"] == authorization["id"]
+
+
+def test_a_late_authorization_of_a_failed_payment_is_reversed_at_psp_b(
+    api: ServiceProcess,
+    api_env: dict[str, str],
+    vault: ServiceProcess,
+    psp_b: ServiceProcess,
+    tokens: dict[str, str],
+    workers: Callable[..., ServiceProcess],
+    late_processors: None,
+) -> None:
+    only_b = create_merchant(api_env, vault, tokens["admin"], "Late at PSP B")
+    configure_routing(api_env, only_b, "--processors", "psp_b")
+    response = pay(api, vault, only_b, number=LATE, capture=True, amount=990)
+    assert response.status_code == 202, response.text
+    payment_id = response.json()["id"]
+    workers(TESSERA_API_PROCESSOR_CUTOFF_SECONDS="1")
+    wait_for(lambda: status(api, only_b, payment_id) == "failed")
+    wait_for(lambda: late_reversal(api, only_b, payment_id) == "refunded", 30)
+
+    def refunded_at_psp_b() -> bool:
+        [late] = psp_b_payments(psp_b, f"{payment_id}_1")
+        return [(m["type"], m["status"]) for m in late["modifications"]] == [
+            ("refund", "succeeded")
+        ]
+
+    wait_for(refunded_at_psp_b)  # PSP B confirms the refund a moment later
+    assert read(api, only_b, payment_id)["status"] == "failed"
+
+
+def test_a_failed_payment_that_never_shows_up_stops_being_watched(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    merchant: ApiMerchant,
+    workers: Callable[..., ServiceProcess],
+) -> None:
+    """The default late card waits 90 s: with a 2 s window the worker stops asking first."""
+    response = pay(api, vault, merchant, number=LATE, amount=770)
+    assert response.status_code == 202, response.text
+    payment_id = response.json()["id"]
+    worker = workers(
+        TESSERA_API_PROCESSOR_CUTOFF_SECONDS="1",
+        TESSERA_API_LATE_AUTHORIZATION_WINDOW_SECONDS="2",
+    )
+
+    def closed() -> bool:
+        return any(
+            '"window_closed"' in line and payment_id in line
+            for line in worker.output().splitlines()
+        )
+
+    wait_for(closed, seconds=30)
+    payment = read(api, merchant, payment_id)
+    assert payment["status"] == "failed"
+    assert payment["attempts"][0]["late_reversal"] is None

@@ -36,11 +36,13 @@ DEFAULT_CONFIG = {
     "jitter_ms": 0,
     "latency_distribution": "uniform",
     "slow_seconds": 12,
+    "late_seconds": 90,
 }
 
 VISA = "4242424242424242"
 PROCESSING_ERROR = "4000000000000119"
 SLOW = "4000000000000259"
+LATE = "4000000000000341"
 OTHER_LUHN_VALID = "4000056655665556"
 NOT_LUHN_VALID = "4242424242424241"
 #: Every card number sent by this module: none may come back in a response or the output.
@@ -699,6 +701,22 @@ async def test_the_slow_card_is_recorded_at_once_and_answered_after_slow_seconds
     assert elapsed >= 1.0
 
 
+async def test_the_late_card_is_recorded_only_after_late_seconds_even_if_the_caller_hung_up(
+    aclient: httpx.AsyncClient, configure: Callable[..., dict[str, Any]]
+) -> None:
+    configure(late_seconds=1)
+    body = authorization_body(LATE, capture=True)
+    async with aclient:
+        with pytest.raises(httpx.ReadTimeout):  # the caller gives up first
+            await aclient.post("/v1/authorizations", json=body, timeout=0.3)
+        during = await aclient.get("/v1/authorizations", params={"reference": body["reference"]})
+        await asyncio.sleep(1.2)
+        after = await aclient.get("/v1/authorizations", params={"reference": body["reference"]})
+    assert during.status_code == 404
+    assert after.status_code == 200
+    assert after.json()["status"] == "captured"
+
+
 def test_the_latency_setting_delays_every_v1_request(
     client: httpx.Client, configure: Callable[..., dict[str, Any]]
 ) -> None:
@@ -874,7 +892,7 @@ def test_the_table_cards_are_valid_numbers_whose_brands_agree_with_core() -> Non
 def test_no_card_number_ever_appears_in_the_process_output(
     client: httpx.Client, psp: ServiceProcess, configure: Callable[..., dict[str, Any]]
 ) -> None:
-    configure(slow_seconds=0)
+    configure(slow_seconds=0, late_seconds=0)
     for number in PANS:
         authorize(client, number)
     output = psp.output()

@@ -56,6 +56,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "jitter_ms": 0,
     "latency_distribution": "uniform",
     "slow_seconds": 12,
+    "late_seconds": 90,
     "notify_url": "",
     "notify_delay_ms": 50,
     "fail_next_captures": 0,
@@ -64,6 +65,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 VISA = "4242424242424242"
 SLOW = "4000000000000259"
+LATE = "4000000000000341"
 OTHER_LUHN_VALID = "4000056655665556"
 NOT_LUHN_VALID = "4242424242424241"
 #: Every card number sent by this module: none may come back in a response, a notification or
@@ -665,6 +667,23 @@ async def test_the_slow_card_is_recorded_at_once_and_answered_after_slow_seconds
     assert inquiry.json()["resultCode"] == "Authorised"
     assert response.json()["pspReference"] == inquiry.json()["pspReference"]
     assert elapsed >= 0.6
+
+
+async def test_the_late_card_is_recorded_only_after_late_seconds_even_if_the_caller_hung_up(
+    aclient: httpx.AsyncClient, configure: Callable[..., dict[str, Any]]
+) -> None:
+    configure(late_seconds=1)
+    body = payment_body(LATE)
+    params = {"merchantReference": body["merchantReference"]}
+    async with aclient:
+        with pytest.raises(httpx.ReadTimeout):  # the caller gives up first
+            await aclient.post("/v1/payments", json=body, timeout=0.3)
+        during = await aclient.get("/v1/payments", params=params)
+        await asyncio.sleep(1.2)
+        after = await aclient.get("/v1/payments", params=params)
+    assert during.status_code == 404
+    assert after.status_code == 200
+    assert after.json()["resultCode"] == "Authorised"
 
 
 def test_the_inquiry_finds_a_payment_by_merchant_reference_and_by_psp_reference(
@@ -1375,7 +1394,7 @@ def test_no_card_number_ever_appears_in_the_process_output_or_a_notification(
     receiver: Receiver,
     configure: Callable[..., dict[str, Any]],
 ) -> None:
-    configure(slow_seconds=0)
+    configure(slow_seconds=0, late_seconds=0)
     made = [pay(client, number).json() for number in PANS]
     for answer in made:
         if "pspReference" in answer:

@@ -81,6 +81,9 @@ class AttemptView(msgspec.Struct):
     processor_reference: str | None
     decline_code: str | None
     latency_ms: int | None
+    #: A late authorization found after this attempt failed at the cut-off, and reversed:
+    #: `voided`, or `refunded` if the processor had captured it.
+    late_reversal: str | None = None
 
 
 class PaymentView(msgspec.Struct, omit_defaults=False):
@@ -145,6 +148,7 @@ def payment_view(row: Any, refunds: list[Any], attempts: list[Any] | None = None
                 a["processor_reference"],
                 a["decline_code"],
                 a["latency_ms"],
+                a["late_reversal"],
             )
             for a in attempts or []
         ],
@@ -186,6 +190,7 @@ class PaymentService:
     breaker: CircuitBreaker
     #: After this long, an authorization the processor has never heard of will never appear.
     processor_cutoff_seconds: float = 60.0
+    late_authorization_window_seconds: float = 24 * 3600
     rng: random.Random = field(default_factory=random.Random)
 
     async def ranking(
@@ -438,8 +443,63 @@ class PaymentService:
                     attempt,
                     AuthorizeResult(Outcome.FAILED, failure_code="not_found_at_processor"),
                 )
+                await payments.watch_for_late_authorization(
+                    merchant_id, payment_id, attempt, self.late_authorization_window_seconds
+                )
                 return "failed_not_found"
         return "still_unknown"
+
+    async def reverse_late_authorization(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        attempt: int,
+        processor: str,
+        reference: str,
+        window_closed: bool,
+    ) -> str:
+        """The worker's look at an attempt that failed at the cut-off: the processor may have
+        authorized it after all, and the payment's answer (`failed`) was given. A late
+        authorization is voided, or refunded if the processor captured it, so the customer is
+        never charged for a payment the merchant was told failed. Returns what happened."""
+        connector = self.connectors[processor]
+        found = await connector.inquire(reference)
+        if found is None or found.outcome is Outcome.UNKNOWN:
+            if found is None and window_closed:
+                async with self.pool.acquire() as conn:
+                    await PaymentRepository(conn).end_late_check(
+                        merchant_id, payment_id, attempt, reversal=None, processor_reference=None
+                    )
+                return "window_closed"
+            return "not_found" if found is None else "still_unknown"
+        if found.outcome is not Outcome.APPROVED or found.processor_reference is None:
+            async with self.pool.acquire() as conn:
+                await PaymentRepository(conn).end_late_check(
+                    merchant_id, payment_id, attempt, reversal=None, processor_reference=None
+                )
+            return f"late_{found.outcome}"
+        async with self.pool.acquire() as conn:
+            payment = await PaymentRepository(conn).get(merchant_id, payment_id)
+        late_reference = f"{reference}_reversal"
+        if found.captured:
+            result = await connector.refund(
+                found.processor_reference, late_reference, payment["amount"], payment["currency"]
+            )
+            reversal = "refunded"
+        else:
+            result = await connector.void(found.processor_reference, late_reference)
+            reversal = "voided"
+        if result.outcome not in (Outcome.APPROVED, Outcome.PENDING):
+            return f"reversal_{result.outcome}"  # asked again at the next turn
+        async with self.pool.acquire() as conn:
+            await PaymentRepository(conn).end_late_check(
+                merchant_id,
+                payment_id,
+                attempt,
+                reversal=reversal,
+                processor_reference=found.processor_reference,
+            )
+        return reversal
 
     async def _record(
         self,

@@ -137,7 +137,7 @@ class PaymentRepository:
     async def attempts(self, merchant_id: str, payment_ids: list[str]) -> list[Any]:
         rows = await self.conn.fetch(
             "SELECT payment_id, attempt, processor, reference, outcome, processor_reference, "
-            "decline_code, latency_ms FROM payment_attempts "
+            "decline_code, latency_ms, late_reversal FROM payment_attempts "
             "WHERE merchant_id = $1 AND payment_id = ANY($2) ORDER BY payment_id, attempt",
             merchant_id,
             payment_ids,
@@ -153,6 +153,41 @@ class PaymentRepository:
             merchant_id,
             payment_id,
             attempt,
+        )
+
+    async def watch_for_late_authorization(
+        self, merchant_id: str, payment_id: str, attempt: int, window_seconds: float
+    ) -> None:
+        """A failed-at-cut-off attempt: the worker keeps asking about it for `window_seconds`
+        and reverses a late authorization it finds."""
+        await self.conn.execute(
+            "UPDATE payment_attempts SET late_check_until = now() + make_interval(secs => $4), "
+            "inquiries = 0, next_inquiry_at = now() + interval '1 second' "
+            "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3",
+            merchant_id,
+            payment_id,
+            attempt,
+            window_seconds,
+        )
+
+    async def end_late_check(
+        self,
+        merchant_id: str,
+        payment_id: str,
+        attempt: int,
+        *,
+        reversal: str | None,
+        processor_reference: str | None,
+    ) -> None:
+        await self.conn.execute(
+            "UPDATE payment_attempts SET late_check_until = NULL, next_inquiry_at = NULL, "
+            "late_reversal = $4, processor_reference = coalesce($5, processor_reference) "
+            "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3",
+            merchant_id,
+            payment_id,
+            attempt,
+            reversal,
+            processor_reference,
         )
 
     async def reopen_attempt(self, merchant_id: str, payment_id: str, attempt: int) -> None:

@@ -30,6 +30,24 @@ class WorkerRepository:
         )
         return rows
 
+    async def claim_late_checks(self, limit: int) -> list[Any]:
+        """Attempts failed at the processor's cut-off, due for another look: every few
+        seconds at first, then every ten minutes until their window closes."""
+        rows: list[Any] = await self.pool.fetch(
+            "WITH due AS ("
+            "  SELECT merchant_id, payment_id, attempt FROM payment_attempts "
+            "  WHERE late_check_until IS NOT NULL AND next_inquiry_at <= now() "
+            "  ORDER BY next_inquiry_at LIMIT $1 FOR UPDATE SKIP LOCKED) "
+            "UPDATE payment_attempts a SET inquiries = a.inquiries + 1, "
+            "next_inquiry_at = now() + make_interval(secs => least(600, 2 ^ a.inquiries)) "
+            "FROM due WHERE (a.merchant_id, a.payment_id, a.attempt) = "
+            "(due.merchant_id, due.payment_id, due.attempt) "
+            "RETURNING a.merchant_id, a.payment_id, a.attempt, a.processor, a.reference, "
+            "a.late_check_until < now() AS window_closed",
+            limit,
+        )
+        return rows
+
     async def claim_abandoned_keys(self, limit: int, lease_seconds: float) -> list[Any]:
         """Requests that died after their first phase: the worker takes the lease a retry
         would take, and finishes them."""

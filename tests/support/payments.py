@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +25,8 @@ DECLINED = {
 }
 PROCESSOR_ERROR = "4000000000000119"
 SLOW = "4000000000000259"
+LATE = "4000000000000341"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tokenize(vault: ServiceProcess, merchant: ApiMerchant, number: str = APPROVED) -> str:
@@ -72,3 +80,41 @@ def psp_authorizations(psp_a: ServiceProcess, reference: str) -> list[dict[str, 
     response = httpx.get(psp_a.url + "/admin/authorizations", params={"reference": reference})
     found: list[dict[str, Any]] = response.json()["authorizations"]
     return found
+
+
+def psp_b_payments(psp_b: ServiceProcess, reference: str) -> list[dict[str, Any]]:
+    response = httpx.get(psp_b.url + "/admin/payments", params={"merchantReference": reference})
+    body = response.json()
+    found: list[dict[str, Any]] = body["payments"] if isinstance(body, dict) else body
+    return found
+
+
+def configure_routing(api_env: dict[str, str], merchant: ApiMerchant, *args: str) -> None:
+    """`tessera merchants configure --merchant ID …`, as an operator runs it."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tessera.cli",
+            "merchants",
+            "configure",
+            "--merchant",
+            merchant.id,
+            "--json",
+            *args,
+        ],
+        env={**os.environ, **api_env},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the condition did not hold in time")
