@@ -42,6 +42,8 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     late_authorization_window_seconds: float = 24 * 3600
     #: How long the worker sleeps when it found nothing to do.
     worker_interval_seconds: float = 1.0
+    #: A file the worker touches after every cycle, for a liveness check; empty: none.
+    worker_heartbeat_path: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()

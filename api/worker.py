@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from pathlib import Path
 
 import redis.asyncio as aioredis
 import structlog
@@ -103,6 +104,8 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
                 except Exception:
                     log.exception("worker_cycle_failed")
                     busy = 0
+                if settings.worker_heartbeat_path:
+                    Path(settings.worker_heartbeat_path).touch()
                 if not busy:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), settings.worker_interval_seconds)

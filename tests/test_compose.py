@@ -33,10 +33,22 @@ DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
 INITDB = DEPLOY / "compose" / "initdb"
 INIT_SCRIPT = INITDB / "10-tessera-roles.sh"
-PSP_A = ROOT / "sandbox" / "psp_a.py"
+SIMULATORS = {"psp-a": ROOT / "sandbox" / "psp_a.py", "psp-b": ROOT / "sandbox" / "psp_b.py"}
 
-SERVICES = {"postgres", "redis", "migrate-vault", "migrate-api", "vault", "api", "psp-a"}
-LONG_RUNNING = ["postgres", "redis", "vault", "psp-a", "api"]
+SERVICES = {
+    "postgres",
+    "redis",
+    "migrate-vault",
+    "migrate-api",
+    "vault",
+    "api",
+    "worker",
+    "psp-a",
+    "psp-b",
+}
+LONG_RUNNING = ["postgres", "redis", "vault", "psp-a", "psp-b", "api", "worker"]
+APPLICATIONS = ["api", "worker", "vault", "psp-a", "psp-b"]
+HTTP_SERVICES = ["api", "vault", "psp-a", "psp-b"]
 
 #: The variable compose passes to Postgres for each role's password (read by the init script).
 ROLE_PASSWORD = {
@@ -109,11 +121,16 @@ def raw_environment(name: str) -> dict[str, str]:
 # --- what each service reads ------------------------------------------------------------------
 
 
-def psp_a_variables() -> set[str]:
-    return set(re.findall(r"os\.environ(?:\.get\(|\[)\"(TESSERA_\w+)\"", PSP_A.read_text()))
+def simulator_variables(name: str) -> set[str]:
+    source = SIMULATORS[name].read_text()
+    return set(re.findall(r"os\.environ(?:\.get\(|\[)\"(TESSERA_\w+)\"", source))
 
 
-SETTINGS: dict[str, type[ServiceSettings]] = {"api": ApiSettings, "vault": VaultSettings}
+SETTINGS: dict[str, type[ServiceSettings]] = {
+    "api": ApiSettings,
+    "worker": ApiSettings,
+    "vault": VaultSettings,
+}
 MIGRATION_VARIABLE = {
     "migrate-api": "TESSERA_API_MIGRATION_URL",
     "migrate-vault": "TESSERA_VAULT_MIGRATION_URL",
@@ -125,8 +142,7 @@ def variables_read_by(name: str) -> set[str]:
         return set(SETTINGS[name].env_names().values())
     if name in MIGRATION_VARIABLE:
         return {MIGRATION_VARIABLE[name]}
-    assert name == "psp-a"
-    return psp_a_variables()
+    return simulator_variables(name)
 
 
 def settings_of(name: str) -> ServiceSettings:
@@ -136,7 +152,8 @@ def settings_of(name: str) -> ServiceSettings:
 def listening_port(name: str) -> int:
     if name in SETTINGS:
         return settings_of(name).port
-    return int(environment(name)["TESSERA_PSP_A_PORT"])
+    prefix = name.upper().replace("-", "_")
+    return int(environment(name)[f"TESSERA_{prefix}_PORT"])
 
 
 # --- the file and its services ----------------------------------------------------------------
@@ -159,7 +176,9 @@ def test_the_stack_runs_exactly_the_expected_services() -> None:
         ("migrate-api", "Dockerfile.api", ["python", "-m", "api", "migrate"]),
         ("vault", "Dockerfile.vault", ["python", "-m", "vault", "serve"]),
         ("migrate-vault", "Dockerfile.vault", ["python", "-m", "vault", "migrate"]),
+        ("worker", "Dockerfile.api", ["python", "-m", "api", "worker"]),
         ("psp-a", "deploy/Dockerfile.sandbox", ["python", "-m", "sandbox.psp_a"]),
+        ("psp-b", "deploy/Dockerfile.sandbox", ["python", "-m", "sandbox.psp_b"]),
     ],
 )
 def test_each_tessera_service_is_built_from_its_own_dockerfile(
@@ -175,6 +194,8 @@ def test_each_tessera_service_is_built_from_its_own_dockerfile(
 
 def test_services_built_from_one_dockerfile_share_one_image_so_compose_builds_it_once() -> None:
     assert service("api")["image"] == service("migrate-api")["image"]
+    assert service("api")["image"] == service("worker")["image"]
+    assert service("psp-a")["image"] == service("psp-b")["image"]
     assert service("vault")["image"] == service("migrate-vault")["image"]
     assert service("api")["image"] != service("vault")["image"]
 
@@ -189,14 +210,20 @@ def test_the_backing_services_are_postgres_15_and_redis_7() -> None:
 # --- environment against the settings ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["api", "vault", "psp-a", "migrate-api", "migrate-vault"])
+@pytest.mark.parametrize("name", [*APPLICATIONS, "migrate-api", "migrate-vault"])
 def test_every_variable_set_for_a_service_is_one_it_reads(name: str) -> None:
     unknown = set(environment(name)) - variables_read_by(name)
     assert not unknown, f"{name} never reads {sorted(unknown)}"
 
 
-def test_the_simulators_variables_are_found_in_its_source() -> None:
-    assert psp_a_variables() == {
+def test_the_simulators_variables_are_found_in_their_source() -> None:
+    assert simulator_variables("psp-b") >= {
+        "TESSERA_PSP_B_HOST",
+        "TESSERA_PSP_B_PORT",
+        "TESSERA_PSP_B_NOTIFY_URL",
+        "TESSERA_PSP_B_HMAC_KEY",
+    }
+    assert simulator_variables("psp-a") == {
         "TESSERA_PSP_A_HOST",
         "TESSERA_PSP_A_PORT",
         "TESSERA_PSP_A_API_KEY",
@@ -206,7 +233,7 @@ def test_the_simulators_variables_are_found_in_its_source() -> None:
     }
 
 
-@pytest.mark.parametrize("name", ["api", "vault"])
+@pytest.mark.parametrize("name", ["api", "worker", "vault"])
 def test_every_required_setting_is_provided(name: str) -> None:
     cls = SETTINGS[name]
     required = {cls.env_name(f.name) for f in msgspec.structs.fields(cls) if f.required}
@@ -243,7 +270,44 @@ def test_the_api_reaches_the_vault_by_its_service_name_and_port() -> None:
     assert url.port == listening_port("vault")
 
 
-@pytest.mark.parametrize(("name", "published"), [("api", 8000), ("vault", 8100), ("psp-a", 8201)])
+def test_the_worker_reads_the_same_database_cache_vault_and_processors_as_the_api() -> None:
+    """It settles the API's payments: any difference here would split the record in two."""
+    local = {ApiSettings.env_name(n) for n in ("host", "port", "worker_heartbeat_path")}
+    api = {k: v for k, v in raw_environment("api").items() if k not in local}
+    worker = {k: v for k, v in raw_environment("worker").items() if k not in local}
+    assert worker == api
+
+
+def test_the_worker_healthcheck_watches_the_heartbeat_file_it_is_told_to_touch() -> None:
+    path = environment("worker")[ApiSettings.env_name("worker_heartbeat_path")]
+    assert path.startswith("/tmp/"), "the containers are read-only but for /tmp"
+    test = service("worker")["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    compile(test[3], "worker healthcheck", "exec")
+    assert f"os.stat('{path}')" in test[3]
+
+
+@pytest.mark.parametrize(("processor", "name"), [("psp_a", "psp-a"), ("psp_b", "psp-b")])
+def test_the_api_and_the_vault_reach_each_processor_by_its_service_name_and_port(
+    processor: str, name: str
+) -> None:
+    api_url = urlsplit(environment("api")[ApiSettings.env_name(f"{processor}_url")])
+    assert (api_url.hostname, api_url.port) == (name, listening_port(name))
+    vault = environment("vault")
+    destinations = json.loads(vault[VaultSettings.env_name("forward_destinations")])
+    forward_url = urlsplit(destinations[processor]["url"])
+    assert (forward_url.hostname, forward_url.port) == (name, listening_port(name))
+
+
+def test_psp_b_sends_its_notifications_to_the_api_endpoint() -> None:
+    url = urlsplit(environment("psp-b")["TESSERA_PSP_B_NOTIFY_URL"])
+    assert (url.hostname, url.port) == ("api", listening_port("api"))
+    assert url.path == "/v1/notifications/psp_b"
+
+
+@pytest.mark.parametrize(
+    ("name", "published"), [("api", 8000), ("vault", 8100), ("psp-a", 8201), ("psp-b", 8202)]
+)
 def test_the_published_port_is_the_port_the_service_listens_on_and_only_on_loopback(
     name: str, published: int
 ) -> None:
@@ -254,7 +318,7 @@ def test_the_published_port_is_the_port_the_service_listens_on_and_only_on_loopb
     assert int(container_port) == listening_port(name)
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", "migrate-api", "migrate-vault"])
+@pytest.mark.parametrize("name", ["postgres", "redis", "migrate-api", "migrate-vault", "worker"])
 def test_internal_services_publish_no_port(name: str) -> None:
     assert "ports" not in service(name)
 
@@ -326,6 +390,7 @@ def test_each_service_waits_for_what_it_needs() -> None:
         "postgres": {},
         "redis": {},
         "psp-a": {},
+        "psp-b": {},
         "migrate-vault": {"postgres": healthy},
         "migrate-api": {"postgres": healthy},
         "vault": {"postgres": healthy, "redis": healthy, "migrate-vault": done},
@@ -335,6 +400,15 @@ def test_each_service_waits_for_what_it_needs() -> None:
             "migrate-api": done,
             "vault": healthy,
             "psp-a": healthy,
+            "psp-b": healthy,
+        },
+        "worker": {
+            "postgres": healthy,
+            "redis": healthy,
+            "migrate-api": done,
+            "vault": healthy,
+            "psp-a": healthy,
+            "psp-b": healthy,
         },
     }
     actual = {
@@ -354,7 +428,7 @@ def test_every_long_running_service_has_a_healthcheck(name: str) -> None:
     assert check.get("retries")
 
 
-@pytest.mark.parametrize("name", ["api", "vault", "psp-a"])
+@pytest.mark.parametrize("name", HTTP_SERVICES)
 def test_http_healthchecks_ask_a_health_endpoint_on_the_service_port(name: str) -> None:
     test = service(name)["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"], "the images have no curl: use python"
@@ -384,13 +458,13 @@ def _seconds(duration: str) -> float:
     return int(match[1]) * (60 if match[2] == "m" else 1)
 
 
-@pytest.mark.parametrize("name", ["api", "vault"])
+@pytest.mark.parametrize("name", ["api", "worker", "vault"])
 def test_compose_waits_longer_than_the_services_graceful_shutdown(name: str) -> None:
     grace = _seconds(service(name)["stop_grace_period"])
     assert grace > settings_of(name).shutdown_timeout_seconds
 
 
-@pytest.mark.parametrize("name", ["api", "vault", "psp-a"])
+@pytest.mark.parametrize("name", APPLICATIONS)
 def test_application_containers_run_read_only_without_capabilities(name: str) -> None:
     svc = service(name)
     assert svc.get("read_only") is True
