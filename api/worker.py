@@ -84,6 +84,14 @@ async def expire(services: Services, work: WorkerRepository, window: float) -> i
     return done
 
 
+async def beat(path: Path) -> None:
+    """The liveness signal: a file touched after every cycle (a stuck worker stops touching it)."""
+    try:
+        await asyncio.to_thread(path.touch)
+    except OSError as exc:
+        log.warning("heartbeat_failed", error=type(exc).__name__)
+
+
 async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
     pool = await create_pool(
         settings.database_url, min_size=1, max_size=4, wait_seconds=settings.db_timeout_seconds
@@ -105,7 +113,7 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
                     log.exception("worker_cycle_failed")
                     busy = 0
                 if settings.worker_heartbeat_path:
-                    Path(settings.worker_heartbeat_path).touch()
+                    await beat(Path(settings.worker_heartbeat_path))
                 if not busy:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), settings.worker_interval_seconds)

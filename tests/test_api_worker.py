@@ -286,3 +286,13 @@ def test_a_failed_payment_that_never_shows_up_stops_being_watched(
     payment = read(api, merchant, payment_id)
     assert payment["status"] == "failed"
     assert payment["attempts"][0]["late_reversal"] is None
+
+
+def test_the_worker_touches_its_heartbeat_file_after_every_cycle(
+    workers: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    heartbeat = tmp_path / "worker.heartbeat"
+    workers(TESSERA_API_WORKER_HEARTBEAT_PATH=str(heartbeat))
+    wait_for(heartbeat.exists)
+    first = heartbeat.stat().st_mtime_ns
+    wait_for(lambda: heartbeat.stat().st_mtime_ns > first)  # idle cycles every 0.2 s
