@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from api.services.ledger import LedgerReport, LedgerService
 from api.services.routing import Fee, ProcessorFees, RoutingConfig, Rule
 from api.settings import ApiSettings
 from api.storage.merchants import MerchantRepository
@@ -22,6 +23,7 @@ from api.vault_client import VaultAdminClient
 from core.errors import TesseraError
 from core.ids import new_id
 from tessera.runtime.commands import load_or_exit, migrate_service, serve_service
+from tessera.runtime.db import create_pool
 
 KNOWN_PROCESSORS = frozenset({"psp_a", "psp_b"})
 DEFAULT_MIGRATION_URL = "postgresql://tessera_api_owner@127.0.0.1:5432/tessera_api"
@@ -100,6 +102,22 @@ def configure_routing(args: argparse.Namespace) -> dict[str, Any]:
     config = asyncio.run(apply())
     result: dict[str, Any] = msgspec.to_builtins(config)
     return {"merchant_id": args.merchant, **result}
+
+
+def check_ledger() -> LedgerReport:
+    """`tessera ledger check`: read-only, in one repeatable-read snapshot."""
+    settings = load_or_exit(ApiSettings, "api")
+
+    async def run() -> LedgerReport:
+        pool = await create_pool(
+            settings.database_url, min_size=1, max_size=1, wait_seconds=settings.db_timeout_seconds
+        )
+        try:
+            return await LedgerService(pool).check()
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
 
 
 def _api_url(settings: ApiSettings) -> str:
@@ -200,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         "simulate", help="the router against always-A and always-B on the running stack"
     )
     simulate.add_argument("--traffic", required=True, help="a traffic file (JSON)")
+    ledger = commands.add_parser("ledger", help="the double-entry ledger")
+    ledger_actions = ledger.add_subparsers(dest="ledger_action", required=True)
+    ledger_actions.add_parser(
+        "check", help="prove the ledger balances and matches the payments table (exit 1 if not)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -226,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "migrate":
         migrate_service("api", "api.migrations", DEFAULT_MIGRATION_URL)
         return
+    if args.command == "ledger":
+        report = check_ledger()
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
+        raise SystemExit(0 if report.ok else 1)
     try:
         if args.action == "create":
             admin_token = os.environ.get("TESSERA_VAULT_ADMIN_TOKEN", "")

@@ -44,6 +44,20 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     worker_interval_seconds: float = 1.0
     #: A file the worker touches after every cycle, for a liveness check; empty: none.
     worker_heartbeat_path: str = ""
+    #: How long captured money waits before the merchant's balance shows it available.
+    settlement_delay_seconds: float = 2 * 24 * 3600
+    #: The key (hex, 32 bytes) that encrypts webhook signing secrets at rest (AES-256-GCM).
+    webhook_secret_key: str = "7e57" * 16
+    #: A webhook delivery's HTTP time-out.
+    webhook_timeout_seconds: float = 10.0
+    #: The first retry waits about this long; each next one twice as long, up to 6 hours.
+    webhook_retry_base_seconds: float = 1.0
+    #: A delivery not accepted within this is `failed` (3 days).
+    webhook_retry_window_seconds: float = 3 * 24 * 3600
+    #: An endpoint that has not accepted any delivery for this long is disabled (5 days).
+    webhook_disable_after_seconds: float = 5 * 24 * 3600
+    #: How many deliveries to one endpoint may be in flight at once (per worker).
+    webhook_endpoint_concurrency: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +74,15 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
             ) from None
         if not 0 < self.authorization_timeout_seconds <= 10:
             raise ValueError(f"{self.env_name('authorization_timeout_seconds')}: 0 < s <= 10")
+        try:
+            if len(bytes.fromhex(self.webhook_secret_key)) != 32:
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{self.env_name('webhook_secret_key')}: exactly 32 bytes, hex-encoded"
+            ) from None
+        if not 1 <= self.webhook_endpoint_concurrency <= 64:
+            raise ValueError(f"{self.env_name('webhook_endpoint_concurrency')}: 1 to 64")
         if self.idempotency_retention_hours < 24:
             raise ValueError(f"{self.env_name('idempotency_retention_hours')}: at least 24")
         if self.idempotency_lease_seconds <= self.authorization_timeout_seconds + 5:
@@ -76,6 +99,8 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
             problems.append("PSP A needs an https URL and a real API key")
         if not self.psp_b_url.startswith("https://") or self.psp_b_api_key == "psp_b_test_key":
             problems.append("PSP B needs an https URL and a real API key")
+        if self.webhook_secret_key == "7e57" * 16:
+            problems.append("TESSERA_API_WEBHOOK_SECRET_KEY is the public development key")
         if self.psp_b_hmac_key.upper().startswith("E92EF49F"):
             problems.append("PSP B's notification key is the public development key")
         return problems

@@ -13,10 +13,13 @@ from api.connectors.base import Connector
 from api.connectors.psp_a import PspAConnector
 from api.connectors.psp_b import PspBConnector
 from api.services.breaker import CircuitBreaker
+from api.services.events import EventService, Publisher
+from api.services.ledger import LedgerService
 from api.services.notifications import NotificationService
 from api.services.operations import OperationService
 from api.services.payments import PaymentService
 from api.services.routing import OutcomeStats
+from api.services.webhooks import SecretBox, WebhookService
 from api.settings import ApiSettings
 from api.storage.idempotency import IdempotencyRepository, ReplayCache
 from api.storage.routing import RoutingRepository
@@ -28,6 +31,11 @@ class Services:
     payments: PaymentService
     operations: OperationService
     notifications: NotificationService
+    events: EventService
+    webhooks: WebhookService
+    ledger: LedgerService
+    publisher: Publisher
+    box: SecretBox
 
 
 @asynccontextmanager
@@ -54,6 +62,9 @@ async def open_services(
     retention = settings.idempotency_retention_hours * 3600
     keys = IdempotencyRepository(retention, settings.idempotency_lease_seconds)
     replays = ReplayCache(redis, retention)
+    routing = RoutingRepository(pool)
+    publisher = Publisher(settlement_delay_seconds=settings.settlement_delay_seconds)
+    box = SecretBox(bytes.fromhex(settings.webhook_secret_key))
     try:
         yield Services(
             payments=PaymentService(
@@ -62,20 +73,30 @@ async def open_services(
                 connectors=connectors,
                 keys=keys,
                 replays=replays,
-                routing=RoutingRepository(pool),
+                routing=routing,
                 stats=OutcomeStats(redis),
                 breaker=CircuitBreaker(redis),
                 processor_cutoff_seconds=settings.processor_cutoff_seconds,
                 late_authorization_window_seconds=settings.late_authorization_window_seconds,
+                publisher=publisher,
             ),
-            notifications=NotificationService(pool, bytes.fromhex(settings.psp_b_hmac_key)),
+            notifications=NotificationService(
+                pool, bytes.fromhex(settings.psp_b_hmac_key), routing, publisher
+            ),
             operations=OperationService(
                 pool=pool,
                 connectors=connectors,
                 keys=keys,
                 replays=replays,
                 lease_seconds=float(settings.idempotency_lease_seconds),
+                routing=routing,
+                publisher=publisher,
             ),
+            events=EventService(pool),
+            webhooks=WebhookService(pool, box, settings.production),
+            ledger=LedgerService(pool),
+            publisher=publisher,
+            box=box,
         )
     finally:
         await psp_b.close()

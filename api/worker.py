@@ -10,6 +10,8 @@
   end from their recovery point, so the client's next retry finds the final answer.
 - expiry: authorizations not captured within the window (7 days) are canceled at the processor.
 - idempotency keys past their retention are deleted.
+- webhooks (a loop of its own): due deliveries are sent, failing endpoints disabled, events
+  older than 30 days deleted.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from pathlib import Path
 
 import redis.asyncio as aioredis
 import structlog
 
+from api.services.webhooks import WebhookDeliverer
 from api.settings import ApiSettings
 from api.storage.worker import WorkerRepository
 from api.wiring import Services, open_services
@@ -30,6 +34,9 @@ from tessera.runtime.db import create_pool
 
 log = structlog.stdlib.get_logger("tessera.worker")
 BATCH = 50
+#: How often the webhook loop looks for due deliveries when it found none.
+WEBHOOK_POLL_SECONDS = 0.2
+EVENT_RETENTION_DAYS = 30
 
 
 async def reconcile(services: Services, work: WorkerRepository) -> int:
@@ -92,15 +99,45 @@ async def beat(path: Path) -> None:
         log.warning("heartbeat_failed", error=type(exc).__name__)
 
 
+async def deliver_webhooks(deliverer: WebhookDeliverer, stop: asyncio.Event) -> None:
+    """Its own loop, apart from the settling cycle: a delivery waits for neither."""
+    housekeeping_at = 0.0
+    while not stop.is_set():
+        started = 0
+        try:
+            started = await deliverer.dispatch()
+            if time.monotonic() >= housekeeping_at:
+                housekeeping_at = time.monotonic() + 60
+                await deliverer.disable_failing()
+                await deliverer.queue.purge_events(EVENT_RETENTION_DAYS, 1000)
+        except Exception:
+            log.exception("webhook_cycle_failed")
+        if not started:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WEBHOOK_POLL_SECONDS)
+
+
 async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
     pool = await create_pool(
-        settings.database_url, min_size=1, max_size=4, wait_seconds=settings.db_timeout_seconds
+        settings.database_url, min_size=1, max_size=6, wait_seconds=settings.db_timeout_seconds
     )
     redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
     work = WorkerRepository(pool)
     lease = float(settings.idempotency_lease_seconds)
     try:
         async with open_services(settings, pool, redis) as services:
+            deliverer = WebhookDeliverer(
+                pool,
+                services.box,
+                services.publisher,
+                settings.production,
+                timeout_seconds=settings.webhook_timeout_seconds,
+                retry_base_seconds=settings.webhook_retry_base_seconds,
+                retry_window_seconds=settings.webhook_retry_window_seconds,
+                disable_after_seconds=settings.webhook_disable_after_seconds,
+                per_endpoint=settings.webhook_endpoint_concurrency,
+            )
+            webhooks = asyncio.create_task(deliver_webhooks(deliverer, stop))
             log.info("worker_started")
             while not stop.is_set():
                 try:
@@ -117,6 +154,8 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
                 if not busy:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), settings.worker_interval_seconds)
+            await webhooks
+            await deliverer.close()
     finally:
         await redis.aclose()
         await pool.close()

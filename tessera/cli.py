@@ -16,7 +16,8 @@ USAGE = """usage: tessera COMMAND ...
   serve api|vault|psp-a       serve one process in the foreground
   merchants create|roll-key|configure   merchants (API and vault) and their routing
   routing simulate --traffic FILE      the router against always-A / always-B (needs make up)
-  worker                      reconciler, completer and expiry (make run/up start one)
+  worker                      reconciler, completer, expiry, webhooks (make run/up start one)
+  ledger check                prove the ledger balances and matches the payments table
   api ...                     any `python -m api` command
   vault ...                   any `python -m vault` command
 """
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         if target in ("api", "vault"):
             _service(target, [command, *extra])
             return
-    if command in ("merchants", "routing", "worker"):
+    if command in ("merchants", "routing", "worker", "ledger"):
         _service("api", [command, *rest])
         return
     if command in ("api", "vault"):

@@ -147,6 +147,31 @@ def vault_env(
     }
 
 
+#: The API environment of this session, once a test asked for it (for the ledger check).
+_SESSION_API_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ledger_balances_at_the_end_of_the_session() -> Iterator[None]:
+    """After every test of the session, `tessera ledger check` (the real command) must find the
+    ledger balanced and equal to the payments table: every payment, refund, failover and
+    crash the suites made is accounted for."""
+    yield
+    if not _SESSION_API_ENV:
+        return  # no test used the API's database
+    result = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "ledger", "check"],
+        env={**os.environ, **_SESSION_API_ENV},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = json.loads(result.stdout) if result.stdout.strip() else {}
+    assert result.returncode == 0 and report.get("payments_checked", 0) > 0, (
+        result.stdout + result.stderr
+    )
+
+
 @pytest.fixture(scope="session")
 def api_env(
     databases: dict[str, ServiceDatabase],
@@ -156,7 +181,7 @@ def api_env(
     psp_b: ServiceProcess,
 ) -> dict[str, str]:
     db = databases["api"]
-    return {
+    env = {
         "TESSERA_MODE": "development",
         "TESSERA_API_DATABASE_URL": dsn(db.runtime, db.database),
         "TESSERA_API_MIGRATION_URL": dsn(db.owner, db.database),
@@ -166,6 +191,8 @@ def api_env(
         "TESSERA_API_PSP_A_URL": psp_a.url,
         "TESSERA_API_PSP_B_URL": psp_b.url,
     }
+    _SESSION_API_ENV.update(env)
+    return env
 
 
 def start_service(

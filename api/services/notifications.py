@@ -7,12 +7,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from api.services.operations import Started, undo
+from api.services.events import Cause, Publisher
+from api.services.operations import Started, announce_operation, undo
 from api.services.payments import state_of
 from api.storage.payments import OperationRepository
 from core.errors import AuthenticationFailed, InvalidRequest
@@ -53,6 +54,8 @@ def signature_valid(item: dict[str, Any], key: bytes) -> bool:
 class NotificationService:
     pool: Any
     psp_b_hmac_key: bytes
+    routing: Any = None
+    publisher: Publisher = field(default_factory=Publisher)
     processor: str = "psp_b"
 
     async def apply(self, body: bytes) -> int:
@@ -112,5 +115,18 @@ class NotificationService:
                 )
             await operations.settle_operation(
                 self.processor, reference, "succeeded" if success else "failed"
+            )
+            started = Started(
+                payment_id, pending["operation"], pending["amount"], pending["refund_id"]
+            )
+            await announce_operation(
+                self.publisher,
+                self.routing,
+                conn,
+                payment,
+                started,
+                "succeeded" if success else "failed",
+                Cause(),
+                confirmed_later=True,
             )
             return 1

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from api.connectors.base import Connector, OperationResult, Outcome
+from api.services.events import Cause, Publisher
 from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
 from api.services.payments import RefundView, payment_view, refund_view, state_of
+from api.services.routing import processing_fee
 from api.storage.idempotency import (
     IdempotencyRepository,
     OperationKeys,
@@ -29,6 +31,7 @@ from api.storage.idempotency import (
     StoredResponse,
 )
 from api.storage.payments import OperationRepository, PaymentRepository
+from core import ledger
 from core import payments as machine
 from core.errors import NotFound, ServiceUnavailable, StateConflict, TesseraError
 from core.ids import new_id
@@ -51,6 +54,71 @@ class Started:
     refund_id: str | None
 
 
+async def announce_operation(
+    publisher: Publisher,
+    routing: Any,
+    conn: Any,
+    payment: Any,
+    started: Started,
+    outcome: str,
+    cause: Cause,
+    *,
+    confirmed_later: bool = False,
+) -> None:
+    """The event (and the ledger's postings) of an operation's outcome: `succeeded`,
+    `failed` or `accepted` (confirmed later by a notification). `confirmed_later` marks the
+    notification's own outcome, which settles an accepted operation. A capture or cancel the
+    processor refused at once changed nothing visible: no event."""
+    currency = payment["currency"]
+    postings: list[ledger.Posting] | None = None
+    event_type: str | None = None
+    if started.operation == "refund":
+        event_type = {
+            "succeeded": "refund.succeeded",
+            "failed": "refund.failed",
+            "accepted": "refund.pending",
+        }[outcome]
+        if outcome == "accepted":
+            postings = ledger.refund_accepted(currency, started.amount)
+        elif outcome == "succeeded":
+            confirm = ledger.refund_confirmed if confirmed_later else ledger.refund
+            postings = confirm(currency, started.amount)
+        elif confirmed_later:
+            postings = ledger.refund_refused(currency, started.amount)
+    elif outcome == "succeeded" and started.operation == "capture":
+        event_type = "payment.captured"
+        fee = await processing_fee(routing, payment, started.amount)
+        postings = ledger.capture(currency, payment["amount_authorized"], started.amount, fee)
+    elif outcome == "succeeded":
+        event_type = "payment.canceled"
+        postings = ledger.release(currency, payment["amount_authorized"])
+    elif outcome == "failed" and confirmed_later:
+        event_type = f"payment.{started.operation}_failed"
+    if event_type is None:
+        return
+    merchant_id = payment["merchant_id"]
+    obj: msgspec.Struct
+    if started.refund_id is not None:
+        refund = await OperationRepository(conn).refund(merchant_id, started.refund_id)
+        obj, object_id = refund_view(refund), started.refund_id
+    else:
+        repo = PaymentRepository(conn)
+        row = await repo.get(merchant_id, started.payment_id)
+        refunds = await repo.refunds(merchant_id, [started.payment_id])
+        attempts = await repo.attempts(merchant_id, [started.payment_id])
+        obj, object_id = payment_view(row, refunds, attempts), started.payment_id
+    await publisher.publish(
+        conn,
+        merchant_id,
+        event_type,
+        object_id,
+        obj,
+        cause,
+        payment_id=started.payment_id,
+        postings=postings,
+    )
+
+
 @dataclass
 class OperationService:
     pool: Any
@@ -58,6 +126,8 @@ class OperationService:
     keys: IdempotencyRepository
     replays: ReplayCache
     lease_seconds: float
+    routing: Any = None
+    publisher: Publisher = field(default_factory=Publisher)
 
     async def run(
         self,
@@ -253,6 +323,15 @@ class OperationService:
                     started.refund_id,
                     lease_seconds=self.lease_seconds,
                 )
+                await announce_operation(
+                    self.publisher,
+                    self.routing,
+                    conn,
+                    payment,
+                    started,
+                    "accepted",
+                    Cause(request_id, key),
+                )
                 response = await self._response(
                     conn, merchant_id, started, True, result, request_id
                 )
@@ -278,6 +357,15 @@ class OperationService:
                     result.processor_reference,
                     result.failure_code,
                 )
+            await announce_operation(
+                self.publisher,
+                self.routing,
+                conn,
+                payment,
+                started,
+                "succeeded" if ok else "failed",
+                Cause(request_id, key),
+            )
             response = await self._response(conn, merchant_id, started, ok, result, request_id)
             await self.keys.finish(conn, merchant_id, key, response)
         await self.replays.put(merchant_id, key, fingerprint, response)

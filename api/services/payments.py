@@ -23,12 +23,14 @@ import msgspec
 
 from api.connectors.base import AuthorizeRequest, AuthorizeResult, Connector, Outcome
 from api.services.breaker import CircuitBreaker
+from api.services.events import Cause, Publisher
 from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
-from api.services.routing import SOFT_DECLINES, Candidate, OutcomeStats, rank
+from api.services.routing import SOFT_DECLINES, Candidate, OutcomeStats, processing_fee, rank
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
 from api.storage.payments import PaymentRepository
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
+from core import ledger
 from core import payments as machine
 from core.bins import country_of
 from core.errors import CardError, InvalidRequest, NotFound, ProcessorError, ServiceUnavailable
@@ -191,6 +193,7 @@ class PaymentService:
     #: After this long, an authorization the processor has never heard of will never appear.
     processor_cutoff_seconds: float = 60.0
     late_authorization_window_seconds: float = 24 * 3600
+    publisher: Publisher = field(default_factory=Publisher)
     rng: random.Random = field(default_factory=random.Random)
 
     async def ranking(
@@ -386,14 +389,20 @@ class PaymentService:
             result = None
 
         failpoint("after_processor_call")
-        # Phase 3: record the answer and the response together.
+        # Phase 3: record the answer, its event and postings, and the response together.
         async with self.pool.acquire() as conn, conn.transaction():
             payments = PaymentRepository(conn)
+            event_type = None
             if result is not None:
-                await self._record(payments, merchant_id, payment_id, attempt["attempt"], result)
+                event_type = await self._record(
+                    payments, merchant_id, payment_id, attempt["attempt"], result
+                )
             payment = await payments.get(merchant_id, payment_id)
             attempts = await payments.attempts(merchant_id, [payment_id])
             view = payment_view(payment, [], attempts)
+            if event_type is not None:
+                cause = Cause(request_id, idempotency_key)
+                await self._announce(conn, payment, view, event_type, cause)
             response = _response(view, request_id)
             await self.keys.finish(conn, merchant_id, idempotency_key, response)
         await self.replays.put(merchant_id, idempotency_key, fingerprint, response)
@@ -432,17 +441,19 @@ class PaymentService:
             payments = PaymentRepository(conn)
             if found is not None and found.outcome is not Outcome.UNKNOWN:
                 await payments.reopen_attempt(merchant_id, payment_id, attempt)
-                await self._record(payments, merchant_id, payment_id, attempt, found)
+                event_type = await self._record(payments, merchant_id, payment_id, attempt, found)
+                await self._announce_current(conn, merchant_id, payment_id, event_type)
                 return str(found.outcome)
             if found is None and age_seconds > self.processor_cutoff_seconds:
                 await payments.reopen_attempt(merchant_id, payment_id, attempt)
-                await self._record(
+                event_type = await self._record(
                     payments,
                     merchant_id,
                     payment_id,
                     attempt,
                     AuthorizeResult(Outcome.FAILED, failure_code="not_found_at_processor"),
                 )
+                await self._announce_current(conn, merchant_id, payment_id, event_type)
                 await payments.watch_for_late_authorization(
                     merchant_id, payment_id, attempt, self.late_authorization_window_seconds
                 )
@@ -508,12 +519,14 @@ class PaymentService:
         payment_id: str,
         attempt: int,
         result: AuthorizeResult,
-    ) -> None:
+    ) -> str | None:
+        """Apply the processor's answer; returns the event it makes, None if nothing changed."""
         state = state_of(await payments.get(merchant_id, payment_id))
         if result.outcome is Outcome.UNKNOWN:
             # Stays `processing`; the reconciler settles it by asking the processor.
-            await payments.mark_unknown(merchant_id, payment_id, attempt)
-            return
+            if await payments.mark_unknown(merchant_id, payment_id, attempt):
+                return "payment.processing"
+            return None
         outcome = {
             Outcome.APPROVED: machine.AuthorizationOutcome.APPROVED,
             Outcome.DECLINED: machine.AuthorizationOutcome.DECLINED,
@@ -522,7 +535,7 @@ class PaymentService:
         new = machine.authorize_result(state, outcome)
         if result.captured:
             new = machine.capture(new)
-        await payments.record_authorization(
+        applied = await payments.record_authorization(
             merchant_id,
             payment_id,
             attempt,
@@ -533,6 +546,42 @@ class PaymentService:
             processor_reference=result.processor_reference,
             decline_code=result.decline_code,
             failure_code=result.failure_code,
+        )
+        return f"payment.{new.status}" if applied else None
+
+    async def _announce_current(
+        self, conn: Any, merchant_id: str, payment_id: str, event_type: str | None
+    ) -> None:
+        """The worker's changes: the event carries the payment as it is now, and no request."""
+        if event_type is None:
+            return
+        payments = PaymentRepository(conn)
+        payment = await payments.get(merchant_id, payment_id)
+        refunds = await payments.refunds(merchant_id, [payment_id])
+        attempts = await payments.attempts(merchant_id, [payment_id])
+        view = payment_view(payment, refunds, attempts)
+        await self._announce(conn, payment, view, event_type, Cause())
+
+    async def _announce(
+        self, conn: Any, payment: Any, view: PaymentView, event_type: str, cause: Cause
+    ) -> None:
+        """The event of an authorization's outcome, with the ledger's postings for it."""
+        postings = None
+        currency = payment["currency"]
+        if event_type == "payment.authorized":
+            postings = ledger.authorization(currency, payment["amount_authorized"])
+        elif event_type == "payment.captured":
+            fee = await processing_fee(self.routing, payment, payment["amount_captured"])
+            postings = ledger.authorization_and_capture(currency, payment["amount_captured"], fee)
+        await self.publisher.publish(
+            conn,
+            payment["merchant_id"],
+            event_type,
+            payment["id"],
+            view,
+            cause,
+            payment_id=payment["id"],
+            postings=postings,
         )
 
     async def get(self, merchant_id: str, payment_id: str) -> PaymentView:

@@ -163,3 +163,11 @@ async def rank(
         candidates.append(Candidate(processor, fee, rate, rate * (amount - fee)))
     candidates.sort(key=lambda c: c.expected_value, reverse=True)
     return candidates
+
+
+async def processing_fee(routing: Any, payment: Any, amount: int) -> int:
+    """The fee the payment's processor charges for capturing `amount`, by the merchant's fee
+    schedule."""
+    config: RoutingConfig = await routing.config(payment["merchant_id"])
+    fees = config.fees.get(payment["processor"], ProcessorFees())
+    return fees.of(payment["card_brand"], amount)

@@ -144,9 +144,10 @@ class PaymentRepository:
         )
         return list(rows)
 
-    async def mark_unknown(self, merchant_id: str, payment_id: str, attempt: int) -> None:
-        """No answer we can trust: the reconciler asks the processor about it in a second."""
-        await self.conn.execute(
+    async def mark_unknown(self, merchant_id: str, payment_id: str, attempt: int) -> bool:
+        """No answer we can trust: the reconciler asks the processor about it in a second.
+        False if the attempt was already unknown (a retry that learned nothing new)."""
+        status: str = await self.conn.execute(
             "UPDATE payment_attempts SET outcome = 'unknown', "
             "next_inquiry_at = now() + interval '1 second' "
             "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3 AND outcome = 'pending'",
@@ -154,6 +155,7 @@ class PaymentRepository:
             payment_id,
             attempt,
         )
+        return status.endswith(" 1")
 
     async def watch_for_late_authorization(
         self, merchant_id: str, payment_id: str, attempt: int, window_seconds: float
