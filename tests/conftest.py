@@ -13,7 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,3 +318,29 @@ def fresh_routing_state(redis_urls: dict[str, str]) -> None:
                 client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+def workers(
+    api_env: dict[str, str], vault: ServiceProcess, tmp_path: Path
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """`tessera worker` processes against the session's stack, stopped after the test;
+    keyword arguments are extra environment variables."""
+    started: list[ServiceProcess] = []
+
+    def start(**extra: str) -> ServiceProcess:
+        env = {
+            **api_env,
+            "TESSERA_API_VAULT_URL": vault.url,
+            "TESSERA_API_WORKER_INTERVAL_SECONDS": "0.2",
+            **extra,
+        }
+        log = tmp_path / f"worker-{len(started)}.log"
+        process = ServiceProcess("api", env, 0, log, args=["worker"])
+        process.start(ready_path="")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

@@ -28,36 +28,6 @@ from tests.support.payments import (
 from tests.support.processes import ServiceProcess
 
 
-def worker_env(
-    api_env: dict[str, str], vault: ServiceProcess, psp_a: ServiceProcess
-) -> dict[str, str]:
-    return {
-        **api_env,
-        "TESSERA_API_VAULT_URL": vault.url,
-        "TESSERA_API_PSP_A_URL": psp_a.url,
-        "TESSERA_API_WORKER_INTERVAL_SECONDS": "0.2",
-    }
-
-
-@pytest.fixture
-def workers(
-    api_env: dict[str, str], vault: ServiceProcess, psp_a: ServiceProcess, tmp_path: Path
-) -> Iterator[Callable[..., ServiceProcess]]:
-    started: list[ServiceProcess] = []
-
-    def start(**extra: str) -> ServiceProcess:
-        env = {**worker_env(api_env, vault, psp_a), **extra}
-        log = tmp_path / f"worker-{len(started)}.log"
-        process = ServiceProcess("api", env, 0, log, args=["worker"])
-        process.start(ready_path="")
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
-
-
 def status(api: ServiceProcess, merchant: ApiMerchant, payment_id: str) -> str:
     response = httpx.get(f"{api.url}/v1/payments/{payment_id}", headers=merchant.auth)
     value: str = response.json()["status"]

@@ -108,6 +108,7 @@ def test_production_mode_accepts_a_production_configuration() -> None:
         "TESSERA_API_PSP_B_URL": "https://checkout.psp-b.example",
         "TESSERA_API_PSP_B_API_KEY": "live_key_from_secret_manager",
         "TESSERA_API_PSP_B_HMAC_KEY": "00" * 32,
+        "TESSERA_API_WEBHOOK_SECRET_KEY": "11" * 32,
     }
     assert load_settings(VaultSettings, env).production
     assert load_settings(ApiSettings, env).production
