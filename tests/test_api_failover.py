@@ -126,6 +126,13 @@ def test_a_refund_at_psp_b_is_pending_until_its_notification_confirms_it(
         return bool(read["status"] == "succeeded")
 
     wait_for(succeeded)
+    refund_events = httpx.get(
+        f"{api.url}/v1/events", params={"object": refund["id"]}, headers=only_b.auth
+    ).json()["data"]
+    assert [e["type"] for e in refund_events] == ["refund.succeeded", "refund.pending"]
+    assert refund_events[1]["request"] is not None  # the client's request
+    assert refund_events[0]["request"] is None  # PSP B's notification
+    assert refund_events[0]["data"]["object"]["status"] == "succeeded"
 
 
 def test_a_refund_psp_b_reports_failed_is_reversed_visibly(
@@ -142,6 +149,42 @@ def test_a_refund_psp_b_reports_failed_is_reversed_visibly(
     wait_for(failed)
     after = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=only_b.auth).json()
     assert (after["status"], after["amount_refunded"]) == ("captured", 0)
+    refund_events = httpx.get(
+        f"{api.url}/v1/events", params={"object": refund["id"]}, headers=only_b.auth
+    ).json()["data"]
+    assert [e["type"] for e in refund_events] == ["refund.failed", "refund.pending"]
+    balance = httpx.get(f"{api.url}/v1/balance", headers=only_b.auth).json()
+    pending_refunds = -sum(a["amount"] for a in balance["available"])
+    assert pending_refunds == sum(  # the failed refund was given back to the merchant
+        r["amount"]
+        for p in httpx.get(
+            f"{api.url}/v1/payments", params={"limit": 100}, headers=only_b.auth
+        ).json()["data"]
+        for r in p["refunds"]
+        if r["status"] != "failed"
+    )
+
+
+def test_a_capture_psp_b_reports_failed_is_an_event_and_books_nothing(
+    api: ServiceProcess, vault: ServiceProcess, psp_b: ServiceProcess, only_b: ApiMerchant
+) -> None:
+    payment = pay(api, vault, only_b, amount=1200, capture=False).json()
+    httpx.post(psp_b.url + "/admin/config", json={"fail_next_captures": 1}).raise_for_status()
+    captured = post(api, only_b, f"/v1/payments/{payment['id']}/capture")
+    assert captured.status_code == 200, captured.text
+
+    def types() -> list[str]:
+        return [
+            e["type"]
+            for e in httpx.get(
+                f"{api.url}/v1/events", params={"object": payment["id"]}, headers=only_b.auth
+            ).json()["data"]
+        ]
+
+    wait_for(lambda: types()[0] == "payment.capture_failed")
+    assert types() == ["payment.capture_failed", "payment.authorized"]
+    after = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=only_b.auth).json()
+    assert (after["status"], after["amount_captured"]) == ("authorized", 0)
 
 
 def signed_item(**fields: Any) -> dict[str, Any]:

@@ -89,6 +89,13 @@ def test_the_completer_finishes_a_request_whose_api_process_was_killed(
         payment = final.json()
         assert payment["status"] == "captured"
         assert len(psp_authorizations(psp_a, f"{payment['id']}_1")) == 1
+        # The crash came before phase 3: the one event was written when the worker finished.
+        events = httpx.get(
+            f"{survivor.url}/v1/events", params={"object": payment["id"]}, headers=merchant.auth
+        ).json()["data"]
+        assert [(e["type"], e["request"]["idempotency_key"]) for e in events] == [
+            ("payment.captured", key)
+        ]
     finally:
         survivor.stop()
 
