@@ -113,6 +113,10 @@ def test_an_authorization_not_captured_in_time_is_canceled(
     wait_for(lambda: status(api, merchant, payment["id"]) == "canceled")
     [authorization] = psp_authorizations(psp_a, f"{payment['id']}_1")
     assert authorization["status"] == "voided"
+    [canceled, _] = httpx.get(
+        f"{api.url}/v1/events", params={"object": payment["id"]}, headers=merchant.auth
+    ).json()["data"]
+    assert (canceled["type"], canceled["request"]) == ("payment.canceled", None)
 
 
 def test_two_workers_never_act_twice_on_one_payment(

@@ -26,6 +26,11 @@ EXPECTED_TABLES = {
         "merchant_routing",
         "processor_operations",
         "processed_notifications",
+        "events",
+        "webhook_endpoints",
+        "webhook_deliveries",
+        "ledger_postings",
+        "ledger_entries",
     },
     "vault": {
         "schema_migrations",

@@ -38,6 +38,8 @@ from core.ids import new_id
 from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import error_bytes, status_of
 
+#: The idempotency key the worker's expiry uses for a payment's cancel.
+EXPIRY_KEY_PREFIX = "tessera-expiry:"
 #: How long an operation waits for the one before it on the same payment.
 WAIT_SECONDS = 15.0
 
@@ -52,6 +54,13 @@ class Started:
     operation: str
     amount: int
     refund_id: str | None
+
+
+def _cause(request_id: str, key: str) -> Cause:
+    """The request behind an operation; none for the worker's expiry (its key is our own)."""
+    if key.startswith(EXPIRY_KEY_PREFIX):
+        return Cause()
+    return Cause(request_id, key)
 
 
 async def announce_operation(
@@ -203,7 +212,7 @@ class OperationService:
             "cancel",
             None,
             None,
-            idempotency_key=f"tessera-expiry:{payment_id}",
+            idempotency_key=f"{EXPIRY_KEY_PREFIX}{payment_id}",
             method="POST",
             path=path,
             raw_body=b"",
@@ -330,7 +339,7 @@ class OperationService:
                     payment,
                     started,
                     "accepted",
-                    Cause(request_id, key),
+                    _cause(request_id, key),
                 )
                 response = await self._response(
                     conn, merchant_id, started, True, result, request_id
@@ -364,7 +373,7 @@ class OperationService:
                 payment,
                 started,
                 "succeeded" if ok else "failed",
-                Cause(request_id, key),
+                _cause(request_id, key),
             )
             response = await self._response(conn, merchant_id, started, ok, result, request_id)
             await self.keys.finish(conn, merchant_id, key, response)
