@@ -133,3 +133,5 @@ GRANT SELECT, INSERT, DELETE ON events TO tessera_api;
 GRANT SELECT, INSERT, UPDATE ON webhook_endpoints TO tessera_api;
 GRANT SELECT, INSERT, UPDATE, DELETE ON webhook_deliveries TO tessera_api;
 GRANT SELECT, INSERT ON ledger_postings, ledger_entries TO tessera_api;
+-- The API numbers a change's postings itself, so one statement writes them all.
+GRANT USAGE ON SEQUENCE ledger_postings_id_seq TO tessera_api;

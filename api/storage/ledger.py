@@ -20,25 +20,39 @@ class LedgerRepository:
         postings: Iterable[Posting],
         settlement_delay_seconds: float,
     ) -> None:
-        """Each posting and its entries in one statement, in the caller's transaction; the
-        database checks at commit that each posting balances."""
-        for posting in postings:
-            await self.conn.execute(
-                "WITH p AS (INSERT INTO ledger_postings (merchant_id, payment_id, kind) "
-                "VALUES ($1, $2, $3) RETURNING id) "
-                "INSERT INTO ledger_entries (posting_id, merchant_id, account, currency, amount, "
-                "available_on) SELECT p.id, $1, u.account, $4, u.amount, "
-                "now() + make_interval(secs => u.delay) "
-                "FROM p, unnest($5::text[], $6::bigint[], $7::float8[]) "
-                "AS u(account, amount, delay)",
-                merchant_id,
-                payment_id,
-                posting.kind,
-                posting.currency,
-                [e.account for e in posting.entries],
-                [e.amount for e in posting.entries],
-                [settlement_delay_seconds if e.settles_later else 0.0 for e in posting.entries],
-            )
+        """All the postings of one change and their entries in one statement (one round trip),
+        in the caller's transaction; the database checks at commit that each balances."""
+        postings = list(postings)
+        if not postings:
+            return
+        index, accounts, amounts, delays = [], [], [], []
+        for number, posting in enumerate(postings, start=1):
+            for entry in posting.entries:
+                index.append(number)
+                accounts.append(entry.account)
+                amounts.append(entry.amount)
+                delays.append(settlement_delay_seconds if entry.settles_later else 0.0)
+        await self.conn.execute(
+            "WITH ids AS ("
+            "  SELECT u.n, u.kind, u.currency, "
+            "  nextval(pg_get_serial_sequence('ledger_postings', 'id')) AS id "
+            "  FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS u(kind, currency, n)), "
+            "p AS (INSERT INTO ledger_postings (id, merchant_id, payment_id, kind) "
+            "  OVERRIDING SYSTEM VALUE SELECT id, $1, $2, kind FROM ids) "
+            "INSERT INTO ledger_entries (posting_id, merchant_id, account, currency, amount, "
+            "available_on) SELECT ids.id, $1, e.account, ids.currency, e.amount, "
+            "now() + make_interval(secs => e.delay) "
+            "FROM unnest($5::int[], $6::text[], $7::bigint[], $8::float8[]) "
+            "AS e(n, account, amount, delay) JOIN ids ON ids.n = e.n",
+            merchant_id,
+            payment_id,
+            [p.kind for p in postings],
+            [p.currency for p in postings],
+            index,
+            accounts,
+            amounts,
+            delays,
+        )
 
     async def balance(self, merchant_id: str) -> list[Any]:
         """Per currency, what is owed to the merchant: available now, and pending settlement."""
