@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export TESSERA_ROOT := $(CURDIR)
 
-.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos
+.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos browser screenshots
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -44,7 +44,15 @@ format: venv ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-pytest: setup ## the pytest suite alone (real Postgres and Redis)
+browser: ## Debian's chromium for the browser tests (installed with apt-get as root if missing)
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is missing: run 'sudo apt-get install chromium' (the browser tests need it)"; fi
+
+pytest: setup browser ## the pytest suite alone (real Postgres and Redis, headless Chromium)
 	$(BIN)/pytest
 
 test: setup lint pytest ## everything CI runs: set-up, lint, type check, import rules, tests
@@ -54,6 +62,9 @@ bench: setup ## benchmarks that print numbers (never timed assertions in tests)
 
 routing-simulate: venv ## the router against always-A and always-B on `make up`'s stack
 	set -a; . .run/dev.env; set +a; $(BIN)/tessera routing simulate --traffic docs/examples/routing-traffic.json
+
+screenshots: setup browser ## redraw docs/img/checkout-*.png from the demo checkout in Chromium
+	TESSERA_SCREENSHOTS=docs/img $(BIN)/pytest -q tests/test_checkout_browser.py -k shopper_pays
 
 chaos: setup ## 5 minutes of traffic while PSP A fails and recovers and the API and worker are killed once
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-300} $(BIN)/python -m tests.chaos

@@ -412,26 +412,45 @@ def start_services(config: StackConfig, env: dict[str, str], *, detach: bool) ->
     running = Running()
     try:
         for service in services(config):
-            if service.url and _port_taken(service.url):
-                raise StackError(
-                    f"{service.url} is already taken (another `make up`? run `make down`)"
-                )
-            log = service.log_file.open("ab")
-            process = subprocess.Popen(
-                service.argv,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=detach,
-            )
-            running.processes[service.name] = process
-            service.pid_file.write_text(str(process.pid))
-            wait_until_ready(service, process, timeout=30)
-            say(f"{service.name} ready" + (f" at {service.url}" if service.url else ""))
+            start_one(service, env, running, detach=detach)
     except BaseException:
         stop_processes(running)
         raise
     return running
+
+
+def start_one(service: Service, env: dict[str, str], running: Running, *, detach: bool) -> None:
+    if service.url and _port_taken(service.url):
+        raise StackError(f"{service.url} is already taken (another `make up`? run `make down`)")
+    log = service.log_file.open("ab")
+    process = subprocess.Popen(
+        service.argv,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=detach,
+    )
+    running.processes[service.name] = process
+    service.pid_file.write_text(str(process.pid))
+    wait_until_ready(service, process, timeout=30)
+    say(f"{service.name} ready" + (f" at {service.url}" if service.url else ""))
+
+
+def demo_shop(config: StackConfig) -> Service:
+    """The demo merchant's checkout (sandbox/merchant_demo), started once its keys exist."""
+    return Service("shop", [sys.executable, "-m", "sandbox.merchant_demo"], DEMO_ORIGIN, "/healthz")
+
+
+def demo_shop_env(config: StackConfig, env: dict[str, str], demo: dict[str, str]) -> dict[str, str]:
+    port = urlsplit(DEMO_ORIGIN).port or 8300
+    return {
+        **env,
+        "TESSERA_DEMO_PORT": str(port),
+        "TESSERA_DEMO_API_URL": f"http://{config.host}:{config.api_port}",
+        "TESSERA_DEMO_VAULT_URL": f"http://{config.host}:{config.vault_port}",
+        "TESSERA_DEMO_PUBLISHABLE_KEY": demo["publishable_key"],
+        "TESSERA_DEMO_SECRET_KEY": demo["secret_key"],
+    }
 
 
 def _terminate(pid: int, timeout: float) -> None:
@@ -538,7 +557,8 @@ def banner(config: StackConfig, demo: dict[str, str]) -> str:
             f"  vault          http://{host}:{config.vault_port}",
             f"  PSP simulators http://{host}:{config.psp_a_port}   (psp_a)",
             f"                 http://{host}:{config.psp_b_port}   (psp_b)",
-            "  worker         reconciler, completer, expiry (no port)",
+            "  worker         reconciler, completer, expiry, webhooks (no port)",
+            f"  demo checkout  {DEMO_ORIGIN}/   <- open this first (test card 4242 4242 4242 4242)",
             f"  logs           {LOGS}/",
             "Demo merchant",
             f"  merchant id      {demo['merchant_id']}",
@@ -559,6 +579,7 @@ def run(*, detach: bool) -> int:
         running = start_services(config, env, detach=detach)
         try:
             demo = seed_demo_merchant(env)
+            start_one(demo_shop(config), demo_shop_env(config, env, demo), running, detach=detach)
         except (subprocess.CalledProcessError, StackError):
             stop_processes(running)
             raise

@@ -274,11 +274,26 @@ class ApiMerchant:
 
 
 def create_merchant(
-    api_env: dict[str, str], vault: ServiceProcess, admin_token: str, name: str = "Shop"
+    api_env: dict[str, str],
+    vault: ServiceProcess,
+    admin_token: str,
+    name: str = "Shop",
+    origins: tuple[str, ...] = (),
 ) -> ApiMerchant:
     """`tessera merchants create`, as an operator runs it: the merchant exists in both services."""
+    origin_args = [arg for origin in origins for arg in ("--origin", origin)]
     result = subprocess.run(
-        [sys.executable, "-m", "tessera.cli", "merchants", "create", "--name", name, "--json"],
+        [
+            sys.executable,
+            "-m",
+            "tessera.cli",
+            "merchants",
+            "create",
+            "--name",
+            name,
+            *origin_args,
+            "--json",
+        ],
         env={
             **os.environ,
             **api_env,

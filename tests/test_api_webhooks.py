@@ -359,11 +359,7 @@ def test_an_endpoint_that_keeps_failing_is_disabled_and_its_owner_told(
     receiver.behaviour = lambda d: (503, 0.0)
     endpoint = create_endpoint(api, shop, receiver.url, ["payment.captured"]).json()
     payment = pay(api, vault, shop).json()
-    workers(
-        **FAST,
-        TESSERA_API_WEBHOOK_RETRY_WINDOW_SECONDS="2",
-        TESSERA_API_WEBHOOK_DISABLE_AFTER_SECONDS="1",
-    )
+    workers(**FAST, TESSERA_API_WEBHOOK_DISABLE_AFTER_SECONDS="1")
 
     def disabled() -> bool:
         read = httpx.get(f"{api.url}/v1/webhook_endpoints/{endpoint['id']}", headers=shop.auth)
@@ -426,3 +422,32 @@ def test_the_delivery_queue_claim_is_exclusive_under_concurrency(
     ]
     assert len(claimed) == 5
     assert len(set(claimed)) == 5
+
+
+def test_a_delivery_never_accepted_within_the_retry_window_is_marked_failed(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    shop: ApiMerchant,
+    receiver: WebhookReceiver,
+    workers: Callable[..., ServiceProcess],
+) -> None:
+    receiver.behaviour = lambda d: (500, 0.0)
+    endpoint = create_endpoint(api, shop, receiver.url, ["payment.captured"]).json()
+    workers(**FAST, TESSERA_API_WEBHOOK_RETRY_WINDOW_SECONDS="3")
+    payment = pay(api, vault, shop).json()
+    [captured] = events_of(api, shop)
+    assert captured["data"]["object"]["id"] == payment["id"]
+
+    def delivery() -> dict[str, Any]:
+        found: dict[str, Any] = httpx.get(
+            f"{api.url}/v1/events/{captured['id']}/deliveries", headers=shop.auth
+        ).json()["data"][0]
+        return found
+
+    wait_for(lambda: delivery()["status"] == "failed", seconds=30)
+    final = delivery()
+    assert final["attempts"] >= 2, "retried before giving up"
+    assert (final["last_status"], final["last_error"]) == (500, "http_500")
+    assert len(receiver.deliveries) == final["attempts"]
+    read = httpx.get(f"{api.url}/v1/webhook_endpoints/{endpoint['id']}", headers=shop.auth)
+    assert read.json()["status"] == "enabled"  # failing for seconds, not for days

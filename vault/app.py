@@ -15,6 +15,7 @@ from prometheus_client import Gauge
 from tessera.runtime.service import build_app
 from vault.audit import AuditLog
 from vault.cors import TokenPreflight
+from vault.elements.routes import ElementsController
 from vault.forward import Forwarder
 from vault.keys import KeyRepository, KeyService
 from vault.kms.base import KeyManagementService
@@ -100,7 +101,7 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         title="Tessera vault",
         settings=settings,
         migrations_package="vault.migrations",
-        route_handlers=[TokenController, ForwardController, AdminController],
+        route_handlers=[TokenController, ForwardController, AdminController, ElementsController],
         dependencies=dependencies,
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=vault_lifespan,

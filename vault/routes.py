@@ -79,9 +79,21 @@ def _origin_check(request: Request[Any, Any, Any]) -> str | None:
         raise PermissionDenied(
             "This origin may not create tokens.", code="origin_not_allowed"
         ) from None
+    if normalized == own_origin(request):
+        # The hosted card fields (vault/elements): served, and framable, only for the
+        # merchant's own origins, so their requests come from the vault's origin.
+        return None
     if normalized not in caller.allowed_origins:
         raise PermissionDenied("This origin may not create tokens.", code="origin_not_allowed")
     return origin
+
+
+def own_origin(request: Request[Any, Any, Any]) -> str:
+    """The vault's origin as browsers see it: TESSERA_VAULT_PUBLIC_ORIGIN, or this request's."""
+    configured: str = request.app.state.settings.public_origin
+    if configured:
+        return configured
+    return normalize_origin(f"{request.url.scheme}://{request.url.netloc}")
 
 
 def _cors_headers(origin: str) -> dict[str, str]:

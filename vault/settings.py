@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 from tessera.runtime.settings import ServiceSettings, check_secret, is_loopback_url
 from vault.forward import Destination
@@ -39,6 +40,9 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
     #: `trust_forwarded_client_cert` is on, i.e. when only the sidecar can reach the vault.
     service_identities: list[str] = []
     trust_forwarded_client_cert: bool = False
+    #: The vault's origin as browsers reach it (https://vault.example), for the hosted card
+    #: fields; empty: the origin of each request (its scheme and Host header).
+    public_origin: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,6 +61,13 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
                 f"{self.env_name('trust_forwarded_client_cert')} needs "
                 f"{self.env_name('service_identities')}"
             )
+        if self.public_origin:
+            parts = urlsplit(self.public_origin)
+            # Compared with browsers' Origin headers, which are lower-case and have no slash.
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(
+                    f"{self.env_name('public_origin')}: scheme://host[:port], nothing more"
+                )
         for name, destination in self.forward_destinations.items():
             if not destination.url.startswith(("http://", "https://")) or not destination.paths:
                 raise ValueError(

@@ -1,0 +1,1 @@
+"""The demo merchant: a checkout page with Tessera's hosted card fields, and its small back end."""

@@ -1,0 +1,3 @@
+from sandbox.merchant_demo.app import main
+
+main()
