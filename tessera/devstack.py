@@ -36,7 +36,6 @@ PIDS = RUN / "pids"
 
 DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
-DEMO_ORIGIN = "http://127.0.0.1:8300"
 
 
 class StackError(Exception):
@@ -58,7 +57,12 @@ class StackConfig:
     vault_port: int
     psp_a_port: int
     psp_b_port: int = 8202
+    demo_port: int = 8300
     host: str = "127.0.0.1"
+
+    @property
+    def demo_origin(self) -> str:
+        return f"http://{self.host}:{self.demo_port}"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> StackConfig:
@@ -70,6 +74,7 @@ class StackConfig:
             vault_port=int(env.get("TESSERA_VAULT_PORT", "8100")),
             psp_a_port=int(env.get("TESSERA_PSP_A_PORT", "8201")),
             psp_b_port=int(env.get("TESSERA_PSP_B_PORT", "8202")),
+            demo_port=int(env.get("TESSERA_DEMO_PORT", "8300")),
         )
 
     def redis_db(self, index: int) -> str:
@@ -438,14 +443,14 @@ def start_one(service: Service, env: dict[str, str], running: Running, *, detach
 
 def demo_shop(config: StackConfig) -> Service:
     """The demo merchant's checkout (sandbox/merchant_demo), started once its keys exist."""
-    return Service("shop", [sys.executable, "-m", "sandbox.merchant_demo"], DEMO_ORIGIN, "/healthz")
+    argv = [sys.executable, "-m", "sandbox.merchant_demo"]
+    return Service("shop", argv, config.demo_origin, "/healthz")
 
 
 def demo_shop_env(config: StackConfig, env: dict[str, str], demo: dict[str, str]) -> dict[str, str]:
-    port = urlsplit(DEMO_ORIGIN).port or 8300
     return {
         **env,
-        "TESSERA_DEMO_PORT": str(port),
+        "TESSERA_DEMO_PORT": str(config.demo_port),
         "TESSERA_DEMO_API_URL": f"http://{config.host}:{config.api_port}",
         "TESSERA_DEMO_VAULT_URL": f"http://{config.host}:{config.vault_port}",
         "TESSERA_DEMO_PUBLISHABLE_KEY": demo["publishable_key"],
@@ -510,13 +515,14 @@ def _is_ours(pid: int) -> bool:
     except OSError:
         return False
     text = b" ".join(cmdline)
-    return any(marker in text for marker in (b"-m vault", b"-m api", b"-m sandbox.psp"))
+    markers = (b"-m vault", b"-m api", b"-m sandbox.psp", b"-m sandbox.merchant_demo")
+    return any(marker in text for marker in markers)
 
 
 # --- the demo merchant ---------------------------------------------------------------------
 
 
-def seed_demo_merchant(env: dict[str, str]) -> dict[str, str]:
+def seed_demo_merchant(env: dict[str, str], origin: str) -> dict[str, str]:
     """Create the demo merchant once; later runs reuse it (its keys are kept in .run/)."""
     path = RUN / "demo.json"
     if path.exists():
@@ -526,7 +532,7 @@ def seed_demo_merchant(env: dict[str, str]) -> dict[str, str]:
     result = subprocess.run(
         [
             sys.executable, "-m", "api", "merchants", "create",
-            "--name", "Demo shop", "--origin", DEMO_ORIGIN, "--json",
+            "--name", "Demo shop", "--origin", origin, "--json",
         ],
         env=env,
         check=True,
@@ -558,7 +564,8 @@ def banner(config: StackConfig, demo: dict[str, str]) -> str:
             f"  PSP simulators http://{host}:{config.psp_a_port}   (psp_a)",
             f"                 http://{host}:{config.psp_b_port}   (psp_b)",
             "  worker         reconciler, completer, expiry, webhooks (no port)",
-            f"  demo checkout  {DEMO_ORIGIN}/   <- open this first (test card 4242 4242 4242 4242)",
+            f"  demo checkout  {config.demo_origin}/   <- open this first "
+            "(test card 4242 4242 4242 4242)",
             f"  logs           {LOGS}/",
             "Demo merchant",
             f"  merchant id      {demo['merchant_id']}",
@@ -578,7 +585,7 @@ def run(*, detach: bool) -> int:
         env = setup(config)
         running = start_services(config, env, detach=detach)
         try:
-            demo = seed_demo_merchant(env)
+            demo = seed_demo_merchant(env, config.demo_origin)
             start_one(demo_shop(config), demo_shop_env(config, env, demo), running, detach=detach)
         except (subprocess.CalledProcessError, StackError):
             stop_processes(running)

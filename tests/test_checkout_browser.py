@@ -161,10 +161,10 @@ def test_a_shopper_pays_and_the_card_number_only_ever_reaches_the_vault(
     ).json()["data"]
     assert (listed[0]["status"], listed[0]["card"]["last4"]) == ("captured", "4242")
 
-    # A declining card: the decline reason reaches the shopper.
+    # A declining card, paid with Enter in the CVC field: the decline reason reaches the shopper.
     browser_page.goto(shop.url)
     type_card(browser_page, DECLINED)
-    browser_page.click("#pay")
+    fields(browser_page).locator("#cvc").press("Enter")
     assert outcome(browser_page) == "declined"
     assert "do_not_honor" in browser_page.inner_text("#result")
 
@@ -173,6 +173,9 @@ def test_a_shopper_pays_and_the_card_number_only_ever_reaches_the_vault(
     type_card(browser_page, NOT_LUHN)
     number = fields(browser_page).locator("#number")
     assert number.get_attribute("aria-invalid") == "true"
+    # The shop's style reached the fields: its font size, and its colour for the error state.
+    computed = number.evaluate("e => [getComputedStyle(e).fontSize, getComputedStyle(e).color]")
+    assert computed == ["16px", "rgb(176, 0, 32)"]
     browser_page.locator("#field-state", has_text="invalid_number").wait_for()
     requests_before = len(sent)
     browser_page.click("#pay")

@@ -81,7 +81,13 @@ def test_missing_binaries_name_the_debian_packages(
 
 @pytest.mark.slow
 def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> None:
-    ports = {"api": free_port(), "vault": free_port(), "psp-a": free_port(), "psp-b": free_port()}
+    ports = {
+        "api": free_port(),
+        "vault": free_port(),
+        "psp-a": free_port(),
+        "psp-b": free_port(),
+        "shop": free_port(),
+    }
     env = {
         **os.environ,
         "TESSERA_ROOT": str(tmp_path),
@@ -89,6 +95,7 @@ def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> 
         "TESSERA_VAULT_PORT": str(ports["vault"]),
         "TESSERA_PSP_A_PORT": str(ports["psp-a"]),
         "TESSERA_PSP_B_PORT": str(ports["psp-b"]),
+        "TESSERA_DEMO_PORT": str(ports["shop"]),
     }
     tessera = [sys.executable, "-m", "tessera.cli"]
     up = subprocess.run(
@@ -97,19 +104,22 @@ def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> 
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         for name, port in ports.items():
-            path = "/healthz" if name.startswith("psp") else "/readyz"
+            path = "/healthz" if name.startswith("psp") or name == "shop" else "/readyz"
             assert httpx.get(f"http://127.0.0.1:{port}{path}").status_code == 200, name
         demo = json.loads((tmp_path / ".run" / "demo.json").read_text())
         assert demo["secret_key"] in up.stdout
         assert demo["publishable_key"] in up.stdout
         assert f"http://127.0.0.1:{ports['api']}" in up.stdout
+        checkout = httpx.get(f"http://127.0.0.1:{ports['shop']}/")
+        assert checkout.status_code == 200
+        assert demo["publishable_key"] in checkout.text  # the shop runs with the demo's keys
         assert (tmp_path / ".run" / "logs" / "api.log").exists()
     finally:
         down = subprocess.run(
             [*tessera, "dev", "down"], env=env, capture_output=True, text=True, timeout=120
         )
     assert down.returncode == 0, down.stderr
-    assert "stopped 5 service process(es)" in down.stdout
+    assert "stopped 6 service process(es)" in down.stdout
     for port in ports.values():
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

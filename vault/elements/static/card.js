@@ -123,7 +123,7 @@
     ["number", "expiry", "cvc"].forEach(function (name) {
       var error = results[name].error;
       fields[name].setAttribute("aria-invalid", error ? "true" : "false");
-      fields[name].parentNode.classList.toggle("invalid", !!error);
+      fields[name].closest(".field").classList.toggle("invalid", !!error);
       if (error && !firstError) firstError = { field: name, code: error };
     });
     brandBadge.dataset.brand = n.brand;
@@ -264,9 +264,17 @@
   if (window.ResizeObserver) new ResizeObserver(resize).observe(document.body);
 
   // Enter in a field submits the merchant's form, as it would in a field of the page itself.
+  // (A form of three text fields and no button has no implicit submission: handle the key.)
   document.getElementById("fields").addEventListener("submit", function (event) {
     event.preventDefault();
-    post({ type: "submit" });
+  });
+  Object.keys(fields).forEach(function (name) {
+    fields[name].addEventListener("keydown", function (event) {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        post({ type: "submit" });
+      }
+    });
   });
 
   post({ type: "ready" });
