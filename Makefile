@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export TESSERA_ROOT := $(CURDIR)
 
-.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos browser screenshots
+.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos browser screenshots loadtest
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ pytest: setup browser ## the pytest suite alone (real Postgres and Redis, headle
 	$(BIN)/pytest
 
 test: setup lint pytest ## everything CI runs: set-up, lint, type check, import rules, tests
+
+loadtest: venv ## a short headless Locust run against `make up` (ARGS="..." for Locust); results in loadtests/results/
+	$(BIN)/python -m loadtests.run $(ARGS)
 
 bench: setup ## benchmarks that print numbers (never timed assertions in tests)
 	$(BIN)/python -m tests.bench

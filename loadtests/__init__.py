@@ -1,0 +1,1 @@
+"""Locust load tests for Tessera (see loadtests/README.md)."""
