@@ -171,7 +171,9 @@ class TesseraUser(FastHttpUser):
                 return payment
             if expected is not None and response.status_code == 402:
                 code = response.js["error"].get("decline_code")
-                if code != expected:
+                if code == expected:
+                    response.success()  # the decline this card must give
+                else:
                     response.failure(f"declined {code}, the card gives {expected}")
                 return None
             response.failure(f"payment: {response.status_code} for a card that gives {expected}")
@@ -259,10 +261,12 @@ class FlakyClient(TesseraUser):
             ) as response:
                 status = response.status_code
                 if status == 409 and response.js["error"]["code"] == "idempotency_key_in_use":
-                    return  # the first is still in flight: a retry's fair answer
+                    response.success()  # the first is still in flight: a retry's fair answer
+                    return
                 if status not in (201, 202, 402):
                     response.failure(f"retry: {status}")
                     return
+                response.success()  # a decline is this card's answer too
                 data = response.js
                 answers.append((status, data.get("id") or data.get("error", {}).get("payment")))
 

@@ -381,6 +381,26 @@ def test_the_answer_is_status_allowlisted_headers_and_the_body_with_card_numbers
     assert pan not in response.text
 
 
+def test_a_processor_reference_with_a_card_like_digit_run_comes_back_intact(
+    vault: ServiceProcess, shop: VaultMerchant, service: str, psp_echo: EchoServer
+) -> None:
+    """PSP A's ids are 24 hex characters: about one in 300 holds a Luhn-valid run of 13+ digits.
+    Masked, the API would store a reference the processor does not know (a capture got 404)."""
+    run = next(r for r in (f"530263738127{d}" for d in range(10)) if luhn_valid(r))
+    reference = f"auth_e404eb{run}fec2"
+    other = next(p for p in (f"601100099990001{d}" for d in range(10)) if luhn_valid(p))
+    pan = random_pan()
+    token = tokenize(vault, shop, pan)
+    psp_echo.reply = {"id": reference, "note": f"card {other} refused", "card": pan}
+
+    response = forward(vault, service, shop.id, template(token))
+
+    body = response.json()["body"]
+    assert body["id"] == reference  # digits inside an identifier are the identifier's
+    assert body["note"] == f"card {masked(other)} refused"  # a card number standing alone
+    assert body["card"] == masked(pan)  # this card, wherever it is
+
+
 def test_the_echoed_request_comes_back_with_the_card_number_masked(
     vault: ServiceProcess, shop: VaultMerchant, service: str, psp_echo: EchoServer
 ) -> None:

@@ -17,7 +17,7 @@ import httpx
 import msgspec
 
 from core.errors import InvalidRequest, TesseraError
-from core.redaction import redact, redact_value
+from core.redaction import redact
 from vault.tokens import Card
 
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_.0-9]+)\s*\}\}")
@@ -200,7 +200,9 @@ class Forwarder:
         return ForwardResponse(
             status=response.status_code,
             headers={
-                h: redact(response.headers[h]) for h in RETURNED_HEADERS if h in response.headers
+                h: CardMask(card.number).text(response.headers[h])
+                for h in RETURNED_HEADERS
+                if h in response.headers
             },
             body=_masked_body(response, card),
         )
@@ -209,15 +211,53 @@ class Forwarder:
         await self.client.aclose()
 
 
+#: A number standing on its own: a candidate card number not glued to letters, digits or "_".
+_STANDALONE = re.compile(r"(?<![0-9A-Za-z_])\d(?:[ -]?\d){12,}(?![0-9A-Za-z_])")
+
+
+class CardMask:
+    """Masks what a destination sends back: this card's number wherever it appears, in any
+    grouping, and any other card number (Luhn-valid, 13-19 digits) that stands on its own.
+
+    Digits inside a processor's identifier ("auth_e404eb5302637381279fec2") are left alone: a
+    log line may be over-masked, but a reference the API stores and sends back must survive
+    intact. (`core.redaction`, the logs' safety net, masks those too.)"""
+
+    def __init__(self, pan: str) -> None:
+        self._pan = re.compile(r"[ -]?".join(re.escape(d) for d in pan)) if pan else None
+        self._masked = f"[REDACTED PAN ****{pan[-4:]}]"
+
+    def text(self, value: str) -> str:
+        if self._pan is not None:
+            value = self._pan.sub(self._masked, value)
+        return _STANDALONE.sub(lambda m: redact(m.group()), value)
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, bool) or value is None:
+            return value
+        if isinstance(value, int | float):
+            text = str(value)
+            masked = self.text(text)
+            return value if masked == text else masked
+        if isinstance(value, dict):
+            return {self.value(key): self.value(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.value(item) for item in value]
+        return value
+
+
 def _masked_body(response: httpx.Response, card: Card) -> Any:
     """What the destination said, with card numbers masked and the CVC, should a destination
     echo it as a value of its own, replaced: the caller must never get card data back."""
     if not response.content:
         return None
+    mask = CardMask(card.number)
     try:
-        body = redact_value(msgspec.json.decode(response.content))
+        body = mask.value(msgspec.json.decode(response.content))
     except msgspec.DecodeError:
-        return redact(response.text[:65536])
+        return mask.text(response.text[:65536])
     return _without_cvc(body, card.cvc) if card.cvc else body
 
 
