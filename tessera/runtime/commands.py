@@ -34,6 +34,7 @@ def serve_service(cls: type[T], create_app: Callable[[T], Any], service: str) ->
         host=settings.host,
         port=settings.port,
         shutdown_timeout=settings.shutdown_timeout_seconds,
+        keep_alive=settings.keep_alive_seconds,
         log_level=settings.log_level,
     )
 

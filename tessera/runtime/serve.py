@@ -11,7 +11,15 @@ from typing import Any
 import uvicorn
 
 
-def serve(app: Any, *, host: str, port: int, shutdown_timeout: float, log_level: str) -> None:
+def serve(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    log_level: str,
+    keep_alive: int = 75,
+) -> None:
     config = uvicorn.Config(
         app,
         host=host,
@@ -24,6 +32,7 @@ def serve(app: Any, *, host: str, port: int, shutdown_timeout: float, log_level:
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=int(shutdown_timeout),
+        timeout_keep_alive=keep_alive,
         proxy_headers=False,
     )
     server = uvicorn.Server(config)

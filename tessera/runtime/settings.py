@@ -144,6 +144,11 @@ class ServiceSettings(BaseSettings, frozen=True, kw_only=True):
     log_level: LogLevel = "info"
     #: How long in-flight requests may run on after SIGTERM.
     shutdown_timeout_seconds: float = 20.0
+    #: How long an idle client connection is kept open. Longer than our clients' own idle
+    #: expiry (httpx: 5 s), so a client never sends on a connection the server is closing:
+    #: that race makes a request look sent when it never arrived. Behind a load balancer,
+    #: longer than its idle timeout (Google's: 600 s).
+    keep_alive_seconds: int = 75
 
     def __post_init__(self) -> None:
         validate_url(self.database_url, ("postgresql", "postgres"), self.env_name("database_url"))
@@ -154,5 +159,7 @@ class ServiceSettings(BaseSettings, frozen=True, kw_only=True):
             raise ValueError(
                 f"need 1 <= {self.env_name('db_pool_min')} <= {self.env_name('db_pool_max')} <= 100"
             )
+        if not 1 <= self.keep_alive_seconds <= 3600:
+            raise ValueError(f"{self.env_name('keep_alive_seconds')}: 1 to 3600 seconds")
         if self.db_timeout_seconds <= 0 or self.shutdown_timeout_seconds < 0:
             raise ValueError("timeouts must be positive")
