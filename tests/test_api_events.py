@@ -326,3 +326,26 @@ def test_the_ledger_check_finds_a_payment_the_ledger_disagrees_with(
             "ledger": 4_000,
         }
     ]
+
+
+async def test_the_fee_is_read_on_the_callers_connection_inside_its_transaction(
+    api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]
+) -> None:
+    """The fee lookup runs inside a result's transaction. It once took a second connection
+    from the pool: with the merchant's routing not cached and every connection so held, each
+    request waited for another connection for ever (the load test found 8 stuck that way).
+    Here the pool has one connection, held by the caller: only its own connection can answer."""
+    from api.services.routing import processing_fee
+    from api.storage.routing import RoutingRepository
+
+    merchant = create_merchant(api_env, vault, tokens["admin"], "Fee shop")
+    configure_routing(api_env, merchant, "--fee", "psp_a=10+50")  # 0.10 + 0.5 %
+    payment = {"merchant_id": merchant.id, "processor": "psp_a", "card_brand": "visa"}
+    pool = await asyncpg.create_pool(api_env["TESSERA_API_DATABASE_URL"], min_size=1, max_size=1)
+    try:
+        routing = RoutingRepository(pool)  # a cold cache
+        async with pool.acquire() as conn, conn.transaction():
+            fee = await asyncio.wait_for(processing_fee(routing, conn, payment, 1000), 5)
+    finally:
+        await pool.close()
+    assert fee == 15

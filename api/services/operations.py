@@ -96,7 +96,7 @@ async def announce_operation(
             postings = ledger.refund_refused(currency, started.amount)
     elif outcome == "succeeded" and started.operation == "capture":
         event_type = "payment.captured"
-        fee = await processing_fee(routing, payment, started.amount)
+        fee = await processing_fee(routing, conn, payment, started.amount)
         postings = ledger.capture(currency, payment["amount_authorized"], started.amount, fee)
     elif outcome == "succeeded":
         event_type = "payment.canceled"

@@ -571,7 +571,7 @@ class PaymentService:
         if event_type == "payment.authorized":
             postings = ledger.authorization(currency, payment["amount_authorized"])
         elif event_type == "payment.captured":
-            fee = await processing_fee(self.routing, payment, payment["amount_captured"])
+            fee = await processing_fee(self.routing, conn, payment, payment["amount_captured"])
             postings = ledger.authorization_and_capture(currency, payment["amount_captured"], fee)
         await self.publisher.publish(
             conn,

@@ -165,9 +165,9 @@ async def rank(
     return candidates
 
 
-async def processing_fee(routing: Any, payment: Any, amount: int) -> int:
+async def processing_fee(routing: Any, conn: Any, payment: Any, amount: int) -> int:
     """The fee the payment's processor charges for capturing `amount`, by the merchant's fee
-    schedule."""
-    config: RoutingConfig = await routing.config(payment["merchant_id"])
+    schedule; read on `conn`, the caller's connection (it runs inside a transaction)."""
+    config: RoutingConfig = await routing.config(payment["merchant_id"], conn)
     fees = config.fees.get(payment["processor"], ProcessorFees())
     return fees.of(payment["card_brand"], amount)

@@ -15,11 +15,13 @@ class RoutingRepository:
         self.pool = pool
         self._cache: TTLCache[str, RoutingConfig] = TTLCache(maxsize=10_000, ttl=ttl_seconds)
 
-    async def config(self, merchant_id: str) -> RoutingConfig:
+    async def config(self, merchant_id: str, conn: Any = None) -> RoutingConfig:
+        """`conn`: the caller's connection, when it holds one (inside a transaction). Taking a
+        second connection from the pool there deadlocks once every connection is so held."""
         cached = self._cache.get(merchant_id)
         if cached is not None:
             return cached
-        raw = await self.pool.fetchval(
+        raw = await (conn or self.pool).fetchval(
             "SELECT config::text FROM merchant_routing WHERE merchant_id = $1", merchant_id
         )
         config = msgspec.json.decode(raw, type=RoutingConfig) if raw else RoutingConfig()
