@@ -7,10 +7,13 @@ report with counts; exits 1 on any violation. Duration: CHAOS_SECONDS (default 3
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import secrets
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -76,6 +79,21 @@ async def client_loop(
                 break
             else:
                 stats["gave_up"] += 1
+
+
+def check_ledger(env: dict[str, str]) -> dict[str, Any]:
+    """`tessera ledger check` on the chaos stack's database: money balanced through it all."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "ledger", "check"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report: dict[str, Any] = json.loads(result.stdout) if result.stdout.strip() else {}
+    if not report:
+        report = {"mismatches": [f"the check failed: {result.stderr[-500:]}"]}
+    return report
 
 
 def main() -> int:
@@ -164,6 +182,10 @@ def main() -> int:
                 violations.append(f"{payment['id']}: {payment['status']} but {count} at PSPs")
         missing = [p for p in seen if p not in {x["id"] for x in payments}]
         violations += [f"{p} was answered but does not exist" for p in missing]
+        ledger = check_ledger(stack.env)
+        violations += [f"ledger: {m}" for m in ledger.get("mismatches", [])]
+        if ledger.get("postings_unbalanced") or ledger.get("currencies_unbalanced"):
+            violations.append(f"ledger unbalanced: {ledger}")
         print("\nchaos report")
         print(f"  duration               {seconds:.0f} s, 8 clients retrying with the same key")
         print(f"  payments               {len(payments)} ({dict(sorted(statuses.items()))})")
@@ -171,6 +193,11 @@ def main() -> int:
         print(f"  two authorizations     {double}")
         print(f"  differs from the PSPs  {mismatched}")
         print(f"  acknowledged but lost  {len(missing)}")
+        print(
+            f"  ledger                 {ledger.get('payments_checked')} payments checked, "
+            f"{len(ledger.get('mismatches', []))} differ, "
+            f"{ledger.get('postings_unbalanced')} unbalanced postings"
+        )
         print(f"  violations             {len(violations)}")
         for violation in violations[:20]:
             print(f"    {violation}")
