@@ -328,25 +328,24 @@ class Settings:
         jitter = os.environ.get("TESSERA_PSP_A_JITTER_MS", "0")
         slow = os.environ.get("TESSERA_PSP_A_SLOW_SECONDS", "12")
         config = Config(
-            latency_ms=_number("TESSERA_PSP_A_LATENCY_MS", latency, maximum=600_000),
-            jitter_ms=_number("TESSERA_PSP_A_JITTER_MS", jitter, maximum=600_000),
-            slow_seconds=_number("TESSERA_PSP_A_SLOW_SECONDS", slow, maximum=3600),
+            latency_ms=checked_number("TESSERA_PSP_A_LATENCY_MS", latency, maximum=600_000),
+            jitter_ms=checked_number("TESSERA_PSP_A_JITTER_MS", jitter, maximum=600_000),
+            slow_seconds=checked_number("TESSERA_PSP_A_SLOW_SECONDS", slow, maximum=3600),
         )
         port = os.environ.get("TESSERA_PSP_A_PORT", "8201")
-        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise SettingsError("TESSERA_PSP_A_PORT must be a port number from 1 to 65535")
         api_key = os.environ.get("TESSERA_PSP_A_API_KEY", "psp_a_test_key")
-        if not (api_key.isascii() and api_key.isprintable()) or not api_key or " " in api_key:
-            raise SettingsError("TESSERA_PSP_A_API_KEY must be a non-empty token without spaces")
         return cls(
             host=os.environ.get("TESSERA_PSP_A_HOST", "127.0.0.1"),
-            port=int(port),
-            api_key=api_key,
+            port=checked_port("TESSERA_PSP_A_PORT", port),
+            api_key=checked_api_key("TESSERA_PSP_A_API_KEY", api_key),
             config=config,
         )
 
 
-def _number(name: str, text: str, *, maximum: float) -> float:
+# Checks of the simulators' environment variables (PSP B uses them too).
+
+
+def checked_number(name: str, text: str, *, maximum: float) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -354,6 +353,40 @@ def _number(name: str, text: str, *, maximum: float) -> float:
     if not 0 <= value <= maximum:
         raise SettingsError(f"{name} must be a number from 0 to {maximum:g}, got {text!r}")
     return value
+
+
+def checked_port(name: str, text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise SettingsError(f"{name} must be a port number from 1 to 65535")
+    return int(text)
+
+
+def checked_api_key(name: str, text: str) -> str:
+    if not (text.isascii() and text.isprintable()) or not text or " " in text:
+        raise SettingsError(f"{name} must be a non-empty token without spaces")
+    return text
+
+
+def run_simulator(app: Any, host: str, port: int) -> None:
+    """uvicorn as both simulators run it."""
+    import uvicorn
+
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        log_level="warning",
+        # Longer than any client's idle keep-alive (httpx: 5 s), so the client always closes an
+        # idle connection first and never reuses one the server is closing.
+        timeout_keep_alive=75,
+        # Requests held by the slow card must not hold a restart for long.
+        timeout_graceful_shutdown=3,
+        server_header=False,
+    )
 
 
 # --- the processor -------------------------------------------------------------------------
@@ -787,8 +820,6 @@ def main() -> None:
         print(f"psp_a: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
-    import uvicorn
-
     config = settings.config
     print(
         f"psp_a: listening on http://{settings.host}:{settings.port} "
@@ -796,22 +827,7 @@ def main() -> None:
         f"slow card {config.slow_seconds:g} s)",
         flush=True,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        log_level="warning",
-        # Longer than any client's idle keep-alive (httpx: 5 s), so the client always closes an
-        # idle connection first and never reuses one the server is closing.
-        timeout_keep_alive=75,
-        # Requests held by the slow card must not hold a restart for long.
-        timeout_graceful_shutdown=3,
-        server_header=False,
-    )
+    run_simulator(create_app(settings), settings.host, settings.port)
 
 
 if __name__ == "__main__":

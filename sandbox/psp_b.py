@@ -66,7 +66,18 @@ from sandbox.cards import (
     outcome_for,
     with_overrides,
 )
-from sandbox.psp_a import FaultConfig, Faults, HoldMiddleware, config_view, latency_seconds
+from sandbox.psp_a import (
+    FaultConfig,
+    Faults,
+    HoldMiddleware,
+    SettingsError,
+    checked_api_key,
+    checked_number,
+    checked_port,
+    config_view,
+    latency_seconds,
+    run_simulator,
+)
 
 MAX_BODY: Final = 64 * 1024
 MERCHANT_ACCOUNT: Final = "TesseraSandbox"
@@ -399,10 +410,6 @@ class Config(FaultConfig, kw_only=True):
         return msgspec.convert({**msgspec.structs.asdict(self), **changes}, type=Config)
 
 
-class SettingsError(Exception):
-    """A bad environment variable; the message names it (the process exits with code 2)."""
-
-
 @dataclass(frozen=True)
 class Settings:
     host: str
@@ -419,35 +426,21 @@ class Settings:
         slow = os.environ.get("TESSERA_PSP_B_SLOW_SECONDS", "12")
         delay = os.environ.get("TESSERA_PSP_B_NOTIFY_DELAY_MS", "200")
         config = Config(
-            latency_ms=_number("TESSERA_PSP_B_LATENCY_MS", latency, 600_000),
-            jitter_ms=_number("TESSERA_PSP_B_JITTER_MS", jitter, 600_000),
-            slow_seconds=_number("TESSERA_PSP_B_SLOW_SECONDS", slow, 3600),
-            notify_delay_ms=_number("TESSERA_PSP_B_NOTIFY_DELAY_MS", delay, 600_000),
+            latency_ms=checked_number("TESSERA_PSP_B_LATENCY_MS", latency, maximum=600_000),
+            jitter_ms=checked_number("TESSERA_PSP_B_JITTER_MS", jitter, maximum=600_000),
+            slow_seconds=checked_number("TESSERA_PSP_B_SLOW_SECONDS", slow, maximum=3600),
+            notify_delay_ms=checked_number("TESSERA_PSP_B_NOTIFY_DELAY_MS", delay, maximum=600_000),
             notify_url=_notify_url(os.environ.get("TESSERA_PSP_B_NOTIFY_URL", "")),
         )
         port = os.environ.get("TESSERA_PSP_B_PORT", "8202")
-        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise SettingsError("TESSERA_PSP_B_PORT must be a port number from 1 to 65535")
         api_key = os.environ.get("TESSERA_PSP_B_API_KEY", "psp_b_test_key")
-        if not (api_key.isascii() and api_key.isprintable()) or not api_key or " " in api_key:
-            raise SettingsError("TESSERA_PSP_B_API_KEY must be a non-empty token without spaces")
         return cls(
             host=os.environ.get("TESSERA_PSP_B_HOST", "127.0.0.1"),
-            port=int(port),
-            api_key=api_key,
+            port=checked_port("TESSERA_PSP_B_PORT", port),
+            api_key=checked_api_key("TESSERA_PSP_B_API_KEY", api_key),
             hmac_key=_hmac_key(os.environ.get("TESSERA_PSP_B_HMAC_KEY", DEFAULT_HMAC_KEY)),
             config=config,
         )
-
-
-def _number(name: str, text: str, maximum: float) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {text!r}") from None
-    if not 0 <= value <= maximum:
-        raise SettingsError(f"{name} must be a number from 0 to {maximum:g}, got {text!r}")
-    return value
 
 
 def _notify_url(text: str) -> str:
@@ -1098,8 +1091,6 @@ def main() -> None:
         print(f"psp_b: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
 
-    import uvicorn
-
     config = settings.config
     print(
         f"psp_b: listening on http://{settings.host}:{settings.port} "
@@ -1108,19 +1099,7 @@ def main() -> None:
         f"notifications {'to ' + config.notify_url if config.notify_url else 'off'})",
         flush=True,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        log_level="warning",
-        timeout_keep_alive=75,
-        timeout_graceful_shutdown=3,
-        server_header=False,
-    )
+    run_simulator(create_app(settings), settings.host, settings.port)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api.services.events import Publisher
 from api.services.webhooks import (
     SecretBox,
     WebhookDeliverer,
@@ -171,7 +172,7 @@ async def test_a_production_worker_never_sends_to_a_private_address(
     deliverer = WebhookDeliverer(
         pool=None,
         box=SecretBox(b"k" * 32),
-        publisher=None,  # type: ignore[arg-type]
+        publisher=Publisher(),
         production=True,
     )
     try:

@@ -33,6 +33,7 @@ import httpx
 import pytest
 
 from sandbox.cards import TEST_CARDS, Behaviour
+from sandbox.psp_a import SettingsError
 from sandbox.psp_b import (
     CARDS,
     DEFAULT_HMAC_KEY,
@@ -40,7 +41,6 @@ from sandbox.psp_b import (
     RETRY_DELAYS,
     Config,
     Settings,
-    SettingsError,
     sign_notification,
     signing_string,
     verify_notification,
