@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from litestar import Litestar
 from litestar.datastructures import State
@@ -13,45 +14,19 @@ from api.auth import MerchantKeys
 from api.routes.events import BalanceController, EventController, WebhookEndpointController
 from api.routes.notifications import NotificationController
 from api.routes.payments import PaymentController, RefundController
-from api.services.events import EventService
-from api.services.ledger import LedgerService
-from api.services.notifications import NotificationService
-from api.services.operations import OperationService
-from api.services.payments import PaymentService
-from api.services.webhooks import WebhookService
 from api.settings import MAX_BODY_BYTES, ApiSettings
 from api.wiring import open_services
 from tessera.runtime.service import build_app
 
-
-def _payments(state: State) -> PaymentService:
-    service: PaymentService = state.services.payments
-    return service
+#: Handler parameters the services are injected as; each is the `Services` field of that name.
+SERVICES = ("payments", "operations", "notifications", "events", "webhooks", "ledger")
 
 
-def _operations(state: State) -> OperationService:
-    service: OperationService = state.services.operations
-    return service
+def _service(name: str) -> Provide:
+    def dependency(state: State) -> Any:
+        return getattr(state.services, name)
 
-
-def _notifications(state: State) -> NotificationService:
-    service: NotificationService = state.services.notifications
-    return service
-
-
-def _events(state: State) -> EventService:
-    service: EventService = state.services.events
-    return service
-
-
-def _webhooks(state: State) -> WebhookService:
-    service: WebhookService = state.services.webhooks
-    return service
-
-
-def _ledger(state: State) -> LedgerService:
-    service: LedgerService = state.services.ledger
-    return service
+    return Provide(dependency, sync_to_thread=False)
 
 
 def create_app(settings: ApiSettings) -> Litestar:
@@ -75,14 +50,7 @@ def create_app(settings: ApiSettings) -> Litestar:
             WebhookEndpointController,
             BalanceController,
         ],
-        dependencies={
-            "payments": Provide(_payments, sync_to_thread=False),
-            "operations": Provide(_operations, sync_to_thread=False),
-            "notifications": Provide(_notifications, sync_to_thread=False),
-            "events": Provide(_events, sync_to_thread=False),
-            "webhooks": Provide(_webhooks, sync_to_thread=False),
-            "ledger": Provide(_ledger, sync_to_thread=False),
-        },
+        dependencies={name: _service(name) for name in SERVICES},
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=api_lifespan,
     )
