@@ -73,7 +73,7 @@ async def announce_operation(
     cause: Cause,
     *,
     confirmed_later: bool = False,
-) -> None:
+) -> msgspec.Struct | None:
     """The event (and the ledger's postings) of an operation's outcome: `succeeded`,
     `failed` or `accepted` (confirmed later by a notification). `confirmed_later` marks the
     notification's own outcome, which settles an accepted operation. A capture or cancel the
@@ -104,28 +104,32 @@ async def announce_operation(
     elif outcome == "failed" and confirmed_later:
         event_type = f"payment.{started.operation}_failed"
     if event_type is None:
-        return
+        return None
     merchant_id = payment["merchant_id"]
-    obj: msgspec.Struct
-    if started.refund_id is not None:
-        refund = await OperationRepository(conn).refund(merchant_id, started.refund_id)
-        obj, object_id = refund_view(refund), started.refund_id
-    else:
-        repo = PaymentRepository(conn)
-        row = await repo.get(merchant_id, started.payment_id)
-        refunds = await repo.refunds(merchant_id, [started.payment_id])
-        attempts = await repo.attempts(merchant_id, [started.payment_id])
-        obj, object_id = payment_view(row, refunds, attempts), started.payment_id
+    obj = await operation_object(conn, merchant_id, started)
     await publisher.publish(
         conn,
         merchant_id,
         event_type,
-        object_id,
+        started.refund_id or started.payment_id,
         obj,
         cause,
         payment_id=started.payment_id,
         postings=postings,
     )
+    return obj
+
+
+async def operation_object(conn: Any, merchant_id: str, started: Started) -> msgspec.Struct:
+    """What an operation answers with, and its event carries: the refund, or the payment."""
+    if started.refund_id is not None:
+        refund = await OperationRepository(conn).refund(merchant_id, started.refund_id)
+        return refund_view(refund)
+    repo = PaymentRepository(conn)
+    row = await repo.get(merchant_id, started.payment_id)
+    refunds = await repo.refunds(merchant_id, [started.payment_id])
+    attempts = await repo.attempts(merchant_id, [started.payment_id])
+    return payment_view(row, refunds, attempts)
 
 
 @dataclass
@@ -332,7 +336,7 @@ class OperationService:
                     started.refund_id,
                     lease_seconds=self.lease_seconds,
                 )
-                await announce_operation(
+                published = await announce_operation(
                     self.publisher,
                     self.routing,
                     conn,
@@ -342,7 +346,7 @@ class OperationService:
                     _cause(request_id, key),
                 )
                 response = await self._response(
-                    conn, merchant_id, started, True, result, request_id
+                    conn, merchant_id, started, True, result, request_id, published
                 )
                 await self.keys.finish(conn, merchant_id, key, response)
                 await self.replays.put(merchant_id, key, fingerprint, response)
@@ -366,7 +370,7 @@ class OperationService:
                     result.processor_reference,
                     result.failure_code,
                 )
-            await announce_operation(
+            published = await announce_operation(
                 self.publisher,
                 self.routing,
                 conn,
@@ -375,7 +379,9 @@ class OperationService:
                 "succeeded" if ok else "failed",
                 _cause(request_id, key),
             )
-            response = await self._response(conn, merchant_id, started, ok, result, request_id)
+            response = await self._response(
+                conn, merchant_id, started, ok, result, request_id, published
+            )
             await self.keys.finish(conn, merchant_id, key, response)
         await self.replays.put(merchant_id, key, fingerprint, response)
         return Handled(response.status, response.body)
@@ -388,7 +394,10 @@ class OperationService:
         ok: bool,
         result: OperationResult,
         request_id: str,
+        published: msgspec.Struct | None = None,
     ) -> StoredResponse:
+        """`published`: the object the operation's event carries, read in this transaction
+        already (the answer is the same object)."""
         if not ok:
             failure = TesseraError(
                 f"The processor refused the {started.operation}; nothing changed.",
@@ -396,15 +405,9 @@ class OperationService:
                 extra={"payment": started.payment_id, "processor_code": result.failure_code or ""},
             )
             return StoredResponse(502, error_bytes(failure, request_id))
-        if started.refund_id is not None:
-            refund = await OperationRepository(conn).refund(merchant_id, started.refund_id)
-            return StoredResponse(201, msgspec.json.encode(refund_view(refund)))
-        payments = PaymentRepository(conn)
-        payment = await payments.get(merchant_id, started.payment_id)
-        refunds = await payments.refunds(merchant_id, [started.payment_id])
-        attempts = await payments.attempts(merchant_id, [started.payment_id])
-        view = payment_view(payment, refunds, attempts)
-        return StoredResponse(200, msgspec.json.encode(view))
+        answer = published or await operation_object(conn, merchant_id, started)
+        status = 201 if started.refund_id is not None else 200
+        return StoredResponse(status, msgspec.json.encode(answer))
 
     async def _finish_error(
         self,
