@@ -425,6 +425,61 @@ def test_the_delivery_queue_claim_is_exclusive_under_concurrency(
     assert len(set(claimed)) == 5
 
 
+def test_a_send_in_flight_when_its_endpoint_is_disabled_ends_failed_not_pending(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    shop: ApiMerchant,
+    receiver: WebhookReceiver,
+    api_env: dict[str, str],
+) -> None:
+    """The CI race: disabling marks pending deliveries failed while one is being sent; the
+    send's 503 must not put it back to pending, where no worker would ever take it again."""
+    import asyncpg
+
+    from api.storage.webhooks import DeliveryQueue
+
+    endpoint = create_endpoint(api, shop, receiver.url, ["payment.captured"]).json()
+    pay(api, vault, shop)
+
+    async def run() -> tuple[list[str], str, str | None]:
+        pool = await asyncpg.create_pool(
+            api_env["TESSERA_API_DATABASE_URL"], min_size=1, max_size=2
+        )
+        try:
+            queue = DeliveryQueue(pool)
+            [claimed] = [
+                r for r in await queue.claim(100, 100, 60) if r["endpoint_id"] == endpoint["id"]
+            ]
+            await pool.execute(
+                "UPDATE webhook_endpoints SET failing_since = now() - interval '1 hour' "
+                "WHERE id = $1",
+                endpoint["id"],
+            )
+            async with pool.acquire() as conn, conn.transaction():
+                disabled = [r["id"] for r in await queue.failing_endpoints(conn, 60)]
+            outcome = await queue.retry_or_fail(
+                shop.id,
+                claimed["event_id"],
+                endpoint["id"],
+                status=503,
+                error="http_503",
+                delay_seconds=1,
+                window_seconds=3600,
+            )
+            status = await pool.fetchval(
+                "SELECT status FROM webhook_deliveries WHERE event_id = $1 AND endpoint_id = $2",
+                claimed["event_id"],
+                endpoint["id"],
+            )
+            return disabled, outcome, status
+        finally:
+            await pool.close()
+
+    disabled, outcome, status = asyncio.run(run())
+    assert endpoint["id"] in disabled
+    assert (outcome, status) == ("failed", "failed")
+
+
 def test_a_delivery_never_accepted_within_the_retry_window_is_marked_failed(
     api: ServiceProcess,
     vault: ServiceProcess,

@@ -120,6 +120,13 @@ class DeliveryQueue:
         self, merchant_id: str, event_id: str, endpoint_id: str, status: int
     ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
+            # Endpoint first, then delivery: the same lock order as disabling, so no deadlock.
+            await conn.execute(
+                "UPDATE webhook_endpoints SET failing_since = NULL "
+                "WHERE merchant_id = $1 AND id = $2 AND failing_since IS NOT NULL",
+                merchant_id,
+                endpoint_id,
+            )
             await conn.execute(
                 "UPDATE webhook_deliveries SET status = 'succeeded', finished_at = now(), "
                 "last_status = $4, last_error = NULL, locked_until = NULL "
@@ -128,12 +135,6 @@ class DeliveryQueue:
                 event_id,
                 endpoint_id,
                 status,
-            )
-            await conn.execute(
-                "UPDATE webhook_endpoints SET failing_since = NULL "
-                "WHERE merchant_id = $1 AND id = $2 AND failing_since IS NOT NULL",
-                merchant_id,
-                endpoint_id,
             )
 
     async def retry_or_fail(
@@ -147,17 +148,28 @@ class DeliveryQueue:
         delay_seconds: float,
         window_seconds: float,
     ) -> str:
-        """Schedule the next try, or give up when the retry window has passed."""
+        """Schedule the next try, or give up when the retry window has passed or the
+        endpoint was disabled or deleted while this send was in flight."""
         async with self.pool.acquire() as conn, conn.transaction():
-            outcome: str = await conn.fetchval(
+            # Locking the endpoint row first waits for a disabling in progress, so this
+            # answer can never put a delivery of a disabled endpoint back to pending.
+            live: bool | None = await conn.fetchval(
+                "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()) "
+                "WHERE merchant_id = $1 AND id = $2 "
+                "RETURNING status = 'enabled' AND deleted_at IS NULL",
+                merchant_id,
+                endpoint_id,
+            )
+            outcome: str | None = await conn.fetchval(
                 "UPDATE webhook_deliveries SET last_status = $4, last_error = $5, "
                 "locked_until = NULL, "
-                "status = CASE WHEN created_at + make_interval(secs => $7) "
+                "status = CASE WHEN NOT $8::boolean OR created_at + make_interval(secs => $7) "
                 "  < now() + make_interval(secs => $6) THEN 'failed' ELSE 'pending' END, "
-                "finished_at = CASE WHEN created_at + make_interval(secs => $7) "
+                "finished_at = CASE WHEN NOT $8::boolean OR created_at + make_interval(secs => $7) "
                 "  < now() + make_interval(secs => $6) THEN now() END, "
                 "next_attempt_at = now() + make_interval(secs => $6) "
-                "WHERE merchant_id = $1 AND event_id = $2 AND endpoint_id = $3 RETURNING status",
+                "WHERE merchant_id = $1 AND event_id = $2 AND endpoint_id = $3 "
+                "AND status = 'pending' RETURNING status",
                 merchant_id,
                 event_id,
                 endpoint_id,
@@ -165,14 +177,9 @@ class DeliveryQueue:
                 error,
                 delay_seconds,
                 window_seconds,
+                bool(live),
             )
-            await conn.execute(
-                "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()) "
-                "WHERE merchant_id = $1 AND id = $2",
-                merchant_id,
-                endpoint_id,
-            )
-        return outcome
+        return outcome or "failed"
 
     async def failing_endpoints(self, conn: Any, older_than_seconds: float) -> list[Any]:
         """Endpoints that accepted nothing for this long, locked for disabling."""
