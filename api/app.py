@@ -16,6 +16,7 @@ from api.routes.notifications import NotificationController
 from api.routes.payments import PaymentController, RefundController
 from api.settings import MAX_BODY_BYTES, ApiSettings
 from api.wiring import open_services
+from tessera.runtime.commands import app_in_worker
 from tessera.runtime.service import build_app
 
 #: Handler parameters the services are injected as; each is the `Services` field of that name.
@@ -54,3 +55,9 @@ def create_app(settings: ApiSettings) -> Litestar:
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=api_lifespan,
     )
+
+
+def app_from_environment() -> Litestar:
+    """One worker process's app when `TESSERA_API_WORKERS` > 1 (uvicorn's factory)."""
+    app: Litestar = app_in_worker(ApiSettings, create_app, "api")
+    return app

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         from api.app import create_app
 
-        serve_service(ApiSettings, create_app, "api")
+        serve_service(ApiSettings, create_app, "api", factory="api.app:app_from_environment")
         return
     if args.command == "worker":
         from api.worker import main as worker_main

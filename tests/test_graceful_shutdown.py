@@ -61,3 +61,37 @@ async def test_in_flight_requests_finish_after_sigterm(
     assert "Application shutdown complete" in process.output()
     with pytest.raises(httpx.ConnectError):
         httpx.get(process.url + "/healthz", timeout=2)
+
+
+def _children(pid: int) -> set[int]:
+    """Serving worker processes (not multiprocessing's resource tracker)."""
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {
+        int(p)
+        for p in text.split()
+        if b"multiprocessing.spawn" in Path(f"/proc/{p}/cmdline").read_bytes()
+    }
+
+
+@pytest.mark.parametrize("module", ["api", "vault"])
+def test_a_service_runs_several_worker_processes_and_stops_them_all(
+    module: str, api_env: dict[str, str], vault_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`TESSERA_<SERVICE>_WORKERS=2`: a supervisor with two serving children on one port;
+    SIGTERM to the supervisor stops both (what `make bench` measures)."""
+    env = api_env if module == "api" else vault_env
+    variable = f"TESSERA_{module.upper()}_WORKERS"
+    process = start_service(module, {**env, variable: "2"}, tmp_path)
+    assert process.process is not None
+    supervisor = process.process.pid
+    deadline = time.monotonic() + 20
+    while len(_children(supervisor)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = _children(supervisor)
+    assert len(workers) == 2
+    with httpx.Client(base_url=process.url) as client:
+        for _ in range(20):
+            assert client.get("/readyz").status_code == 200
+    exit_code = process.stop()
+    assert exit_code in (0, -signal.SIGTERM)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived"

@@ -12,6 +12,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from prometheus_client import Gauge
 
+from tessera.runtime.commands import app_in_worker
 from tessera.runtime.service import build_app
 from vault.audit import AuditLog
 from vault.cors import TokenPreflight
@@ -107,3 +108,9 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         service_lifespan=vault_lifespan,
         wrap_handler=TokenPreflight,
     )
+
+
+def app_from_environment() -> Litestar:
+    """One worker process's app when `TESSERA_VAULT_WORKERS` > 1 (uvicorn's factory)."""
+    app: Litestar = app_in_worker(VaultSettings, create_app, "vault")
+    return app

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         from vault.app import create_app
         from vault.settings import VaultSettings
 
-        serve_service(VaultSettings, create_app, "vault")
+        serve_service(VaultSettings, create_app, "vault", factory="vault.app:app_from_environment")
     elif args.command == "migrate":
         migrate_service("vault", "vault.migrations", DEFAULT_MIGRATION_URL)
     elif args.command == "init-kms":

@@ -25,18 +25,33 @@ def load_or_exit(cls: type[S], service: str) -> S:
         raise SystemExit(2) from None
 
 
-def serve_service(cls: type[T], create_app: Callable[[T], Any], service: str) -> None:
+def serve_service(
+    cls: type[T], create_app: Callable[[T], Any], service: str, factory: str | None = None
+) -> None:
+    """`factory` ("module:function") builds the app inside each process when the service's
+    `WORKERS` setting asks for more than one."""
     settings = load_or_exit(cls, service)
     configure_logging(service, settings.log_level)
-    get_logger("tessera").info("starting", mode=settings.mode, port=settings.port)
+    get_logger("tessera").info(
+        "starting", mode=settings.mode, port=settings.port, workers=settings.workers
+    )
     serve(
-        create_app(settings),
+        None if settings.workers > 1 else create_app(settings),
         host=settings.host,
         port=settings.port,
         shutdown_timeout=settings.shutdown_timeout_seconds,
         keep_alive=settings.keep_alive_seconds,
         log_level=settings.log_level,
+        workers=settings.workers,
+        factory=factory,
     )
+
+
+def app_in_worker(cls: type[T], create_app: Callable[[T], Any], service: str) -> Any:
+    """What a worker process of a multi-process service runs: settings and logging of its own."""
+    settings = load_or_exit(cls, service)
+    configure_logging(service, settings.log_level)
+    return create_app(settings)
 
 
 def migrate_service(service: str, package: str, default_dsn: str) -> None:

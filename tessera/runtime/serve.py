@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 
 def serve(
@@ -19,9 +20,20 @@ def serve(
     shutdown_timeout: float,
     log_level: str,
     keep_alive: int = 75,
+    workers: int = 1,
+    factory: str | None = None,
 ) -> None:
+    """With `workers` > 1, uvicorn's supervisor starts that many processes, each building the
+    app from `factory` ("module:function", called with no arguments) on the shared socket."""
+    target: Any = app
+    if workers > 1:
+        if factory is None:
+            raise ValueError("several workers need an app factory path")
+        target = factory
     config = uvicorn.Config(
-        app,
+        target,
+        factory=workers > 1,
+        workers=workers,
         host=host,
         port=port,
         loop="uvloop",
@@ -35,6 +47,10 @@ def serve(
         timeout_keep_alive=keep_alive,
         proxy_headers=False,
     )
+    if workers > 1:
+        sock = config.bind_socket()
+        Multiprocess(config, sockets=[sock]).run()
+        return
     server = uvicorn.Server(config)
     server.run()
     if not server.started:

@@ -149,6 +149,9 @@ class ServiceSettings(BaseSettings, frozen=True, kw_only=True):
     #: that race makes a request look sent when it never arrived. Behind a load balancer,
     #: longer than its idle timeout (Google's: 600 s).
     keep_alive_seconds: int = 75
+    #: HTTP worker processes (uvicorn's supervisor forks them, each with its own pools).
+    #: One per core is the usual choice; each process keeps its own metrics and breakers.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         validate_url(self.database_url, ("postgresql", "postgres"), self.env_name("database_url"))
@@ -161,5 +164,7 @@ class ServiceSettings(BaseSettings, frozen=True, kw_only=True):
             )
         if not 1 <= self.keep_alive_seconds <= 3600:
             raise ValueError(f"{self.env_name('keep_alive_seconds')}: 1 to 3600 seconds")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"{self.env_name('workers')}: 1 to 64 processes")
         if self.db_timeout_seconds <= 0 or self.shutdown_timeout_seconds < 0:
             raise ValueError("timeouts must be positive")

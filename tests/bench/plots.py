@@ -1,0 +1,62 @@
+"""The benchmark's plots (matplotlib, PNG, no display): rate and p99 against concurrency, API
+worker processes and payments table size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+
+def _rate_and_p99(
+    path: Path, title: str, xlabel: str, xs: list[Any], rows: list[dict[str, Any]], log_x: bool
+) -> Path:
+    figure = Figure(figsize=(7, 4), dpi=110)  # no pyplot: no display, no global state
+    rate_axis = figure.subplots()
+    rate_axis.plot(xs, [r["rate"] for r in rows], "o-", color="tab:blue", label="payments/s")
+    rate_axis.set_xlabel(xlabel)
+    rate_axis.set_ylabel("authorize+capture payments/s", color="tab:blue")
+    rate_axis.set_ylim(bottom=0)
+    if log_x:
+        rate_axis.set_xscale("symlog", linthresh=1)
+    latency_axis = rate_axis.twinx()
+    latency_axis.plot(xs, [r["p99_ms"] for r in rows], "s--", color="tab:red", label="p99 ms")
+    latency_axis.set_ylabel("p99 latency (ms)", color="tab:red")
+    latency_axis.set_ylim(bottom=0)
+    rate_axis.set_title(title)
+    rate_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    curve = results["payments"]["curve"]
+    paths = [
+        _rate_and_p99(
+            out / "bench-concurrency.png",
+            "Authorize+capture vs concurrent connections (1 API process)",
+            "wrk connections",
+            [r["connections"] for r in curve],
+            curve,
+            log_x=False,
+        ),
+        _rate_and_p99(
+            out / "bench-workers.png",
+            "Authorize+capture vs API worker processes (2 cores)",
+            "API worker processes",
+            [r["workers"] for r in results["workers"]],
+            results["workers"],
+            log_x=False,
+        ),
+        _rate_and_p99(
+            out / "bench-table-size.png",
+            "Authorize+capture vs rows already in the payments table",
+            "payments table rows (symlog)",
+            [r["rows"] for r in results["table_size"]],
+            results["table_size"],
+            log_x=True,
+        ),
+    ]
+    return paths
