@@ -12,6 +12,7 @@ import httpx
 import msgspec
 
 from core.errors import ServiceUnavailable, TesseraError
+from tessera.runtime.http_client import HttpClient, HttpFailure, MaybeSent, NotSent, Reply
 
 
 class TokenCard(msgspec.Struct, frozen=True):
@@ -47,12 +48,10 @@ class VaultClient:
     """Pooled, keep-alive connections to the vault's service port."""
 
     def __init__(self, base_url: str, service_token: str, timeout_seconds: float) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
+        self._http = HttpClient(
+            base_url,
             headers={"authorization": f"Bearer {service_token}"},
-            timeout=httpx.Timeout(timeout_seconds, connect=3.0),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
-            trust_env=False,
+            timeout_seconds=timeout_seconds,
         )
 
     async def token(self, merchant_id: str, token_id: str) -> TokenCard | None:
@@ -61,11 +60,11 @@ class VaultClient:
             response = await self._http.get(
                 f"/v1/tokens/{token_id}", headers={"tessera-merchant": merchant_id}
             )
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailable(f"The vault did not answer ({type(exc).__name__}).") from None
-        if response.status_code == 404:
+        except HttpFailure as exc:
+            raise ServiceUnavailable(f"The vault did not answer ({exc}).") from None
+        if response.status == 404:
             return None
-        if response.status_code != 200:
+        if response.status != 200:
             raise _vault_error(response)
         return msgspec.json.decode(response.content, type=_TokenView).card
 
@@ -90,11 +89,11 @@ class VaultClient:
             response = await self._http.post(
                 "/v1/forward", json=request, headers={"tessera-merchant": merchant_id}
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+        except NotSent:
             raise ForwardFailed("vault_unreachable", sent="false") from None
-        except httpx.HTTPError:
+        except MaybeSent:
             raise ForwardFailed("vault_timeout", sent="unknown") from None
-        if response.status_code == 200:
+        if response.status == 200:
             return msgspec.json.decode(response.content, type=Forwarded)
         error = _error_body(response)
         if error.get("code") in (
@@ -103,16 +102,16 @@ class VaultClient:
             "destination_error",
         ):
             raise ForwardFailed(str(error["code"]), sent=str(error.get("sent", "unknown")))
-        if response.status_code in (503, 500):
+        if response.status in (503, 500):
             # The vault refused before sending (audit, KMS or database unavailable).
             raise ForwardFailed(str(error.get("code", "vault_error")), sent="false")
         raise _vault_error(response)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
 
-def _error_body(response: httpx.Response) -> dict[str, Any]:
+def _error_body(response: Reply | httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:
@@ -121,12 +120,12 @@ def _error_body(response: httpx.Response) -> dict[str, Any]:
     return error if isinstance(error, dict) else {}
 
 
-def _vault_error(response: httpx.Response) -> TesseraError:
+def _vault_error(response: Reply) -> TesseraError:
     error = _error_body(response)
-    if response.status_code >= 500:
+    if response.status >= 500:
         return ServiceUnavailable("The vault is unavailable; retry later.")
     return TesseraError(
-        f"The vault refused the request ({error.get('code', response.status_code)}).",
+        f"The vault refused the request ({error.get('code', response.status)}).",
         code="vault_error",
     )
 

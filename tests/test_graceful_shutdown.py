@@ -84,14 +84,16 @@ def test_a_service_runs_several_worker_processes_and_stops_them_all(
     process = start_service(module, {**env, variable: "2"}, tmp_path)
     assert process.process is not None
     supervisor = process.process.pid
-    deadline = time.monotonic() + 20
-    while len(_children(supervisor)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    workers = _children(supervisor)
-    assert len(workers) == 2
-    with httpx.Client(base_url=process.url) as client:
-        for _ in range(20):
-            assert client.get("/readyz").status_code == 200
-    exit_code = process.stop()
+    try:
+        deadline = time.monotonic() + 20
+        while len(_children(supervisor)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(supervisor)
+        assert len(workers) == 2
+        with httpx.Client(base_url=process.url) as client:
+            for _ in range(20):
+                assert client.get("/readyz").status_code == 200
+    finally:
+        exit_code = process.stop()
     assert exit_code in (0, -signal.SIGTERM)
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived"

@@ -9,15 +9,14 @@ refused, so card data can only ever travel in the body, to a host an operator al
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Annotated, Any
 
-import httpx
 import msgspec
 
 from core.errors import InvalidRequest, TesseraError
 from core.redaction import redact
+from tessera.runtime.http_client import HttpClient, MaybeSent, NotSent, Reply
 from vault.tokens import Card
 
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_.0-9]+)\s*\}\}")
@@ -148,13 +147,8 @@ class Forwarder:
     def __init__(self, destinations: dict[str, Destination], timeout_seconds: float) -> None:
         self.destinations = destinations
         self.timeout_seconds = timeout_seconds
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_seconds, connect=min(3.0, timeout_seconds)),
-            follow_redirects=False,
-            verify=True,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-            trust_env=False,
-        )
+        # TLS is verified (aiohttp's default); redirects are never followed.
+        self.client = HttpClient(timeout_seconds=timeout_seconds)
 
     async def send(
         self, destination: Destination, request: ForwardRequest, card: Card
@@ -163,42 +157,31 @@ class Forwarder:
         headers = {**request.headers, "content-type": "application/json"}
         url = destination.url.rstrip("/") + request.path
         try:
-            # httpx's read time-out is per read; the whole exchange is bounded here.
-            async with asyncio.timeout(self.timeout_seconds):
-                response = await self.client.request(
-                    request.method, url, content=body, headers=headers
-                )
-        except TimeoutError:
+            # The whole exchange, connection and body included, is bounded by the time-out.
+            response = await self.client.request(request.method, url, body=body, headers=headers)
+        except NotSent as exc:
+            refused = not exc.timed_out
             raise ForwardError(
-                "The destination did not answer in time.",
-                code="destination_timeout",
-                extra={"sent": "unknown"},
-            ) from None
-        except httpx.ConnectError:
-            raise ForwardError(
-                "The destination refused the connection; nothing was sent.",
-                code="destination_unreachable",
+                "The destination refused the connection; nothing was sent."
+                if refused
+                else "No connection to the destination in time; nothing was sent.",
+                code="destination_unreachable" if refused else "destination_timeout",
                 extra={"sent": "false"},
             ) from None
-        except httpx.TimeoutException as exc:
-            sent = (
-                "false" if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout) else "unknown"
-            )
+        except MaybeSent as exc:
+            timed_out = exc.timed_out
             raise ForwardError(
-                "The destination did not answer in time.",
-                code="destination_timeout",
-                extra={"sent": sent},
-            ) from None
-        except httpx.HTTPError:
-            raise ForwardError(
-                "The connection to the destination failed; the request may have been received.",
-                code="destination_error",
+                "The destination did not answer in time."
+                if timed_out
+                else "The connection to the destination failed; the request may have been "
+                "received.",
+                code="destination_timeout" if timed_out else "destination_error",
                 extra={"sent": "unknown"},
             ) from None
         finally:
             del body
         return ForwardResponse(
-            status=response.status_code,
+            status=response.status,
             headers={
                 h: CardMask(card.number).text(response.headers[h])
                 for h in RETURNED_HEADERS
@@ -208,7 +191,7 @@ class Forwarder:
         )
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
 
 #: A number standing on its own: a candidate card number not glued to letters, digits or "_".
@@ -248,7 +231,7 @@ class CardMask:
         return value
 
 
-def _masked_body(response: httpx.Response, card: Card) -> Any:
+def _masked_body(response: Reply, card: Card) -> Any:
     """What the destination said, with card numbers masked and the CVC, should a destination
     echo it as a value of its own, replaced: the caller must never get card data back."""
     if not response.content:
@@ -257,7 +240,7 @@ def _masked_body(response: httpx.Response, card: Card) -> Any:
     try:
         body = mask.value(msgspec.json.decode(response.content))
     except msgspec.DecodeError:
-        return mask.text(response.text[:65536])
+        return mask.text(response.content[:65536].decode("utf-8", errors="replace"))
     return _without_cvc(body, card.cvc) if card.cvc else body
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-import httpx
+from tessera.runtime.http_client import HttpClient
 
 
 class Outcome(StrEnum):
@@ -77,16 +77,8 @@ class Connector(Protocol):
     async def close(self) -> None: ...
 
 
-def processor_client(
-    base_url: str, headers: dict[str, str], timeout_seconds: float
-) -> httpx.AsyncClient:
+def processor_client(base_url: str, headers: dict[str, str], timeout_seconds: float) -> HttpClient:
     """The pooled keep-alive client a connector talks to its processor with (captures, voids,
     refunds, inquiries; authorizations go through the vault). Proxies from the environment are
     ignored: where the payment API may connect is the deployment's decision."""
-    return httpx.AsyncClient(
-        base_url=base_url,
-        headers=headers,
-        timeout=httpx.Timeout(timeout_seconds, connect=3.0),
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=50),
-        trust_env=False,
-    )
+    return HttpClient(base_url, headers=headers, timeout_seconds=timeout_seconds)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
 from api.connectors.base import (
     AuthorizeRequest,
     AuthorizeResult,
@@ -19,6 +17,7 @@ from api.connectors.base import (
     processor_client,
 )
 from api.vault_client import ForwardFailed, VaultClient
+from tessera.runtime.http_client import MaybeSent, NotSent
 
 DECLINE_CODES = {
     "do_not_honor": "do_not_honor",
@@ -74,10 +73,10 @@ class PspAConnector:
 
     async def inquire(self, reference: str) -> AuthorizeResult | None:
         response = await self._http.get("/v1/authorizations", params={"reference": reference})
-        if response.status_code == 404:
+        if response.status == 404:
             return None
-        if response.status_code != 200:
-            return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status_code}")
+        if response.status != 200:
+            return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status}")
         return _authorization(200, response.json())
 
     async def capture(
@@ -101,20 +100,20 @@ class PspAConnector:
     async def _operation(self, path: str, body: dict[str, Any]) -> OperationResult:
         try:
             response = await self._http.post(path, json=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+        except NotSent:
             return OperationResult(Outcome.FAILED, failure_code="processor_unreachable")
-        except httpx.HTTPError:
+        except MaybeSent:
             return OperationResult(Outcome.UNKNOWN, failure_code="processor_timeout")
-        if response.status_code in (200, 201):
+        if response.status in (200, 201):
             data = response.json()
             return OperationResult(Outcome.APPROVED, processor_reference=data.get("id"))
         code = _error_code(response.json() if response.content else None)
-        if response.status_code >= 500 and code != "processing_error":
+        if response.status >= 500 and code != "processing_error":
             return OperationResult(Outcome.UNKNOWN, failure_code=code)
         return OperationResult(Outcome.FAILED, failure_code=code)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
 
 def _error_code(body: Any) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
 from api.connectors.base import (
     AuthorizeRequest,
     AuthorizeResult,
@@ -20,6 +18,7 @@ from api.connectors.base import (
     processor_client,
 )
 from api.vault_client import ForwardFailed, VaultClient
+from tessera.runtime.http_client import MaybeSent, NotSent
 
 REFUSAL_REASONS = {
     "Not enough balance": "insufficient_funds",
@@ -69,10 +68,10 @@ class PspBConnector:
 
     async def inquire(self, reference: str) -> AuthorizeResult | None:
         response = await self._http.get("/v1/payments", params={"merchantReference": reference})
-        if response.status_code == 404:
+        if response.status == 404:
             return None
-        if response.status_code != 200:
-            return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status_code}")
+        if response.status != 200:
+            return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status}")
         body = response.json()
         captured = bool(body.get("captureImmediately")) if isinstance(body, dict) else False
         return _payment(200, body, captured)
@@ -101,20 +100,20 @@ class PspBConnector:
     async def _modify(self, path: str, body: dict[str, Any]) -> OperationResult:
         try:
             response = await self._http.post(path, json=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout):
+        except NotSent:
             return OperationResult(Outcome.FAILED, failure_code="processor_unreachable")
-        except httpx.HTTPError:
+        except MaybeSent:
             return OperationResult(Outcome.UNKNOWN, failure_code="processor_timeout")
         data = response.json() if response.content else {}
-        if response.status_code in (200, 201) and data.get("status") == "received":
+        if response.status in (200, 201) and data.get("status") == "received":
             return OperationResult(Outcome.PENDING, processor_reference=data.get("pspReference"))
         code = str(data.get("errorCode", "processor_error")) if isinstance(data, dict) else ""
-        if response.status_code >= 500:
+        if response.status >= 500:
             return OperationResult(Outcome.UNKNOWN, failure_code=code)
         return OperationResult(Outcome.FAILED, failure_code=code)
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
 
 def _payment(status: int, body: Any, captured: bool) -> AuthorizeResult:

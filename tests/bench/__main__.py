@@ -107,10 +107,12 @@ def wrk(
     if script:
         base += ["-s", script]
     if warm:
-        subprocess.run([*base, "-d1s", url], check=True, capture_output=True)
+        nonce = secrets.token_hex(6)
+        subprocess.run([*base, "-d1s", url, "--", nonce], check=True, capture_output=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    nonce = secrets.token_hex(6)
     out = subprocess.run(
-        [*base, f"-d{seconds}s", url], check=True, capture_output=True, text=True
+        [*base, f"-d{seconds}s", url, "--", nonce], check=True, capture_output=True, text=True
     ).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -192,7 +194,9 @@ def _lua(
     fast answers come, as long as enough connections are free."""
     lines = [f'wrk.method = "{method}"', f"wrk.body = {json.dumps(body)}"]
     lines += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
-    # Each thread gets its own id (LuaJIT seeds every thread's math.random alike) and counts
+    # Keys are made of a nonce per wrk run and the thread's id: LuaJIT seeds math.random alike in
+    # every thread and every run, and keys that repeat across runs turn new payments into
+    # replays (a first version of this benchmark measured replays that way). Each thread counts
     # the statuses it saw; `done` prints them all, so every row says what its errors were.
     lines += [
         "local threads = {}",
@@ -202,7 +206,7 @@ def _lua(
         "end",
         "init = function(args)",
         "  statuses = {}",
-        "  prefix = tostring(tid) .. '-' .. tostring(os.time())",
+        "  prefix = args[1] .. '-' .. tostring(tid)",  # a nonce per wrk run, from `wrk`
         "end",
         "response = function(status, headers, body)",
         "  statuses[status] = (statuses[status] or 0) + 1",
