@@ -38,7 +38,7 @@ lint: venv ## ruff (lint + format check), mypy, import rules, hadolint
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/hadolint Dockerfile.api Dockerfile.vault deploy/Dockerfile.sandbox
+	$(BIN)/hadolint Dockerfile.api Dockerfile.vault deploy/Dockerfile.sandbox deploy/loadtest/Dockerfile
 
 format: venv ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -36,7 +36,7 @@ from typing import Any
 import gevent
 import requests
 from gevent.pool import Group
-from locust import FastHttpUser, constant, constant_throughput, events, task
+from locust import FastHttpUser, constant_throughput, events, task
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
@@ -113,7 +113,6 @@ def apply_options(environment: Environment, **_: Any) -> None:
         (BackOffice, "backoffice"),
     ):
         user_class.weight = getattr(options, f"{name}_weight")
-        user_class.wait_time = constant_throughput(options.pace) if options.pace else constant(0)
 
 
 class TesseraUser(FastHttpUser):
@@ -121,6 +120,13 @@ class TesseraUser(FastHttpUser):
     # Locust's own failure rules: a 402 decline is an expected answer, checked per request.
     network_timeout = 30.0
     connection_timeout = 10.0
+
+    def wait_time(self) -> float:
+        """`--pace`, read at each wait rather than at start-up: in a distributed run a worker
+        learns the master's options only when its users are spawned."""
+        options = self.environment.parsed_options
+        pace = float(options.pace) if options is not None else 0.0
+        return constant_throughput(pace)(self) if pace > 0 else 0.0
 
     def on_start(self) -> None:
         options = self.environment.parsed_options

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,3 +61,40 @@ def test_a_forbidden_import_fails_the_check(
     assert result.returncode != 0
     assert broken in result.stdout
     assert "BROKEN" in result.stdout
+
+
+#: Statements that change a connection's session state, which the pools no longer reset on
+#: release (tessera/runtime/db.py): a SET that is not LOCAL, LISTEN, advisory locks, set_config
+#: with is_local false.
+SESSION_STATE = re.compile(
+    r"""["'](?:SET\s+(?!LOCAL\b)|LISTEN\b)|pg_advisory_lock|set_config\([^)]*false"""
+)
+
+
+#: Code that opens its own connection (asyncpg.connect), never a pooled one.
+OWN_CONNECTION = {"tessera/runtime/migrations.py"}
+
+
+def session_state_changes(root: Path) -> list[str]:
+    found = []
+    for package in ("api", "vault", "tessera/runtime"):
+        for path in sorted((root / package).rglob("*.py")):
+            if str(path.relative_to(root)) in OWN_CONNECTION:
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                if SESSION_STATE.search(line):
+                    found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    return found
+
+
+def test_no_pooled_connection_changes_its_session_state() -> None:
+    assert session_state_changes(ROOT) == []
+
+
+def test_the_session_state_check_bites(tmp_path: Path) -> None:
+    tree = copy_of_tree(tmp_path)
+    target = tree / "api" / "storage" / "payments.py"
+    target.write_text(target.read_text() + '\nQUERY = "SET statement_timeout = 0"\n')
+    assert [line.split(":")[0] for line in session_state_changes(tree)] == [
+        "api/storage/payments.py"
+    ]

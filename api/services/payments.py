@@ -256,6 +256,7 @@ class PaymentService:
         processor = ranked[0].processor
         payment_id = new_id("pay")
         resumed = False
+        known: tuple[Any, Any] | None = None  # the new payment and attempt, as just written
         async with self.pool.acquire() as conn, conn.transaction():
             claimed = await claim(
                 self.keys, conn, merchant_id, idempotency_key, method, path, fingerprint
@@ -271,7 +272,7 @@ class PaymentService:
                 resumed = True
             else:
                 payments = PaymentRepository(conn)
-                await payments.insert(
+                created = await payments.insert(
                     merchant_id,
                     {
                         "id": payment_id,
@@ -290,15 +291,16 @@ class PaymentService:
                         "card_country": country,
                     },
                 )
-                await payments.insert_attempt(
+                first = await payments.insert_attempt(
                     merchant_id, payment_id, 1, processor, f"{payment_id}_1"
                 )
                 await self.keys.set_recovery_point(
                     conn, merchant_id, idempotency_key, "payment_created", payment_id
                 )
+                known = (created, first)
 
         return await self._drive(
-            merchant_id, idempotency_key, payment_id, resumed, fingerprint, request_id
+            merchant_id, idempotency_key, payment_id, resumed, fingerprint, request_id, known
         )
 
     async def complete(self, merchant_id: str, idempotency_key: str) -> None:
@@ -320,23 +322,29 @@ class PaymentService:
         resumed: bool,
         fingerprint: bytes,
         request_id: str,
+        known: tuple[Any, Any] | None = None,
     ) -> Handled:
-        """Phases 2 and 3, from a new request, a client's retry or the completer.
+        """Phases 2 and 3, from a new request, a client's retry or the completer. `known`: the
+        payment and attempt rows phase 1 just wrote (a new request need not read them again).
 
         Phase 2 may take several attempts: after a *definite* failure (the processor said it did
         not process the payment) — or a soft decline, when the merchant switched cascading on —
         the next processor in the ranking gets a new attempt with its own reference, recorded
         before it is sent. Never after an unknown outcome: that could authorize twice.
         """
-        async with self.pool.acquire() as conn:
-            payments = PaymentRepository(conn)
-            attempt = await payments.latest_attempt(merchant_id, payment_id)
-            payment = await payments.get(merchant_id, payment_id)
+        if known is not None and not resumed:
+            payment, attempt = known
             tried = {attempt["processor"]}
-            if resumed:  # a resumed request may already have failed over: read every attempt
-                tried |= {
-                    a["processor"] for a in await payments.attempts(merchant_id, [payment_id])
-                }
+        else:
+            async with self.pool.acquire() as conn:
+                payments = PaymentRepository(conn)
+                attempt = await payments.latest_attempt(merchant_id, payment_id)
+                payment = await payments.get(merchant_id, payment_id)
+                tried = {attempt["processor"]}
+                if resumed:  # a resumed request may already have failed over: read them all
+                    tried |= {
+                        a["processor"] for a in await payments.attempts(merchant_id, [payment_id])
+                    }
         result: AuthorizeResult | None = None
         if resumed:
             # Never authorize blindly after a crash: ask about our reference first.
@@ -380,11 +388,10 @@ class PaymentService:
                     processor_reference=result.processor_reference,
                     decline_code=result.decline_code,
                 )
-                await payments.insert_attempt(
+                attempt = await payments.insert_attempt(
                     merchant_id, payment_id, number, next_processor, f"{payment_id}_{number}"
                 )
                 await payments.switch_processor(merchant_id, payment_id, next_processor)
-                attempt = await payments.latest_attempt(merchant_id, payment_id)
             tried.add(next_processor)
             result = None
 
@@ -392,12 +399,14 @@ class PaymentService:
         # Phase 3: record the answer, its event and postings, and the response together.
         async with self.pool.acquire() as conn, conn.transaction():
             payments = PaymentRepository(conn)
-            event_type = None
+            event_type, recorded = None, None
             if result is not None:
-                event_type = await self._record(
-                    payments, merchant_id, payment_id, attempt["attempt"], result
+                event_type, recorded = await self._record(
+                    payments, merchant_id, payment_id, attempt["attempt"], result, payment
                 )
-            payment = await payments.get(merchant_id, payment_id)
+            if recorded is None:
+                recorded = await payments.get(merchant_id, payment_id)
+            payment = recorded
             attempts = await payments.attempts(merchant_id, [payment_id])
             view = payment_view(payment, [], attempts)
             if event_type is not None:
@@ -441,12 +450,14 @@ class PaymentService:
             payments = PaymentRepository(conn)
             if found is not None and found.outcome is not Outcome.UNKNOWN:
                 await payments.reopen_attempt(merchant_id, payment_id, attempt)
-                event_type = await self._record(payments, merchant_id, payment_id, attempt, found)
+                event_type, _ = await self._record(
+                    payments, merchant_id, payment_id, attempt, found
+                )
                 await self._announce_current(conn, merchant_id, payment_id, event_type)
                 return str(found.outcome)
             if found is None and age_seconds > self.processor_cutoff_seconds:
                 await payments.reopen_attempt(merchant_id, payment_id, attempt)
-                event_type = await self._record(
+                event_type, _ = await self._record(
                     payments,
                     merchant_id,
                     payment_id,
@@ -519,14 +530,20 @@ class PaymentService:
         payment_id: str,
         attempt: int,
         result: AuthorizeResult,
-    ) -> str | None:
-        """Apply the processor's answer; returns the event it makes, None if nothing changed."""
-        state = state_of(await payments.get(merchant_id, payment_id))
+        current: Any = None,
+    ) -> tuple[str | None, Any]:
+        """Apply the processor's answer; returns the event it makes (None if nothing changed)
+        and the payment's new row when this wrote one. `current`: a row of the payment read
+        earlier, enough here because the write applies only while the payment is still
+        `processing`, the one state the answer is computed from."""
+        if current is None:
+            current = await payments.get(merchant_id, payment_id)
+        state = state_of(current)
         if result.outcome is Outcome.UNKNOWN:
             # Stays `processing`; the reconciler settles it by asking the processor.
             if await payments.mark_unknown(merchant_id, payment_id, attempt):
-                return "payment.processing"
-            return None
+                return "payment.processing", None
+            return None, None
         outcome = {
             Outcome.APPROVED: machine.AuthorizationOutcome.APPROVED,
             Outcome.DECLINED: machine.AuthorizationOutcome.DECLINED,
@@ -535,7 +552,7 @@ class PaymentService:
         new = machine.authorize_result(state, outcome)
         if result.captured:
             new = machine.capture(new)
-        applied = await payments.record_authorization(
+        row = await payments.record_authorization(
             merchant_id,
             payment_id,
             attempt,
@@ -547,7 +564,7 @@ class PaymentService:
             decline_code=result.decline_code,
             failure_code=result.failure_code,
         )
-        return f"payment.{new.status}" if applied else None
+        return (f"payment.{new.status}", row) if row is not None else (None, None)
 
     async def _announce_current(
         self, conn: Any, merchant_id: str, payment_id: str, event_type: str | None

@@ -11,13 +11,14 @@ class PaymentRepository:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
-    async def insert(self, merchant_id: str, values: dict[str, Any]) -> None:
-        await self.conn.execute(
+    async def insert(self, merchant_id: str, values: dict[str, Any]) -> Any:
+        """The new payment's row (as `get` would read it, without a second round trip)."""
+        return await self.conn.fetchrow(
             "INSERT INTO payments (merchant_id, id, amount, currency, status, capture, token, "
             "card_brand, card_last4, card_exp_month, card_exp_year, processor, description, "
             "reference, metadata, card_country) "
             "VALUES ($1, $2, $3, $4, 'processing', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-            "$15)",
+            "$15) RETURNING *",
             merchant_id,
             values["id"],
             values["amount"],
@@ -37,10 +38,12 @@ class PaymentRepository:
 
     async def insert_attempt(
         self, merchant_id: str, payment_id: str, attempt: int, processor: str, reference: str
-    ) -> None:
-        await self.conn.execute(
+    ) -> Any:
+        """The new attempt, with the columns `latest_attempt` reads."""
+        return await self.conn.fetchrow(
             "INSERT INTO payment_attempts (merchant_id, payment_id, attempt, processor, "
-            "reference, outcome) VALUES ($1, $2, $3, $4, $5, 'pending')",
+            "reference, outcome) VALUES ($1, $2, $3, $4, $5, 'pending') "
+            "RETURNING attempt, processor, reference, outcome",
             merchant_id,
             payment_id,
             attempt,
@@ -76,18 +79,20 @@ class PaymentRepository:
         processor_reference: str | None,
         decline_code: str | None,
         failure_code: str | None,
-    ) -> bool:
-        """Apply the processor's answer, only if the payment still waits for one."""
-        updated = await self.conn.fetchval(
+    ) -> Any:
+        """Apply the processor's answer, only if the payment still waits for one. Returns the
+        payment's new row, or None if it no longer waited (nothing changed)."""
+        return await self.conn.fetchrow(
             "WITH p AS (UPDATE payments SET status = $3, amount_authorized = $4, "
             "amount_captured = $5, processor_reference = $6, decline_code = $7, "
             "failure_code = $8, updated_at = now() "
-            "WHERE merchant_id = $1 AND id = $2 AND status = 'processing' RETURNING 1) "
-            "UPDATE payment_attempts SET outcome = $9, processor_reference = $6, "
+            "WHERE merchant_id = $1 AND id = $2 AND status = 'processing' RETURNING *), "
+            "a AS (UPDATE payment_attempts SET outcome = $9, processor_reference = $6, "
             "decline_code = $7, finished_at = now(), "
             "latency_ms = (extract(epoch FROM now() - started_at) * 1000)::int "
             "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $10 "
-            "AND EXISTS (SELECT 1 FROM p) RETURNING true",
+            "AND EXISTS (SELECT 1 FROM p) RETURNING 1) "
+            "SELECT p.* FROM p WHERE EXISTS (SELECT 1 FROM a)",
             merchant_id,
             payment_id,
             status,
@@ -99,7 +104,6 @@ class PaymentRepository:
             outcome,
             attempt,
         )
-        return bool(updated)
 
     async def close_attempt(
         self,

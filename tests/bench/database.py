@@ -130,29 +130,26 @@ def payment_script(merchant_id: str, token: str) -> str:
         "card_brand, card_last4, card_exp_month, card_exp_year, processor, description, "
         "reference, metadata, card_country) "
         f"VALUES ({m}, {pay}, 1050, 'EUR', 'processing', true, {_literal(token)}, 'visa', "
-        "'4242', 12, 2040, 'psp_a', NULL, NULL, '{}', 'US');",
+        "'4242', 12, 2040, 'psp_a', NULL, NULL, '{}', 'US') RETURNING *;",
         "INSERT INTO payment_attempts (merchant_id, payment_id, attempt, processor, reference, "
-        f"outcome) VALUES ({m}, {pay}, 1, 'psp_a', {pay} || '_1', 'pending');",
+        f"outcome) VALUES ({m}, {pay}, 1, 'psp_a', {pay} || '_1', 'pending') "
+        "RETURNING attempt, processor, reference, outcome;",
         "UPDATE idempotency_keys SET recovery_point = 'payment_created', "
         f"payment_id = {pay} WHERE merchant_id = {m} AND key = {key};",
         "COMMIT;",
-        # Phase 2 reads what it sends (the processor call itself is not the database's).
-        "SELECT attempt, processor, reference, outcome FROM payment_attempts "
-        f"WHERE merchant_id = {m} AND payment_id = {pay} ORDER BY attempt DESC LIMIT 1;",
-        f"SELECT * FROM payments WHERE merchant_id = {m} AND id = {pay};",
+        # Phase 2 (the processor call) reads nothing: phase 1's rows are kept in memory.
         # Phase 3: record the answer, the event, the postings and the response.
         "BEGIN;",
-        f"SELECT * FROM payments WHERE merchant_id = {m} AND id = {pay};",
         "WITH p AS (UPDATE payments SET status = 'captured', amount_authorized = 1050, "
         "amount_captured = 1050, processor_reference = 'auth_x', decline_code = NULL, "
         "failure_code = NULL, updated_at = now() "
-        f"WHERE merchant_id = {m} AND id = {pay} AND status = 'processing' RETURNING 1) "
-        "UPDATE payment_attempts SET outcome = 'approved', processor_reference = 'auth_x', "
+        f"WHERE merchant_id = {m} AND id = {pay} AND status = 'processing' RETURNING *), "
+        "a AS (UPDATE payment_attempts SET outcome = 'approved', processor_reference = 'auth_x', "
         "decline_code = NULL, finished_at = now(), "
         "latency_ms = (extract(epoch FROM now() - started_at) * 1000)::int "
         f"WHERE merchant_id = {m} AND payment_id = {pay} AND attempt = 1 "
-        "AND EXISTS (SELECT 1 FROM p) RETURNING true;",
-        f"SELECT * FROM payments WHERE merchant_id = {m} AND id = {pay};",
+        "AND EXISTS (SELECT 1 FROM p) RETURNING 1) "
+        "SELECT p.* FROM p WHERE EXISTS (SELECT 1 FROM a);",
         "SELECT payment_id, attempt, processor, reference, outcome, processor_reference, "
         "decline_code, latency_ms, late_reversal FROM payment_attempts "
         f"WHERE merchant_id = {m} AND payment_id = ANY(ARRAY[{pay}]) "
