@@ -27,6 +27,13 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     psp_b_hmac_key: str = "E92EF49F9B36436D3A9FBEFC305A24593559B43D854C8151FC9E242818957599"
     #: How long an authorization may take before its outcome is called unknown (`processing`).
     authorization_timeout_seconds: float = 10.0
+    #: Payments this process works on at once (phases 1-3). More wait, before their key is
+    #: claimed, so an overloaded process slows every payment a little instead of letting them
+    #: all run into the authorization time-out (make bench: 1,000 in flight against a slow PSP).
+    max_payments_in_flight: int = 256
+    #: How long a payment waits for one of those slots before `503 at_capacity` (nothing was
+    #: written; retrying with the same key is safe).
+    admission_wait_seconds: float = 30.0
     #: How long idempotency keys (and their responses) are kept.
     idempotency_retention_hours: int = 24
     #: The lease on a key whose request is in flight: longer than any processor call, so a
@@ -72,6 +79,10 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
             raise ValueError(
                 f"{self.env_name('psp_b_hmac_key')}: at least 16 bytes, hex-encoded"
             ) from None
+        if not 1 <= self.max_payments_in_flight <= 100_000:
+            raise ValueError(f"{self.env_name('max_payments_in_flight')}: 1 to 100000")
+        if not 0 < self.admission_wait_seconds <= 300:
+            raise ValueError(f"{self.env_name('admission_wait_seconds')}: 0 < s <= 300")
         if not 0 < self.authorization_timeout_seconds <= 10:
             raise ValueError(f"{self.env_name('authorization_timeout_seconds')}: 0 < s <= 10")
         try:

@@ -78,6 +78,8 @@ async def open_services(
                 breaker=CircuitBreaker(redis),
                 processor_cutoff_seconds=settings.processor_cutoff_seconds,
                 late_authorization_window_seconds=settings.late_authorization_window_seconds,
+                max_in_flight=settings.max_payments_in_flight,
+                admission_wait_seconds=settings.admission_wait_seconds,
                 publisher=publisher,
             ),
             notifications=NotificationService(

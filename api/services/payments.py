@@ -14,8 +14,11 @@ a card is never authorized twice.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -195,6 +198,28 @@ class PaymentService:
     late_authorization_window_seconds: float = 24 * 3600
     publisher: Publisher = field(default_factory=Publisher)
     rng: random.Random = field(default_factory=random.Random)
+    max_in_flight: int = 256
+    admission_wait_seconds: float = 30.0
+    _slots: asyncio.Semaphore | None = None
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """One of `max_in_flight` slots, or `503 at_capacity` after `admission_wait_seconds`.
+        Taken before anything is written, so a refused request left no trace."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_in_flight)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.admission_wait_seconds)
+        except TimeoutError:
+            raise ServiceUnavailable(
+                "Too many payments in progress; nothing was done. Retry with the same "
+                "Idempotency-Key.",
+                code="at_capacity",
+            ) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def ranking(
         self,
@@ -232,6 +257,21 @@ class PaymentService:
         replay = await cached_replay(self.replays, merchant_id, idempotency_key, fingerprint)
         if replay is not None:
             return replay
+        async with self.admitted():
+            return await self._create(
+                merchant_id, idempotency_key, fingerprint, method, path, data, request_id
+            )
+
+    async def _create(
+        self,
+        merchant_id: str,
+        idempotency_key: str,
+        fingerprint: bytes,
+        method: str,
+        path: str,
+        data: CreatePayment,
+        request_id: str,
+    ) -> Handled:
 
         # Validation before the key is claimed: failures here are not stored.
         currency = parse_currency(data.currency)
