@@ -9,6 +9,12 @@ from typing import Any
 from matplotlib.figure import Figure
 
 
+def _short(value: int) -> str:
+    if value >= 1_000_000:
+        return f"{value / 1_000_000:g} M"
+    return f"{value:g}"
+
+
 def _rate_and_p99(
     path: Path, title: str, xlabel: str, xs: list[Any], rows: list[dict[str, Any]], log_x: bool
 ) -> Path:
@@ -20,6 +26,7 @@ def _rate_and_p99(
     rate_axis.set_ylim(bottom=0)
     if log_x:
         rate_axis.set_xscale("symlog", linthresh=1)
+    rate_axis.set_xticks(xs, [_short(x) for x in xs])
     latency_axis = rate_axis.twinx()
     latency_axis.plot(xs, [r["p99_ms"] for r in rows], "s--", color="tab:red", label="p99 ms")
     latency_axis.set_ylabel("p99 latency (ms)", color="tab:red")
