@@ -109,7 +109,7 @@ async def deliver_webhooks(deliverer: WebhookDeliverer, stop: asyncio.Event) -> 
             if time.monotonic() >= housekeeping_at:
                 housekeeping_at = time.monotonic() + 60
                 await deliverer.disable_failing()
-                await deliverer.queue.purge_events(EVENT_RETENTION_DAYS, 1000)
+                await deliverer.queue.purge_expired_events(EVENT_RETENTION_DAYS)
         except Exception:
             log.exception("webhook_cycle_failed")
         if not started:

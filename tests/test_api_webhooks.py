@@ -507,3 +507,52 @@ def test_a_delivery_never_accepted_within_the_retry_window_is_marked_failed(
     assert len(receiver.deliveries) == final["attempts"]
     read = httpx.get(f"{api.url}/v1/webhook_endpoints/{endpoint['id']}", headers=shop.auth)
     assert read.json()["status"] == "enabled"  # failing for seconds, not for days
+
+
+def test_expired_events_are_purged_in_batches_and_recent_ones_kept(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    shop: ApiMerchant,
+    api_env: dict[str, str],
+) -> None:
+    """Events are kept 30 days: the worker's purge deletes what is older, however much there
+    is (in batches), and nothing newer."""
+    import asyncpg
+
+    from api.storage.webhooks import DeliveryQueue
+    from core.ids import new_id
+
+    payment = pay(api, vault, shop).json()
+
+    async def run() -> tuple[int, int, int]:
+        owner = await asyncpg.connect(api_env["TESSERA_API_MIGRATION_URL"])
+        pool = await asyncpg.create_pool(
+            api_env["TESSERA_API_DATABASE_URL"], min_size=1, max_size=2
+        )
+        try:
+            await owner.executemany(
+                "INSERT INTO events (merchant_id, id, type, object_id, data, created_at) "
+                "VALUES ($1, $2, 'payment.captured', $3, '{}', now() - interval '31 days')",
+                [(shop.id, new_id("evt"), payment["id"]) for _ in range(7)],
+            )
+            queue = DeliveryQueue(pool)
+            deleted = await queue.purge_expired_events(30, batch=2, max_batches=10)
+            old = await owner.fetchval(
+                "SELECT count(*) FROM events WHERE merchant_id = $1 "
+                "AND created_at < now() - interval '30 days'",
+                shop.id,
+            )
+            recent = await owner.fetchval(
+                "SELECT count(*) FROM events WHERE merchant_id = $1 AND object_id = $2",
+                shop.id,
+                payment["id"],
+            )
+            return deleted, old, recent
+        finally:
+            await pool.close()
+            await owner.close()
+
+    deleted, old, recent = asyncio.run(run())
+    assert deleted >= 7  # other tests' expired events, if any, go too
+    assert old == 0
+    assert recent >= 1  # the payment's own event, written just now, stays

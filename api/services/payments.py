@@ -272,7 +272,6 @@ class PaymentService:
         data: CreatePayment,
         request_id: str,
     ) -> Handled:
-
         # Validation before the key is claimed: failures here are not stored.
         currency = parse_currency(data.currency)
         amount = validate_amount(data.amount, currency)

@@ -201,6 +201,20 @@ class DeliveryQueue:
             )
         return list(rows)
 
+    async def purge_expired_events(
+        self, older_than_days: int, batch: int = 5000, max_batches: int = 50
+    ) -> int:
+        """Delete expired events in short transactions until none is left or `max_batches`
+        ran: up to 250,000 a call, so a worker calling it once a minute keeps up with about
+        4,000 events/s, well above one machine's payment rate (docs/perf)."""
+        total = 0
+        for _ in range(max_batches):
+            deleted = await self.purge_events(older_than_days, batch)
+            total += deleted
+            if deleted < batch:
+                break
+        return total
+
     async def purge_events(self, older_than_days: int, limit: int) -> int:
         status: str = await self.pool.execute(
             "DELETE FROM events WHERE (merchant_id, id) IN ("

@@ -101,12 +101,13 @@ def _array(values: list[object], cast: str) -> str:
     return "ARRAY[" + ", ".join(_literal(str(v)) for v in values) + f"]::{cast}[]"
 
 
-def payment_script(merchant_id: str, token: str) -> str:
-    """pgbench's script: one authorize-and-capture payment's statements (API workers: the same)."""
+def payment_script(merchant_id: str, token: str, fee: int = 35) -> str:
+    """pgbench's script: one authorize-and-capture payment's statements, with the ledger
+    postings of a processing `fee` (the bench's merchant pays one, as merchants do)."""
     m = _literal(merchant_id)
     pay = "('pay_' || lpad(:n::text, 26, '0'))"
     key = "('pgb-' || :n::text)"
-    postings = ledger.authorization_and_capture("EUR", 1050, 35)
+    postings = ledger.authorization_and_capture("EUR", 1050, fee)
     index, accounts, amounts, delays = [], [], [], []
     for number, posting in enumerate(postings, start=1):
         for entry in posting.entries:
