@@ -111,7 +111,7 @@ class VaultClient:
         await self._http.close()
 
 
-def _error_body(response: Reply | httpx.Response) -> dict[str, Any]:
+def _error_body(response: Reply) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:

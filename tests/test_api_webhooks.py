@@ -8,7 +8,8 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -62,6 +63,20 @@ def events_of(api: ServiceProcess, merchant: ApiMerchant) -> list[dict[str, Any]
     assert response.status_code == 200, response.text
     found: list[dict[str, Any]] = response.json()["data"]
     return found
+
+
+@asynccontextmanager
+async def delivery_queue(api_env: dict[str, str], size: int = 2) -> AsyncIterator[Any]:
+    """The worker's queue on its own pool of the API's runtime role, as the worker has it."""
+    import asyncpg
+
+    from api.storage.webhooks import DeliveryQueue
+
+    pool = await asyncpg.create_pool(api_env["TESSERA_API_DATABASE_URL"], min_size=1, max_size=size)
+    try:
+        yield DeliveryQueue(pool)
+    finally:
+        await pool.close()
 
 
 # --- endpoints ---------------------------------------------------------------------------------
@@ -397,23 +412,13 @@ def test_the_delivery_queue_claim_is_exclusive_under_concurrency(
     api_env: dict[str, str],
 ) -> None:
     """Eight claims at once on the real database: each due delivery goes to one claimer."""
-    import asyncpg
-
-    from api.storage.webhooks import DeliveryQueue
-
     endpoint = create_endpoint(api, shop, receiver.url).json()
     for _ in range(5):
         pay(api, vault, shop)
 
     async def run() -> list[list[Any]]:
-        pool = await asyncpg.create_pool(
-            api_env["TESSERA_API_DATABASE_URL"], min_size=1, max_size=8
-        )
-        try:
-            queue = DeliveryQueue(pool)
+        async with delivery_queue(api_env, size=8) as queue:
             return list(await asyncio.gather(*(queue.claim(100, 100, 2) for _ in range(8))))
-        finally:
-            await pool.close()
 
     claimed = [
         row["event_id"]
@@ -434,19 +439,12 @@ def test_a_send_in_flight_when_its_endpoint_is_disabled_ends_failed_not_pending(
 ) -> None:
     """The CI race: disabling marks pending deliveries failed while one is being sent; the
     send's 503 must not put it back to pending, where no worker would ever take it again."""
-    import asyncpg
-
-    from api.storage.webhooks import DeliveryQueue
-
     endpoint = create_endpoint(api, shop, receiver.url, ["payment.captured"]).json()
     pay(api, vault, shop)
 
     async def run() -> tuple[list[str], str, str | None]:
-        pool = await asyncpg.create_pool(
-            api_env["TESSERA_API_DATABASE_URL"], min_size=1, max_size=2
-        )
-        try:
-            queue = DeliveryQueue(pool)
+        async with delivery_queue(api_env) as queue:
+            pool = queue.pool
             [claimed] = [
                 r for r in await queue.claim(100, 100, 60) if r["endpoint_id"] == endpoint["id"]
             ]
@@ -472,8 +470,6 @@ def test_a_send_in_flight_when_its_endpoint_is_disabled_ends_failed_not_pending(
                 endpoint["id"],
             )
             return disabled, outcome, status
-        finally:
-            await pool.close()
 
     disabled, outcome, status = asyncio.run(run())
     assert endpoint["id"] in disabled
@@ -519,24 +515,20 @@ def test_expired_events_are_purged_in_batches_and_recent_ones_kept(
     is (in batches), and nothing newer."""
     import asyncpg
 
-    from api.storage.webhooks import DeliveryQueue
     from core.ids import new_id
 
     payment = pay(api, vault, shop).json()
 
     async def run() -> tuple[int, int, int]:
         owner = await asyncpg.connect(api_env["TESSERA_API_MIGRATION_URL"])
-        pool = await asyncpg.create_pool(
-            api_env["TESSERA_API_DATABASE_URL"], min_size=1, max_size=2
-        )
         try:
             await owner.executemany(
                 "INSERT INTO events (merchant_id, id, type, object_id, data, created_at) "
                 "VALUES ($1, $2, 'payment.captured', $3, '{}', now() - interval '31 days')",
                 [(shop.id, new_id("evt"), payment["id"]) for _ in range(7)],
             )
-            queue = DeliveryQueue(pool)
-            deleted = await queue.purge_expired_events(30, batch=2, max_batches=10)
+            async with delivery_queue(api_env) as queue:
+                deleted = await queue.purge_expired_events(30, batch=2, max_batches=10)
             old = await owner.fetchval(
                 "SELECT count(*) FROM events WHERE merchant_id = $1 "
                 "AND created_at < now() - interval '30 days'",
@@ -549,7 +541,6 @@ def test_expired_events_are_purged_in_batches_and_recent_ones_kept(
             )
             return deleted, old, recent
         finally:
-            await pool.close()
             await owner.close()
 
     deleted, old, recent = asyncio.run(run())

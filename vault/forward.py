@@ -180,14 +180,13 @@ class Forwarder:
             ) from None
         finally:
             del body
+        mask = CardMask(card.number)  # one compiled pattern for the whole answer
         return ForwardResponse(
             status=response.status,
             headers={
-                h: CardMask(card.number).text(response.headers[h])
-                for h in RETURNED_HEADERS
-                if h in response.headers
+                h: mask.text(response.headers[h]) for h in RETURNED_HEADERS if h in response.headers
             },
-            body=_masked_body(response, card),
+            body=_masked_body(response, card, mask),
         )
 
     async def close(self) -> None:
@@ -231,12 +230,11 @@ class CardMask:
         return value
 
 
-def _masked_body(response: Reply, card: Card) -> Any:
+def _masked_body(response: Reply, card: Card, mask: CardMask) -> Any:
     """What the destination said, with card numbers masked and the CVC, should a destination
     echo it as a value of its own, replaced: the caller must never get card data back."""
     if not response.content:
         return None
-    mask = CardMask(card.number)
     try:
         body = mask.value(msgspec.json.decode(response.content))
     except msgspec.DecodeError:

@@ -25,13 +25,7 @@ class LedgerRepository:
         postings = list(postings)
         if not postings:
             return
-        index, accounts, amounts, delays = [], [], [], []
-        for number, posting in enumerate(postings, start=1):
-            for entry in posting.entries:
-                index.append(number)
-                accounts.append(entry.account)
-                amounts.append(entry.amount)
-                delays.append(settlement_delay_seconds if entry.settles_later else 0.0)
+        index, accounts, amounts, delays = entry_columns(postings, settlement_delay_seconds)
         await self.conn.execute(
             "WITH ids AS ("
             "  SELECT u.n, u.kind, u.currency, "
@@ -112,3 +106,18 @@ class LedgerRepository:
             "ORDER BY p.merchant_id, p.id"
         )
         return list(rows)
+
+
+def entry_columns(
+    postings: list[Posting], settlement_delay_seconds: float
+) -> tuple[list[int], list[str], list[int], list[float]]:
+    """The entries as the columns `post` unnests: posting number (from 1), account, amount,
+    and the delay before the amount is available."""
+    index, accounts, amounts, delays = [], [], [], []
+    for number, posting in enumerate(postings, start=1):
+        for entry in posting.entries:
+            index.append(number)
+            accounts.append(entry.account)
+            amounts.append(entry.amount)
+            delays.append(settlement_delay_seconds if entry.settles_later else 0.0)
+    return index, accounts, amounts, delays

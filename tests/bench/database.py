@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from api.storage.ledger import entry_columns
 from core import ledger
 from tessera.dbsetup import (
     ServiceDatabase,
@@ -108,13 +109,7 @@ def payment_script(merchant_id: str, token: str, fee: int = 35) -> str:
     pay = "('pay_' || lpad(:n::text, 26, '0'))"
     key = "('pgb-' || :n::text)"
     postings = ledger.authorization_and_capture("EUR", 1050, fee)
-    index, accounts, amounts, delays = [], [], [], []
-    for number, posting in enumerate(postings, start=1):
-        for entry in posting.entries:
-            index.append(number)
-            accounts.append(entry.account)
-            amounts.append(entry.amount)
-            delays.append(86400.0 if entry.settles_later else 0.0)
+    index, accounts, amounts, delays = entry_columns(postings, 86400.0)
     data = _literal(PAYMENT_JSON)
     lines = [
         r"\set n random(1, 9000000000000000000)",

@@ -38,32 +38,41 @@ def _rate_and_p99(
     return path
 
 
+#: (file, title, x label, the results' key, each row's x field, symlog x axis)
+PLOTS = (
+    (
+        "bench-concurrency.png",
+        "Authorize+capture vs concurrent connections (1 API process)",
+        "wrk connections",
+        "payments.curve",
+        "connections",
+        False,
+    ),
+    (
+        "bench-workers.png",
+        "Authorize+capture vs API worker processes (2 cores)",
+        "API worker processes",
+        "workers",
+        "workers",
+        False,
+    ),
+    (
+        "bench-table-size.png",
+        "Authorize+capture vs rows already in the payments table",
+        "payments table rows (symlog)",
+        "table_size",
+        "rows",
+        True,
+    ),
+)
+
+
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
-    curve = results["payments"]["curve"]
-    paths = [
-        _rate_and_p99(
-            out / "bench-concurrency.png",
-            "Authorize+capture vs concurrent connections (1 API process)",
-            "wrk connections",
-            [r["connections"] for r in curve],
-            curve,
-            log_x=False,
-        ),
-        _rate_and_p99(
-            out / "bench-workers.png",
-            "Authorize+capture vs API worker processes (2 cores)",
-            "API worker processes",
-            [r["workers"] for r in results["workers"]],
-            results["workers"],
-            log_x=False,
-        ),
-        _rate_and_p99(
-            out / "bench-table-size.png",
-            "Authorize+capture vs rows already in the payments table",
-            "payments table rows (symlog)",
-            [r["rows"] for r in results["table_size"]],
-            results["table_size"],
-            log_x=True,
-        ),
-    ]
+    paths = []
+    for name, title, xlabel, key, x_field, log_x in PLOTS:
+        rows: Any = results
+        for part in key.split("."):
+            rows = rows[part]
+        xs = [r[x_field] for r in rows]
+        paths.append(_rate_and_p99(out / name, title, xlabel, xs, rows, log_x))
     return paths
