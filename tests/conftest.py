@@ -2,7 +2,9 @@
 
 The suite uses its own databases (`tessera_api_test`, `tessera_vault_test`), recreated and
 migrated once per session, and Redis databases 14 and 15, flushed once per session, so running
-the tests never touches what `make run` shows.
+the tests never touches what `make run` shows. Two suites can run side by side on one machine
+with `TESSERA_TEST_DB_SUFFIX` (e.g. `_2`: `tessera_api_test_2`) and `TESSERA_TEST_REDIS_DBS`
+(e.g. `4,5`).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_BASE = os.environ.get("TESSERA_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 
-API_DB = ServiceDatabase("api", "tessera_api_test")
-VAULT_DB = ServiceDatabase("vault", "tessera_vault_test")
+_SUFFIX = os.environ.get("TESSERA_TEST_DB_SUFFIX", "")
+API_DB = ServiceDatabase("api", f"tessera_api_test{_SUFFIX}")
+VAULT_DB = ServiceDatabase("vault", f"tessera_vault_test{_SUFFIX}")
+_REDIS_API_DB, _REDIS_VAULT_DB = os.environ.get("TESSERA_TEST_REDIS_DBS", "14,15").split(",")
 
 
 def dsn(role: str, database: str) -> str:
@@ -66,7 +70,7 @@ def databases() -> dict[str, ServiceDatabase]:
 
 @pytest.fixture(scope="session")
 def redis_urls() -> dict[str, str]:
-    urls = {"api": f"{REDIS_BASE}/14", "vault": f"{REDIS_BASE}/15"}
+    urls = {"api": f"{REDIS_BASE}/{_REDIS_API_DB}", "vault": f"{REDIS_BASE}/{_REDIS_VAULT_DB}"}
     for url in urls.values():
         client = redis.Redis.from_url(url)
         client.flushdb()

@@ -307,6 +307,35 @@ class Bench:
         show("floor: Litestar + 1 INSERT (best)", best)
         return {"best": best, "curve": curve}
 
+    def chain_floor(self) -> dict[str, Any]:
+        """Tessera's shape at its floor: three bare hops (API with one INSERT -> vault with one
+        INSERT -> PSP), one process each, as a payment crosses them."""
+        hops: list[ServiceProcess] = []
+        try:
+            next_url = None
+            for name, dsn in (
+                ("psp", "-"),
+                ("vault", self.env["TESSERA_VAULT_MIGRATION_URL"]),
+                ("api", self.env["TESSERA_API_MIGRATION_URL"]),
+            ):
+                port = free_port()
+                args = [str(port), dsn] + ([next_url] if next_url else [])
+                hop = ServiceProcess(
+                    "tests.bench.floor", self.env, port, self.work / f"chain-{name}.log", args=args
+                )
+                hops.append(hop.start(ready_path="/healthz"))
+                next_url = hop.url + "/floor"
+            lua = self.script(
+                "chain", _lua("POST", '{"amount": 1050}', {"content-type": "application/json"})
+            )
+            curve = [wrk(hops[-1].url + "/floor", lua, connections=c) for c in SWEEP]
+        finally:
+            for hop in hops:
+                hop.stop()
+        best = max(curve, key=lambda r: r["rate"])
+        show("chain floor: 3 hops, 2 INSERTs (best)", best)
+        return {"best": best, "curve": curve}
+
     def payments(self, stack: Stack, merchant: dict[str, str], token: str) -> dict[str, Any]:
         api = stack.urls["api"]
         auth = {
@@ -515,6 +544,7 @@ def main() -> None:
         bench = Bench(env, work)
         print(f"\nreference ceilings (wrk {SECONDS} s per run, connections {SWEEP})", flush=True)
         results["floor"] = bench.floor()
+        results["chain_floor"] = bench.chain_floor()
 
         print(
             "\nwhole stack: API (1 process), vault, PSP A+B simulators, Postgres, Redis", flush=True
@@ -586,6 +616,7 @@ def main() -> None:
     results["ratios"] = {
         "of_floor": saturation / floor_rate,
         "of_pgbench": saturation / results["pgbench"]["payments_per_second"],
+        "of_chain_floor": saturation / results["chain_floor"]["best"]["rate"],
     }
     results["machine"] = {
         "cores": os.cpu_count(),
@@ -600,6 +631,7 @@ def main() -> None:
     print(f"  ... at 70%: p50 {at_70['p50_ms']:.1f} ms, p99 {at_70['p99_ms']:.1f} ms")
     print(f"  share of the Litestar floor          {results['ratios']['of_floor']:8.0%}")
     print(f"  share of pgbench (payment SQL)       {results['ratios']['of_pgbench']:8.0%}")
+    print(f"  share of the 3-hop chain floor       {results['ratios']['of_chain_floor']:8.0%}")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     for path in write_plots(results, OUT):
