@@ -76,7 +76,9 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
             CvcStore(state.redis, settings.cvc_ttl_seconds),
         )
         state.forwarder = Forwarder(
-            dict(settings.forward_destinations), settings.forward_timeout_seconds
+            dict(settings.forward_destinations),
+            settings.forward_timeout_seconds,
+            public_only=settings.production,
         )
         try:
             yield

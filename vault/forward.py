@@ -16,7 +16,7 @@ import msgspec
 
 from core.errors import InvalidRequest, TesseraError
 from core.redaction import redact
-from tessera.runtime.http_client import HttpClient, MaybeSent, NotSent, Reply
+from tessera.runtime.http_client import Blocked, HttpClient, MaybeSent, NotSent, Reply
 from vault.tokens import Card
 
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_.0-9]+)\s*\}\}")
@@ -142,13 +142,21 @@ _ABSENT: Any = object()
 
 
 class Forwarder:
-    """One pooled HTTP client for every destination; redirects are never followed."""
+    """One pooled HTTP client for every destination; redirects are never followed. In
+    production (`public_only`) card data goes to public addresses only: an allowlisted name
+    whose DNS answer turns private, loopback or link-local is refused, not connected."""
 
-    def __init__(self, destinations: dict[str, Destination], timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        destinations: dict[str, Destination],
+        timeout_seconds: float,
+        *,
+        public_only: bool = False,
+    ) -> None:
         self.destinations = destinations
         self.timeout_seconds = timeout_seconds
         # TLS is verified (aiohttp's default); redirects are never followed.
-        self.client = HttpClient(timeout_seconds=timeout_seconds)
+        self.client = HttpClient(timeout_seconds=timeout_seconds, public_only=public_only)
 
     async def send(
         self, destination: Destination, request: ForwardRequest, card: Card
@@ -159,6 +167,12 @@ class Forwarder:
         try:
             # The whole exchange, connection and body included, is bounded by the time-out.
             response = await self.client.request(request.method, url, body=body, headers=headers)
+        except Blocked:
+            raise ForwardError(
+                "The destination does not resolve to a public address; nothing was sent.",
+                code="destination_unreachable",
+                extra={"sent": "false"},
+            ) from None
         except NotSent as exc:
             refused = not exc.timed_out
             raise ForwardError(

@@ -9,7 +9,9 @@
   lease; anything but a 2xx within the time-out is retried with exponential backoff and jitter
   for 3 days; an endpoint that accepts nothing for 5 days is disabled, with an event.
 - Merchant URLs are untrusted: in production only https to public addresses, checked when the
-  endpoint is created and again (after DNS) before every delivery.
+  endpoint is created and again (after DNS) before every delivery, which then connects to the
+  address it checked (one lookup: DNS rebinding has no second answer to change) and follows no
+  redirect.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -35,6 +36,7 @@ from api.services.events import EVENT_TYPES, Cause, EventView, Publisher, event_
 from api.storage.webhooks import DeliveryQueue, WebhookEndpointRepository
 from core.errors import InvalidRequest, NotFound
 from core.ids import new_id
+from tessera.runtime.egress import ambiguous_numeric_host, is_public
 
 log = structlog.stdlib.get_logger("tessera.webhooks")
 
@@ -43,9 +45,19 @@ SUBSCRIBABLE = (*EVENT_TYPES, "*")
 
 
 class CreateWebhookEndpoint(msgspec.Struct, forbid_unknown_fields=True):
-    url: Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+    # `extra_json_schema` only describes what `WebhookService.create` checks (and, for the URL,
+    # what only a DNS lookup can tell: where it leads).
+    url: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1, max_length=2048, extra_json_schema={"pattern": "^https?://[^@/]+"}
+        ),
+    ]
     #: Event types, or ["*"] for all (checked by the service: 1 to 13 of them).
-    events: list[Annotated[str, msgspec.Meta(max_length=64)]]
+    events: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=64, extra_json_schema={"enum": SUBSCRIBABLE})]],
+        msgspec.Meta(extra_json_schema={"minItems": 1, "maxItems": len(SUBSCRIBABLE)}),
+    ]
 
 
 class RollSecret(msgspec.Struct, forbid_unknown_fields=True):
@@ -127,18 +139,17 @@ def signature_header(live_secrets: list[str], timestamp: int, body: bytes) -> st
 # --- where deliveries may go (SSRF) ----------------------------------------------------------
 
 
-def _public(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
+@dataclass(frozen=True)
+class CheckedDestination:
+    """A URL that passed the policy, with every address its host resolved to (all allowed).
+    The delivery connects to one of these addresses and to nothing else."""
+
+    url: httpx.URL
+    addresses: list[str]
+
+    def pinned(self, address: str) -> httpx.URL:
+        """The URL with its host replaced by a checked address: no second lookup."""
+        return self.url.copy_with(host=address)
 
 
 async def resolve(host: str) -> list[str]:
@@ -150,27 +161,40 @@ async def resolve(host: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-async def destination_problem(url: str, production: bool) -> str | None:
-    """Why a delivery may not go to `url`, or None. Production: https to public addresses
-    only (every address the name resolves to). Development: also http, to loopback only."""
-    parts = urlsplit(url)
-    host = parts.hostname
-    if parts.scheme not in ("https", "http") or not host:
+async def check_destination(url: str, production: bool) -> CheckedDestination | str:
+    """The checked destination, or why a delivery may not go to `url`. Production: https to
+    public addresses only (every address the name resolves to, `tessera.runtime.egress`).
+    Development: also http, to loopback only. One parser (httpx's) for the check and the send."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
         return "url must be an absolute http(s) URL"
-    if parts.username or parts.password:
+    host = parsed.host
+    if parsed.scheme not in ("https", "http") or not host:
+        return "url must be an absolute http(s) URL"
+    if parsed.userinfo:
         return "url must not carry credentials"
+    if ambiguous_numeric_host(host):
+        return "url's host must be a name or a dotted-decimal IPv4 address"
     addresses = await resolve(host)
     if not addresses:
         return "url's host does not resolve"
     if production:
-        if parts.scheme != "https":
+        if parsed.scheme != "https":
             return "url must use https"
-        if not all(_public(a) for a in addresses):
+        if not all(is_public(a) for a in addresses):
             return "url resolves to a private, loopback or link-local address"
-        return None
-    if parts.scheme == "http" and not all(ipaddress.ip_address(a).is_loopback for a in addresses):
+    elif parsed.scheme == "http" and not all(
+        ipaddress.ip_address(a).is_loopback for a in addresses
+    ):
         return "http is allowed for loopback addresses only; use https"
-    return None
+    return CheckedDestination(parsed, addresses)
+
+
+async def destination_problem(url: str, production: bool) -> str | None:
+    """Why a delivery may not go to `url`, or None (see `check_destination`)."""
+    checked = await check_destination(url, production)
+    return checked if isinstance(checked, str) else None
 
 
 # --- the merchant's endpoints ----------------------------------------------------------------
@@ -292,10 +316,17 @@ class WebhookDeliverer:
 
     def __post_init__(self) -> None:
         self.queue = DeliveryQueue(self.pool)
+        # Each send connects to the address it checked (a pinned URL, the original Host header
+        # and TLS name): no pooled connections, as one made for one name must not carry
+        # another's request. No proxies from the environment (they would connect anywhere);
+        # the CA bundle is httpx's usual one (SSL_CERT_FILE / SSL_CERT_DIR, else certifi).
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout_seconds, connect=min(3.0, self.timeout_seconds)),
             follow_redirects=False,
             headers={"user-agent": "Tessera-Webhooks/1"},
+            limits=httpx.Limits(max_keepalive_connections=0),
+            trust_env=False,
+            verify=httpx.create_ssl_context(),
         )
 
     async def close(self) -> None:
@@ -374,21 +405,34 @@ class WebhookDeliverer:
     async def _send(
         self, url: str, body: bytes, live: list[str], event_id: str
     ) -> tuple[int | None, str]:
-        problem = await destination_problem(url, self.production)
-        if problem is not None:
+        checked = await check_destination(url, self.production)
+        if isinstance(checked, str):
             return None, "blocked_destination"
         headers = {
+            "host": checked.url.netloc.decode("ascii"),
             "content-type": "application/json",
             "tessera-signature": signature_header(live, int(time.time()), body),
             "tessera-event-id": event_id,
         }
-        try:
-            response = await self.http.post(url, content=body, headers=headers)
-        except httpx.TimeoutException:
-            return None, "timeout"
-        except httpx.HTTPError as exc:
-            return None, f"connection:{type(exc).__name__}"
-        return response.status_code, "" if response.is_success else f"http_{response.status_code}"
+        error = "connection:ConnectError"
+        for address in checked.addresses:  # the next one only if nothing could be sent
+            try:
+                response = await self.http.post(
+                    checked.pinned(address),
+                    content=body,
+                    headers=headers,
+                    extensions={"sni_hostname": checked.url.host},
+                )
+            except httpx.ConnectError as exc:
+                error = f"connection:{type(exc).__name__}"
+                continue
+            except httpx.TimeoutException:
+                return None, "timeout"
+            except httpx.HTTPError as exc:
+                return None, f"connection:{type(exc).__name__}"
+            status = response.status_code
+            return status, "" if response.is_success else f"http_{status}"
+        return None, error
 
 
 def _event_of(row: Any) -> EventView:

@@ -135,6 +135,38 @@ def _validation_error(exc: ValidationException) -> errors.TesseraError:
     )
 
 
+#: What asyncpg raises when the server is gone, going or not the one to write to: refused or
+#: reset connections, a server shutting down (`pg_ctl stop`, a crash of another backend), one
+#: still starting, and a multi-host DSN none of whose hosts takes writes (mid-failover).
+_DATABASE_GONE = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not be reached or lost the connection.
+
+    The whole chain is looked at: when the connection dies inside `async with
+    conn.transaction()`, the transaction's exit cannot roll back on it and asyncpg replaces the
+    real failure with `InterfaceError: cannot call Transaction.__aexit__(): the underlying
+    connection is closed` (seen when Postgres was killed under load: a 500 instead of a 503)."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return False
+        if isinstance(current, _DATABASE_GONE):
+            return True
+        if isinstance(current, asyncpg.InterfaceError) and "connection is closed" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def to_tessera_error(exc: Exception) -> errors.TesseraError:
     """Translate anything raised while serving a request into a client-safe error."""
     if isinstance(exc, errors.TesseraError):
@@ -155,7 +187,7 @@ def to_tessera_error(exc: Exception) -> errors.TesseraError:
         return errors.PermissionDenied("Not allowed.")
     if isinstance(exc, HTTPException) and exc.status_code < 500:
         return errors.InvalidRequest(str(exc.detail), code="bad_request")
-    if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+    if database_unavailable(exc):
         return errors.ServiceUnavailable("The database is unavailable; retry later.")
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return errors.ServiceUnavailable("The cache is unavailable; retry later.")

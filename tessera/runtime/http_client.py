@@ -10,16 +10,27 @@ connection after sending), which must never be retried blindly.
 Idle pooled connections are closed after `IDLE_SECONDS`, well before our servers close them
 (`*_KEEP_ALIVE_SECONDS`, 75 s), so a request is never written to a connection the server is
 closing. Proxies from the environment are ignored and redirects are never followed: where a
-service may connect is the deployment's decision.
+service may connect is the deployment's decision. A client made with `public_only` connects to
+public addresses only (`tessera.runtime.egress`): one lookup, every address checked, the
+connection made to a checked one; anything else fails as `Blocked`, before anything is sent.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import msgspec
+from yarl import URL
+
+from tessera.runtime.egress import (
+    BlockedAddress,
+    PublicAddressResolver,
+    ambiguous_numeric_host,
+    is_public,
+)
 
 IDLE_SECONDS = 15.0
 
@@ -41,6 +52,13 @@ class NotSent(HttpFailure):
 
 class MaybeSent(HttpFailure):
     sent = "unknown"
+
+
+class Blocked(NotSent):
+    """The destination is not a public address (a `public_only` client); nothing was sent."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause, timed_out=False)
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,7 @@ class HttpClient:
         timeout_seconds: float,
         connect_seconds: float = 3.0,
         max_connections: int = 1000,
+        public_only: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = dict(headers or {})
@@ -76,13 +95,16 @@ class HttpClient:
             total=timeout_seconds, connect=min(connect_seconds, timeout_seconds)
         )
         self.max_connections = max_connections
+        self.public_only = public_only
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self.max_connections, keepalive_timeout=IDLE_SECONDS
+                    limit=self.max_connections,
+                    keepalive_timeout=IDLE_SECONDS,
+                    resolver=PublicAddressResolver() if self.public_only else None,
                 ),
                 timeout=self.timeout,
                 headers=self.headers,
@@ -103,10 +125,13 @@ class HttpClient:
         if json is not None:
             body = msgspec.json.encode(json)
             headers = {"content-type": "application/json", **(headers or {})}
+        full_url = self.base_url + url if self.base_url else url
+        if self.public_only:
+            _check_literal_host(full_url)
         try:
             async with self._open().request(
                 method,
-                self.base_url + url if self.base_url else url,
+                full_url,
                 data=body,
                 headers=headers,
                 params=params,
@@ -118,6 +143,10 @@ class HttpClient:
                     {k.lower(): v for k, v in response.headers.items()},
                     content,
                 )
+        except aiohttp.ClientConnectorDNSError as exc:
+            if isinstance(exc.os_error, BlockedAddress):
+                raise Blocked(str(exc.os_error)) from None
+            raise NotSent(type(exc).__name__, timed_out=False) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             timed_out = isinstance(exc, aiohttp.ConnectionTimeoutError)
             raise NotSent(type(exc).__name__, timed_out=timed_out) from None
@@ -133,3 +162,16 @@ class HttpClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _check_literal_host(url: str) -> None:
+    """aiohttp never asks the resolver about an address written in the URL: checked here."""
+    host = URL(url).host or ""
+    if ambiguous_numeric_host(host):
+        raise Blocked(f"{host!r} is not a host name or a dotted-decimal address")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: the resolver checks what it resolves to
+    if not is_public(address):
+        raise Blocked(f"{host!r} is not a public address")
