@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -48,7 +49,7 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
         super().__post_init__()
         check_secret(self.service_token, self.env_name("service_token"))
         check_secret(self.admin_token, self.env_name("admin_token"))
-        if self.service_token == self.admin_token:
+        if hmac.compare_digest(self.service_token, self.admin_token):
             raise ValueError(
                 f"{self.env_name('admin_token')} must differ from {self.env_name('service_token')}"
             )
