@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export TESSERA_ROOT := $(CURDIR)
 
-.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos browser screenshots loadtest
+.PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos browser screenshots loadtest security
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -40,6 +40,18 @@ lint: venv ## ruff (lint + format check), mypy, import rules, hadolint
 	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile.api Dockerfile.vault deploy/Dockerfile.sandbox deploy/loadtest/Dockerfile
 
+security: venv ## bandit, semgrep (.semgrep/ rules, offline), detect-secrets + card numbers, pip-audit
+	$(BIN)/bandit -q -c pyproject.toml -r core api vault sandbox tessera
+	@$(MAKE) --no-print-directory -j3 -O security-semgrep security-secrets security-audit
+
+.PHONY: security-semgrep security-secrets security-audit
+security-semgrep:
+	$(BIN)/semgrep scan --metrics=off --disable-version-check --quiet --error --config .semgrep/ core api vault sandbox tessera
+security-secrets:
+	$(BIN)/python -m tessera.security.secrets_check
+security-audit:  # prints "pip-audit: NOT CHECKED ... NOT a pass" (exit 0) when advisories are unreachable
+	$(BIN)/python -m tessera.security.pip_audit_gate
+
 format: venv ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -55,7 +67,7 @@ browser: ## Debian's chromium for the browser tests (installed with apt-get as r
 pytest: setup browser ## the pytest suite alone (real Postgres and Redis, headless Chromium)
 	$(BIN)/pytest
 
-test: setup lint pytest ## everything CI runs: set-up, lint, type check, import rules, tests
+test: setup lint security pytest ## everything CI runs: set-up, lint, type check, import rules, security checks, tests
 
 loadtest: venv ## a short headless Locust run against `make up` (ARGS="..." for Locust); results in loadtests/results/
 	$(BIN)/python -m loadtests.run $(ARGS)

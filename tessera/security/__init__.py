@@ -1,0 +1,1 @@
+"""Security checks run by `make security` (static analysis, secrets, advisories)."""
