@@ -83,3 +83,12 @@ screenshots: setup browser ## redraw docs/img/checkout-*.png from the demo check
 
 chaos: setup ## 5 minutes of traffic while PSP A fails and recovers and the API and worker are killed once
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-300} $(BIN)/python -m tests.chaos
+
+.PHONY: segmentation
+segmentation: venv ## network segmentation (PCI DSS 11.4.5): flows.yaml as nftables rules between network namespaces, the real services inside, the probe matrix (root; installs nftables and socat if missing)
+	@missing=""; for tool in nft socat; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's nftables and socat for the segmentation test ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables socat >/dev/null; fi
+	$(BIN)/python -m tests.segmentation

@@ -104,17 +104,18 @@ class FakeKms:
     # --- life cycle -----------------------------------------------------------------------
 
     @classmethod
-    def start(cls, *key_names: str) -> FakeKms:
-        """Serve on 127.0.0.1 (a free port); `address` is its `host:port`."""
+    def start(cls, *key_names: str, host: str = "127.0.0.1", port: int = 0) -> FakeKms:
+        """Serve on `host` (loopback unless a test puts it in its own network segment) and
+        `port` (0: a free one); `address` is its `host:port`."""
         fake = cls()
         for name in key_names:
             fake.create_key(name)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         server.add_generic_rpc_handlers((fake._handlers(),))
-        port = server.add_insecure_port("127.0.0.1:0")
+        bound = server.add_insecure_port(f"{host}:{port}")
         server.start()
         fake._server = server
-        fake.address = f"127.0.0.1:{port}"
+        fake.address = f"{host}:{bound}"
         return fake
 
     def stop(self) -> None:
