@@ -207,7 +207,7 @@ def test_the_namespace_model_matches_flows_yaml_end_to_end() -> None:
         "negative control: with the policy off, every denied probe gets through",
     ):
         assert part in names, names
-    assert sum(name.startswith("bite:") for name in names) == 3
+    assert sum(name.startswith("bite:") for name in names) == 2
     matrix = report.rounds["policy"].results
     assert matrix[Probe("app", "cde", VAULT_PORT)] == "open"
     assert matrix[Probe("app", "vault-db", Service(5432, "tcp"))] == "filtered"
