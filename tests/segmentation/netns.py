@@ -114,69 +114,29 @@ class Network:
         for host in self.hosts:
             # Every probe of a closed UDP port gets its ICMP answer, however many at once.
             run(self.exec_argv(host, ["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]))
+        router = ["ip", "-n", self.router]
         for link in self.links.values():
-            hostns = self.ns(link.host)
-            run(
-                [
-                    "ip",
-                    "-n",
-                    self.router,
-                    "link",
-                    "add",
-                    link.router_if,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    link.host_if,
-                    "netns",
-                    hostns,
-                ]
-            )
-            run(
-                [
-                    "ip",
-                    "-n",
-                    self.router,
-                    "addr",
-                    "add",
-                    f"{link.router_ip}/24",
-                    "dev",
-                    link.router_if,
-                ]
-            )
-            run(["ip", "-n", self.router, "link", "set", link.router_if, "up"])
-            run(["ip", "-n", hostns, "addr", "add", f"{link.address}/24", "dev", link.host_if])
-            run(["ip", "-n", hostns, "link", "set", link.host_if, "up"])
+            inside = ["ip", "-n", self.ns(link.host)]
+            peer = ["peer", "name", link.host_if, "netns", self.ns(link.host)]
+            run([*router, "link", "add", link.router_if, "type", "veth", *peer])
+            run([*router, "addr", "add", f"{link.router_ip}/24", "dev", link.router_if])
+            run([*router, "link", "set", link.router_if, "up"])
+            run([*inside, "addr", "add", f"{link.address}/24", "dev", link.host_if])
+            run([*inside, "link", "set", link.host_if, "up"])
         for host in self.hosts:
             order = SHARED_HOSTS.get(host, ())
             links = sorted(
                 (link for link in self.links.values() if link.host == host),
                 key=lambda link: order.index(link.segment) if link.segment in order else 0,
             )
-            hostns = self.ns(host)
-            first = links[0]
-            run(["ip", "-n", hostns, "route", "add", "default", "via", first.router_ip])
+            inside = ["ip", "-n", self.ns(host)]
+            run([*inside, "route", "add", "default", "via", links[0].router_ip])
             if len(links) > 1:  # answers leave by the link of the address they come from
                 for link in links:
-                    table = str(100 + link.index)
-                    run(["ip", "-n", hostns, "rule", "add", "from", link.address, "table", table])
-                    run(
-                        [
-                            "ip",
-                            "-n",
-                            hostns,
-                            "route",
-                            "add",
-                            "default",
-                            "via",
-                            link.router_ip,
-                            "dev",
-                            link.host_if,
-                            "table",
-                            table,
-                        ]
-                    )
+                    table = ["table", str(100 + link.index)]
+                    run([*inside, "rule", "add", "from", link.address, *table])
+                    via = ["via", link.router_ip, "dev", link.host_if]
+                    run([*inside, "route", "add", "default", *via, *table])
 
     def destroy(self) -> None:
         for name in reversed(self.created):
@@ -188,9 +148,6 @@ class Network:
     def apply(self, ruleset: str) -> None:
         """Replace the router's whole ruleset (its counters start from zero)."""
         run(["ip", "netns", "exec", self.router, "nft", "-f", "-"], stdin=ruleset)
-
-    def ruleset(self) -> str:
-        return run(["ip", "netns", "exec", self.router, "nft", "list", "ruleset"]).stdout
 
     def counters(self) -> dict[str, int]:
         """Packets each commented rule of the router has accepted, by comment."""
@@ -285,16 +242,6 @@ class NsProcess:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
-
-    def stop(self, timeout: float = 10) -> None:
-        if self.popen.poll() is not None:
-            return
-        self.popen.send_signal(self.stop_signal)
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
 
     def tail(self, lines: int = 30) -> str:
         try:
