@@ -35,6 +35,7 @@ from core import ledger
 from core import payments as machine
 from core.errors import NotFound, ServiceUnavailable, StateConflict, TesseraError
 from core.ids import new_id
+from tessera.runtime import failpoints
 from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import error_bytes, status_of
 
@@ -187,9 +188,11 @@ class OperationService:
             return started
         result = await self._call_processor(merchant_id, started)
         failpoint("after_operation_call")
-        return await self._phase_three(
+        handled = await self._phase_three(
             merchant_id, idempotency_key, fingerprint, started, result, request_id
         )
+        failpoint("operation_before_response")
+        return handled
 
     async def complete(self, merchant_id: str, idempotency_key: str) -> None:
         """The completer's entry: finish an operation whose process died after phase 1, as the
@@ -236,7 +239,7 @@ class OperationService:
         fingerprint: bytes,
         request_id: str,
     ) -> Started | Handled:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, failpoints.transaction(conn, "operation_start"):
             claimed = await claim(self.keys, conn, merchant_id, key, method, path, fingerprint)
             if claimed.kind is ClaimKind.REPLAY:
                 assert claimed.response is not None
@@ -247,6 +250,7 @@ class OperationService:
                 return Started(
                     row["payment_id"], row["operation"], row["operation_amount"], row["refund_id"]
                 )
+            failpoint("operation_key_claimed")
             operations = OperationRepository(conn)
             payment = await operations.lock(merchant_id, payment_id)
             if payment is None:
@@ -287,6 +291,7 @@ class OperationService:
                 amount=moved,
                 refund_id=refund_id,
             )
+            failpoint("operation_state_written")
             return Started(payment_id, operation, moved, refund_id)
 
     async def _call_processor(self, merchant_id: str, started: Started) -> OperationResult:
@@ -313,7 +318,7 @@ class OperationService:
         result: OperationResult,
         request_id: str,
     ) -> Handled:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, failpoints.transaction(conn, "operation_record"):
             operations = OperationRepository(conn)
             payment = await operations.lock(merchant_id, started.payment_id)
             if result.outcome is Outcome.UNKNOWN:

@@ -39,6 +39,7 @@ from core.bins import country_of
 from core.errors import CardError, InvalidRequest, NotFound, ProcessorError, ServiceUnavailable
 from core.ids import new_id
 from core.money import parse_currency, validate_amount
+from tessera.runtime import failpoints
 from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import error_bytes
 
@@ -296,7 +297,7 @@ class PaymentService:
         payment_id = new_id("pay")
         resumed = False
         known: tuple[Any, Any] | None = None  # the new payment and attempt, as just written
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, failpoints.transaction(conn, "authorize_start"):
             claimed = await claim(
                 self.keys, conn, merchant_id, idempotency_key, method, path, fingerprint
             )
@@ -310,6 +311,7 @@ class PaymentService:
                 payment_id = claimed.row.payment_id
                 resumed = True
             else:
+                failpoint("authorize_key_claimed")
                 payments = PaymentRepository(conn)
                 created = await payments.insert(
                     merchant_id,
@@ -336,6 +338,7 @@ class PaymentService:
                 await self.keys.set_recovery_point(
                     conn, merchant_id, idempotency_key, "payment_created", payment_id
                 )
+                failpoint("authorize_attempt_written")
                 known = (created, first)
 
         return await self._drive(
@@ -417,7 +420,10 @@ class PaymentService:
                 break
             next_processor = ranked[0].processor
             number = attempt["attempt"] + 1
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with (
+                self.pool.acquire() as conn,
+                failpoints.transaction(conn, "authorize_failover"),
+            ):
                 payments = PaymentRepository(conn)
                 await payments.close_attempt(
                     merchant_id,
@@ -436,7 +442,7 @@ class PaymentService:
 
         failpoint("after_processor_call")
         # Phase 3: record the answer, its event and postings, and the response together.
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn, failpoints.transaction(conn, "authorize_record"):
             payments = PaymentRepository(conn)
             event_type, recorded = None, None
             if result is not None:
@@ -454,6 +460,7 @@ class PaymentService:
             response = _response(view, request_id)
             await self.keys.finish(conn, merchant_id, idempotency_key, response)
         await self.replays.put(merchant_id, idempotency_key, fingerprint, response)
+        failpoint("authorize_before_response")
         return Handled(response.status, response.body)
 
     async def _learn(self, processor: str, payment: Any, result: AuthorizeResult) -> None:
@@ -485,7 +492,8 @@ class PaymentService:
         async with self.pool.acquire() as conn:
             row = await PaymentRepository(conn).latest_attempt(merchant_id, payment_id)
         found = await self.connectors[row["processor"]].inquire(reference)
-        async with self.pool.acquire() as conn, conn.transaction():
+        failpoint("reconcile_after_inquiry")
+        async with self.pool.acquire() as conn, failpoints.transaction(conn, "reconcile_record"):
             payments = PaymentRepository(conn)
             if found is not None and found.outcome is not Outcome.UNKNOWN:
                 await payments.reopen_attempt(merchant_id, payment_id, attempt)
