@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,13 @@ class Stack:
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def stop(self) -> None:
-        for process in reversed(list(self.processes.values())):
-            if process.process is not None and process.process.poll() is None:
-                process.stop()
+        """SIGTERM to every process still running, at once; each drains on its own."""
+        running = [
+            p for p in self.processes.values() if p.process is not None and p.process.poll() is None
+        ]
+        if running:
+            with ThreadPoolExecutor(len(running)) as pool:
+                list(pool.map(lambda process: process.stop(), running))
 
     def create_merchant(self, name: str, *configure: str) -> dict[str, str]:
         """`tessera merchants create` (and `configure`, if options are given), as operators do."""
@@ -81,10 +86,18 @@ def start_stack(
     ]
     if worker:
         wanted.append(("worker", "api", 0, ["worker"], ""))
+    for name, module, port, args, _ in wanted:
+        stack.processes[name] = ServiceProcess(module, env, port, work / f"{name}.log", args=args)
     try:
-        for name, module, port, args, ready in wanted:
-            process = ServiceProcess(module, env, port, work / f"{name}.log", args=args)
-            stack.processes[name] = process.start(ready_path=ready)
+        # All at once: none needs another to start (the API reaches the vault and the
+        # simulators only when a request comes), and Python's start-up is most of the wait.
+        with ThreadPoolExecutor(len(wanted)) as pool:
+            starting = [
+                pool.submit(stack.processes[name].start, ready_path=ready, timeout=60)
+                for name, _, _, _, ready in wanted
+            ]
+            for future in starting:
+                future.result()
     except BaseException:
         stack.stop()
         raise
