@@ -61,7 +61,8 @@ class Connector(Protocol):
     async def authorize(self, request: AuthorizeRequest) -> AuthorizeResult: ...
 
     async def inquire(self, reference: str) -> AuthorizeResult | None:
-        """What the processor knows of our reference; None if it never saw it."""
+        """What the processor knows of our reference; None if it never saw it; an `UNKNOWN`
+        result if it could not be asked (no answer, or none we can read)."""
         ...
 
     async def capture(

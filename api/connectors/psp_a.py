@@ -17,7 +17,7 @@ from api.connectors.base import (
     processor_client,
 )
 from api.vault_client import ForwardFailed, VaultClient
-from tessera.runtime.http_client import MaybeSent, NotSent
+from tessera.runtime.http_client import HttpFailure, MaybeSent, NotSent
 
 DECLINE_CODES = {
     "do_not_honor": "do_not_honor",
@@ -72,12 +72,17 @@ class PspAConnector:
         return _authorization(answer.status, answer.body)
 
     async def inquire(self, reference: str) -> AuthorizeResult | None:
-        response = await self._http.get("/v1/authorizations", params={"reference": reference})
+        try:
+            response = await self._http.get("/v1/authorizations", params={"reference": reference})
+            body = response.json() if response.status == 200 else None
+        except (HttpFailure, ValueError):
+            # No answer (or none we can read) says nothing: the outcome stays unknown.
+            return AuthorizeResult(Outcome.UNKNOWN, failure_code="inquiry_failed")
         if response.status == 404:
             return None
         if response.status != 200:
             return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status}")
-        return _authorization(200, response.json())
+        return _authorization(200, body)
 
     async def capture(
         self, processor_reference: str, amount: int, currency: str, reference: str

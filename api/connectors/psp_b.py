@@ -18,7 +18,7 @@ from api.connectors.base import (
     processor_client,
 )
 from api.vault_client import ForwardFailed, VaultClient
-from tessera.runtime.http_client import MaybeSent, NotSent
+from tessera.runtime.http_client import HttpFailure, MaybeSent, NotSent
 
 REFUSAL_REASONS = {
     "Not enough balance": "insufficient_funds",
@@ -67,12 +67,16 @@ class PspBConnector:
         return _payment(answer.status, answer.body, request.capture)
 
     async def inquire(self, reference: str) -> AuthorizeResult | None:
-        response = await self._http.get("/v1/payments", params={"merchantReference": reference})
+        try:
+            response = await self._http.get("/v1/payments", params={"merchantReference": reference})
+            body = response.json() if response.status == 200 else None
+        except (HttpFailure, ValueError):
+            # No answer (or none we can read) says nothing: the outcome stays unknown.
+            return AuthorizeResult(Outcome.UNKNOWN, failure_code="inquiry_failed")
         if response.status == 404:
             return None
         if response.status != 200:
             return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"inquiry_{response.status}")
-        body = response.json()
         captured = bool(body.get("captureImmediately")) if isinstance(body, dict) else False
         return _payment(200, body, captured)
 
