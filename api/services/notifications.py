@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,13 @@ from api.services.events import Cause, Publisher
 from api.services.operations import Started, announce_operation, undo
 from api.services.payments import state_of
 from api.storage.payments import OperationRepository
-from core.errors import AuthenticationFailed, InvalidRequest
+from core.errors import AuthenticationFailed, InvalidRequest, ServiceUnavailable
 
 EVENTS = {"CAPTURE": "capture", "CANCELLATION": "cancel", "REFUND": "refund"}
+#: The references `OperationService` gives PSP B's captures, cancels and refunds
+#: (`<payment id>_capture`, `<payment id>_cancel`, the refund's id); the worker's reversals of
+#: late authorizations (`…_reversal`) are not recorded as pending operations.
+_OPERATION_REFERENCE = re.compile(r"pay_[0-9a-z]{26}_(capture|cancel)|re_[0-9a-z]{26}")
 
 
 def signing_string(item: dict[str, Any]) -> str:
@@ -87,6 +92,16 @@ class NotificationService:
             if event not in EVENTS:
                 return 1  # acknowledged (AUTHORISATION and others carry nothing new for us)
             pending = await operations.pending_operation(self.processor, reference)
+            if pending is None and _ours(item):
+                # The confirmation came before the request that made the operation recorded that
+                # it waits for one (a slow database; a request that died before its last step and
+                # is finished later by its retry or the completer). Acknowledged now, it would be
+                # lost for good: refused instead (this transaction, its dedupe record included,
+                # rolls back), so the PSP sends it again.
+                raise ServiceUnavailable(
+                    "This operation is not recorded yet; send the notification again.",
+                    code="notification_early",
+                )
             if pending is None or pending["status"] != "pending":
                 return 1
             merchant_id, payment_id = pending["merchant_id"], pending["payment_id"]
@@ -130,3 +145,8 @@ class NotificationService:
                 confirmed_later=True,
             )
             return 1
+
+
+def _ours(item: dict[str, Any]) -> bool:
+    """Whether the notification confirms a capture, cancel or refund made by `OperationService`."""
+    return _OPERATION_REFERENCE.fullmatch(str(item.get("merchantReference", ""))) is not None
