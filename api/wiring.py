@@ -22,6 +22,7 @@ from api.services.routing import OutcomeStats
 from api.services.webhooks import SecretBox, WebhookService
 from api.settings import ApiSettings
 from api.storage.idempotency import IdempotencyRepository, ReplayCache
+from api.storage.redis_gate import RedisGate
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
 
@@ -61,7 +62,8 @@ async def open_services(
     connectors: dict[str, Connector] = {connector.name: connector, psp_b.name: psp_b}
     retention = settings.idempotency_retention_hours * 3600
     keys = IdempotencyRepository(retention, settings.idempotency_lease_seconds)
-    replays = ReplayCache(redis, retention)
+    gate = RedisGate()  # one per process: a Redis time-out spares every caller the next ones
+    replays = ReplayCache(redis, retention, gate)
     routing = RoutingRepository(pool)
     publisher = Publisher(settlement_delay_seconds=settings.settlement_delay_seconds)
     box = SecretBox(bytes.fromhex(settings.webhook_secret_key))
@@ -74,8 +76,8 @@ async def open_services(
                 keys=keys,
                 replays=replays,
                 routing=routing,
-                stats=OutcomeStats(redis),
-                breaker=CircuitBreaker(redis),
+                stats=OutcomeStats(redis, gate=gate),
+                breaker=CircuitBreaker(redis, gate=gate),
                 processor_cutoff_seconds=settings.processor_cutoff_seconds,
                 late_authorization_window_seconds=settings.late_authorization_window_seconds,
                 max_in_flight=settings.max_payments_in_flight,

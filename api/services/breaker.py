@@ -5,17 +5,20 @@ errors) are counted in 5-second buckets. When, over the last `window_seconds`, a
 `min_calls` calls were made and `error_rate` of them failed, the breaker opens for
 `open_seconds`: the processor leaves the ranking. Then it is half-open: one probe call a second
 may go; a success closes it, a failure opens it again. If Redis is down every breaker reads as
-closed (the processors' own answers still protect the payment).
+closed (the processors' own answers still protect the payment); after a Redis time-out it is not
+asked for a while (`RedisGate`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+
+from api.storage.redis_gate import RedisGate
 
 BUCKET_SECONDS = 5
 
@@ -28,12 +31,15 @@ class CircuitBreaker:
     error_rate: float = 0.5
     open_seconds: float = 10.0
     clock: Any = time.time
+    gate: RedisGate = field(default_factory=RedisGate)
 
     @staticmethod
     def _key(processor: str, suffix: str) -> str:
         return f"breaker:{{{processor}}}:{suffix}"
 
     async def is_open(self, processor: str) -> bool:
+        if not self.gate.open:
+            return False
         try:
             open_until = await self.redis.get(self._key(processor, "open_until"))
             if open_until is None:
@@ -45,10 +51,13 @@ class CircuitBreaker:
             probe = self._key(processor, f"probe:{second}")
             acquired = await self.redis.set(probe, b"1", nx=True, ex=2)
             return not acquired
-        except redis.exceptions.RedisError:
+        except redis.exceptions.RedisError as exc:
+            self.gate.failed(exc)
             return False
 
     async def record(self, processor: str, ok: bool) -> None:
+        if not self.gate.open:
+            return
         now = self.clock()
         bucket = int(now // BUCKET_SECONDS)
         try:
@@ -74,13 +83,16 @@ class CircuitBreaker:
                 await self.redis.set(
                     self._key(processor, "open_until"), str(now + self.open_seconds)
                 )
-        except redis.exceptions.RedisError:
-            return
+        except redis.exceptions.RedisError as exc:
+            self.gate.failed(exc)
 
     async def state(self, processor: str) -> str:
+        if not self.gate.open:
+            return "unknown"
         try:
             open_until = await self.redis.get(self._key(processor, "open_until"))
-        except redis.exceptions.RedisError:
+        except redis.exceptions.RedisError as exc:
+            self.gate.failed(exc)
             return "unknown"
         if open_until is None:
             return "closed"

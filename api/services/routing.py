@@ -20,6 +20,8 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from api.storage.redis_gate import RedisGate
+
 #: Outcomes are counted in buckets of this many seconds, over this many buckets.
 BUCKET_SECONDS = 60
 WINDOW_BUCKETS = 10
@@ -99,6 +101,7 @@ class OutcomeStats:
 
     redis: aioredis.Redis
     clock: Any = time.time
+    gate: RedisGate = field(default_factory=RedisGate)
     _cache: dict[str, tuple[float, tuple[int, int]]] = field(default_factory=dict)
 
     @staticmethod
@@ -106,6 +109,8 @@ class OutcomeStats:
         return f"route:{{{processor}}}:{brand}:{currency}:{bucket}"
 
     async def record(self, processor: str, brand: str, currency: str, approved: bool) -> None:
+        if not self.gate.open:
+            return  # learning pauses; payments go on
         bucket = int(self.clock() // BUCKET_SECONDS)
         key = self._key(processor, brand, currency, bucket)
         try:
@@ -115,8 +120,8 @@ class OutcomeStats:
                 pipe.hincrby(key, "ok", 1)
             pipe.expire(key, BUCKET_SECONDS * (WINDOW_BUCKETS + 1))
             await pipe.execute()
-        except redis.exceptions.RedisError:
-            return  # learning pauses; payments go on
+        except redis.exceptions.RedisError as exc:
+            self.gate.failed(exc)
 
     async def window(self, processor: str, brand: str, currency: str) -> tuple[int, int]:
         """(approved, attempts) over the window; cached for a second per process."""
@@ -128,15 +133,16 @@ class OutcomeStats:
         bucket = int(now // BUCKET_SECONDS)
         keys = [self._key(processor, brand, currency, bucket - i) for i in range(WINDOW_BUCKETS)]
         approved = attempts = 0
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.hmget(key, "ok", "n")
-            for ok, n in await pipe.execute():
-                approved += int(ok or 0)
-                attempts += int(n or 0)
-        except redis.exceptions.RedisError:
-            pass
+        if self.gate.open:
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hmget(key, "ok", "n")
+                for ok, n in await pipe.execute():
+                    approved += int(ok or 0)
+                    attempts += int(n or 0)
+            except redis.exceptions.RedisError as exc:
+                self.gate.failed(exc)
         self._cache[cache_key] = (now, (approved, attempts))
         return approved, attempts
 

@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
+from api.storage.redis_gate import RedisGate
+
 log = structlog.stdlib.get_logger("tessera.idempotency")
 
 
@@ -130,18 +132,24 @@ class IdempotencyRepository:
 class ReplayCache:
     """Finished responses in Redis, so replays never touch Postgres. Losing it loses nothing."""
 
-    def __init__(self, redis: aioredis.Redis, retention_seconds: int) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, retention_seconds: int, gate: RedisGate | None = None
+    ) -> None:
         self.redis = redis
         self.retention_seconds = retention_seconds
+        self.gate = gate or RedisGate()
 
     @staticmethod
     def _key(merchant_id: str, key: str) -> str:
         return f"api:idem:{{{merchant_id}}}:{key}"
 
     async def get(self, merchant_id: str, key: str) -> tuple[bytes, StoredResponse] | None:
+        if not self.gate.open:
+            return None
         try:
             value = await self.redis.get(self._key(merchant_id, key))
         except redis.exceptions.RedisError as exc:
+            self.gate.failed(exc)
             log.warning("replay_cache_unavailable", error=type(exc).__name__)
             return None
         if not isinstance(value, bytes):
@@ -152,10 +160,13 @@ class ReplayCache:
     async def put(
         self, merchant_id: str, key: str, request_hash: bytes, response: StoredResponse
     ) -> None:
+        if not self.gate.open:
+            return
         value = msgspec.msgpack.encode((request_hash, response.status, response.body))
         try:
             await self.redis.set(self._key(merchant_id, key), value, ex=self.retention_seconds)
         except redis.exceptions.RedisError as exc:
+            self.gate.failed(exc)
             log.warning("replay_cache_unavailable", error=type(exc).__name__)
 
 

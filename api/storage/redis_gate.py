@@ -1,0 +1,37 @@
+"""Redis skipped for a while after it timed out: in the API it is only ever a cache.
+
+Every Redis call of the API — the replay cache, the router's auth-rate window, the processors'
+circuit breakers — already carries on without Redis. But each one waits out its own time-out
+(2 s) when Redis does not answer, and a payment makes six of them: with Redis unreachable behind
+a silent network (packets dropped, not refused) every payment took 12 s, past clients' own
+time-outs (tests/test_chaos_network.py). After a time-out, every Redis caller of the process
+skips Redis for `PAUSE_SECONDS`; the first call after that tries again. A refused connection
+fails at once and costs nothing, so it does not close the gate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.exceptions
+
+PAUSE_SECONDS = 5.0
+
+
+@dataclass
+class RedisGate:
+    pause_seconds: float = PAUSE_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    _closed_until: float = 0.0
+
+    @property
+    def open(self) -> bool:
+        """Whether to try Redis now."""
+        return self.clock() >= self._closed_until
+
+    def failed(self, exc: redis.exceptions.RedisError) -> None:
+        """A Redis call failed with `exc`: after a time-out, skip Redis for a while."""
+        if isinstance(exc, redis.exceptions.TimeoutError):
+            self._closed_until = self.clock() + self.pause_seconds
