@@ -71,10 +71,11 @@ async def reverse_late(services: Services, work: WorkerRepository) -> int:
 async def complete(services: Services, work: WorkerRepository, lease: float) -> int:
     rows = await work.claim_abandoned_keys(BATCH, lease)
     for row in rows:
+        lease = row["locked_until"]  # the worker's own lease: its fencing token
         if row["recovery_point"] == "payment_created":
-            await services.payments.complete(row["merchant_id"], row["key"])
+            await services.payments.complete(row["merchant_id"], row["key"], lease)
         else:
-            await services.operations.complete(row["merchant_id"], row["key"])
+            await services.operations.complete(row["merchant_id"], row["key"], lease)
         log.info("completed", merchant=row["merchant_id"], recovery_point=row["recovery_point"])
     return len(rows)
 

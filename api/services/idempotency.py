@@ -23,6 +23,8 @@ class ClaimKind(StrEnum):
 class Claim:
     kind: ClaimKind
     row: KeyRow | None = None
+    #: NEW and RESUME: this request's lease on the key, checked before each write (`fenced`).
+    lease: Any = None
 
     @property
     def response(self) -> StoredResponse | None:
@@ -77,8 +79,9 @@ async def claim(
 ) -> Claim:
     """Inside the caller's transaction: claim a new key, or find the finished response to
     replay, or take over a key whose request died (its lease ran out), or refuse (in use)."""
-    if await keys.insert(conn, merchant_id, key, method, path, fingerprint):
-        return Claim(ClaimKind.NEW)
+    lease = await keys.insert(conn, merchant_id, key, method, path, fingerprint)
+    if lease is not None:
+        return Claim(ClaimKind.NEW, lease=lease)
     row = await keys.lock(conn, merchant_id, key)
     if (row.request_method, row.request_path, row.request_hash) != (method, path, fingerprint):
         raise reused()
@@ -89,5 +92,18 @@ async def claim(
             "A request with this key is still being processed; retry later.",
             code="idempotency_key_in_use",
         )
-    await keys.renew_lease(conn, merchant_id, key)
-    return Claim(ClaimKind.RESUME, row)
+    lease = await keys.renew_lease(conn, merchant_id, key)
+    return Claim(ClaimKind.RESUME, row, lease)
+
+
+async def fenced(keys: IdempotencyRepository, conn: Any, merchant_id: str, key: str) -> Handled:
+    """The answer of a request that lost its key to another taker while it was paused (its
+    lease ran out): what the other recorded, if it finished, else "in use". It writes nothing:
+    the other taker decides, so a card is never charged or a capture booked twice."""
+    row = await keys.lock(conn, merchant_id, key)
+    if row.response is not None:
+        return Handled(row.response.status, row.response.body, replayed=True)
+    raise IdempotencyError(
+        "A request with this key is still being processed; retry later.",
+        code="idempotency_key_in_use",
+    )

@@ -21,7 +21,14 @@ import msgspec
 
 from api.connectors.base import Connector, OperationResult, Outcome
 from api.services.events import Cause, Publisher
-from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
+from api.services.idempotency import (
+    ClaimKind,
+    Handled,
+    cached_replay,
+    claim,
+    fenced,
+    request_hash,
+)
 from api.services.payments import RefundView, payment_view, refund_view, state_of
 from api.services.routing import processing_fee
 from api.storage.idempotency import (
@@ -55,6 +62,8 @@ class Started:
     operation: str
     amount: int
     refund_id: str | None
+    #: The lease this request holds on its key: phase 3 writes only while it still holds it.
+    lease: Any = None
 
 
 def _cause(request_id: str, key: str) -> Cause:
@@ -194,16 +203,20 @@ class OperationService:
         failpoint("operation_before_response")
         return handled
 
-    async def complete(self, merchant_id: str, idempotency_key: str) -> None:
+    async def complete(self, merchant_id: str, idempotency_key: str, lease: Any) -> None:
         """The completer's entry: finish an operation whose process died after phase 1, as the
-        client's retry would (the worker has already taken the key's lease)."""
+        client's retry would (the worker has already taken the key's lease: `lease`)."""
         async with self.pool.acquire() as conn:
             row = await OperationKeys.load(conn, merchant_id, idempotency_key)
             key = await self.keys.lock_free(conn, merchant_id, idempotency_key)
         if row is None or key is None or row["operation"] is None:
             return
         started = Started(
-            row["payment_id"], row["operation"], row["operation_amount"], row["refund_id"]
+            row["payment_id"],
+            row["operation"],
+            row["operation_amount"],
+            row["refund_id"],
+            lease,
         )
         result = await self._call_processor(merchant_id, started)
         await self._phase_three(
@@ -248,7 +261,11 @@ class OperationService:
             if claimed.kind is ClaimKind.RESUME:
                 row = await OperationKeys.load(conn, merchant_id, key)
                 return Started(
-                    row["payment_id"], row["operation"], row["operation_amount"], row["refund_id"]
+                    row["payment_id"],
+                    row["operation"],
+                    row["operation_amount"],
+                    row["refund_id"],
+                    claimed.lease,
                 )
             failpoint("operation_key_claimed")
             operations = OperationRepository(conn)
@@ -292,7 +309,7 @@ class OperationService:
                 refund_id=refund_id,
             )
             failpoint("operation_state_written")
-            return Started(payment_id, operation, moved, refund_id)
+            return Started(payment_id, operation, moved, refund_id, claimed.lease)
 
     async def _call_processor(self, merchant_id: str, started: Started) -> OperationResult:
         async with self.pool.acquire() as conn:
@@ -319,6 +336,10 @@ class OperationService:
         request_id: str,
     ) -> Handled:
         async with self.pool.acquire() as conn, failpoints.transaction(conn, "operation_record"):
+            if not await self.keys.holds(conn, merchant_id, key, started.lease):
+                # Paused past its lease: the retry or completer that took the key over records
+                # the outcome; doing it here too would book the capture (refund) twice.
+                return await fenced(self.keys, conn, merchant_id, key)
             operations = OperationRepository(conn)
             payment = await operations.lock(merchant_id, started.payment_id)
             if result.outcome is Outcome.UNKNOWN:

@@ -27,7 +27,14 @@ import msgspec
 from api.connectors.base import AuthorizeRequest, AuthorizeResult, Connector, Outcome
 from api.services.breaker import CircuitBreaker
 from api.services.events import Cause, Publisher
-from api.services.idempotency import ClaimKind, Handled, cached_replay, claim, request_hash
+from api.services.idempotency import (
+    ClaimKind,
+    Handled,
+    cached_replay,
+    claim,
+    fenced,
+    request_hash,
+)
 from api.services.routing import SOFT_DECLINES, Candidate, OutcomeStats, processing_fee, rank
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
 from api.storage.payments import PaymentRepository
@@ -301,6 +308,7 @@ class PaymentService:
             claimed = await claim(
                 self.keys, conn, merchant_id, idempotency_key, method, path, fingerprint
             )
+            lease = claimed.lease
             if claimed.kind is ClaimKind.REPLAY:
                 assert claimed.response is not None
                 await self.replays.put(merchant_id, idempotency_key, fingerprint, claimed.response)
@@ -342,18 +350,31 @@ class PaymentService:
                 known = (created, first)
 
         return await self._drive(
-            merchant_id, idempotency_key, payment_id, resumed, fingerprint, request_id, known
+            merchant_id,
+            idempotency_key,
+            payment_id,
+            resumed,
+            fingerprint,
+            request_id,
+            known,
+            lease=lease,
         )
 
-    async def complete(self, merchant_id: str, idempotency_key: str) -> None:
+    async def complete(self, merchant_id: str, idempotency_key: str, lease: Any) -> None:
         """The completer's entry: finish a request whose process died after phase 1, exactly
-        as the client's own retry would (the worker has already taken the key's lease)."""
+        as the client's own retry would (the worker has already taken the key's lease: `lease`)."""
         async with self.pool.acquire() as conn:
             row = await self.keys.lock_free(conn, merchant_id, idempotency_key)
         if row is None or row.payment_id is None:
             return
         await self._drive(
-            merchant_id, idempotency_key, row.payment_id, True, row.request_hash, new_id("req")
+            merchant_id,
+            idempotency_key,
+            row.payment_id,
+            True,
+            row.request_hash,
+            new_id("req"),
+            lease=lease,
         )
 
     async def _drive(
@@ -365,6 +386,8 @@ class PaymentService:
         fingerprint: bytes,
         request_id: str,
         known: tuple[Any, Any] | None = None,
+        *,
+        lease: Any,
     ) -> Handled:
         """Phases 2 and 3, from a new request, a client's retry or the completer. `known`: the
         payment and attempt rows phase 1 just wrote (a new request need not read them again).
@@ -373,6 +396,12 @@ class PaymentService:
         not process the payment) — or a soft decline, when the merchant switched cascading on —
         the next processor in the ranking gets a new attempt with its own reference, recorded
         before it is sent. Never after an unknown outcome: that could authorize twice.
+
+        `lease` is this driver's lease on the key. Before each write (a new attempt, the
+        answer) the driver checks it still holds it: a driver paused past its lease, whose key
+        a retry or the completer took over, writes nothing and answers with what the other
+        recorded (`fenced`). Else it would fail over to a second processor, and authorize the
+        card twice, after the other driver had the first processor approve it.
         """
         if known is not None and not resumed:
             payment, attempt = known
@@ -408,6 +437,7 @@ class PaymentService:
                 await self._learn(connector.name, payment, result)
             if not await self._should_fail_over(merchant_id, result):
                 break
+            failpoint("before_failover")
             ranked = await self.ranking(
                 merchant_id,
                 payment["currency"],
@@ -424,6 +454,8 @@ class PaymentService:
                 self.pool.acquire() as conn,
                 failpoints.transaction(conn, "authorize_failover"),
             ):
+                if not await self.keys.holds(conn, merchant_id, idempotency_key, lease):
+                    return await fenced(self.keys, conn, merchant_id, idempotency_key)
                 payments = PaymentRepository(conn)
                 await payments.close_attempt(
                     merchant_id,
@@ -443,6 +475,8 @@ class PaymentService:
         failpoint("after_processor_call")
         # Phase 3: record the answer, its event and postings, and the response together.
         async with self.pool.acquire() as conn, failpoints.transaction(conn, "authorize_record"):
+            if not await self.keys.holds(conn, merchant_id, idempotency_key, lease):
+                return await fenced(self.keys, conn, merchant_id, idempotency_key)
             payments = PaymentRepository(conn)
             event_type, recorded = None, None
             if result is not None:

@@ -39,8 +39,9 @@ class IdempotencyRepository:
 
     async def insert(
         self, conn: Any, merchant_id: str, key: str, method: str, path: str, request_hash: bytes
-    ) -> bool:
-        """Claim a new key (with a lease); False if the key exists (and is not expired)."""
+    ) -> Any:
+        """Claim a new key (with a lease); returns the lease (its `locked_until`, the holder's
+        fencing token, see `holds`), or None if the key exists (and is not expired)."""
         await conn.execute(
             "DELETE FROM idempotency_keys WHERE merchant_id = $1 AND key = $2 "
             "AND expires_at < now()",
@@ -52,7 +53,7 @@ class IdempotencyRepository:
             "request_hash, recovery_point, locked_until, expires_at) "
             "VALUES ($1, $2, $3, $4, $5, 'started', now() + make_interval(secs => $6), "
             "now() + make_interval(secs => $7)) "
-            "ON CONFLICT (merchant_id, key) DO NOTHING RETURNING true",
+            "ON CONFLICT (merchant_id, key) DO NOTHING RETURNING locked_until",
             merchant_id,
             key,
             method,
@@ -61,7 +62,7 @@ class IdempotencyRepository:
             float(self.lease_seconds),
             float(self.retention_seconds),
         )
-        return bool(inserted)
+        return inserted
 
     async def lock(self, conn: Any, merchant_id: str, key: str) -> KeyRow:
         """The existing key, locked for this transaction."""
@@ -97,14 +98,29 @@ class IdempotencyRepository:
         async with conn.transaction():
             return await self.lock(conn, merchant_id, key)
 
-    async def renew_lease(self, conn: Any, merchant_id: str, key: str) -> None:
-        await conn.execute(
+    async def renew_lease(self, conn: Any, merchant_id: str, key: str) -> Any:
+        """Take the key over (its lease ran out); returns the new lease (the fencing token)."""
+        return await conn.fetchval(
             "UPDATE idempotency_keys SET locked_until = now() + make_interval(secs => $3) "
-            "WHERE merchant_id = $1 AND key = $2",
+            "WHERE merchant_id = $1 AND key = $2 RETURNING locked_until",
             merchant_id,
             key,
             float(self.lease_seconds),
         )
+
+    async def holds(self, conn: Any, merchant_id: str, key: str, lease: Any) -> bool:
+        """Whether `lease` is still the key's, locking the key's row for the caller's
+        transaction. Every taker of a key (the first request, a retry after the lease ran out,
+        the worker's completer) gets its own `locked_until`; a holder that was paused past its
+        lease finds another's there and must write nothing (fencing)."""
+        held = await conn.fetchval(
+            "SELECT locked_until = $3 FROM idempotency_keys "
+            "WHERE merchant_id = $1 AND key = $2 FOR UPDATE",
+            merchant_id,
+            key,
+            lease,
+        )
+        return bool(held)
 
     async def set_recovery_point(
         self, conn: Any, merchant_id: str, key: str, point: str, payment_id: str

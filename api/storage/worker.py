@@ -59,7 +59,7 @@ class WorkerRepository:
             "  ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) "
             "UPDATE idempotency_keys k SET locked_until = now() + make_interval(secs => $2) "
             "FROM abandoned WHERE (k.merchant_id, k.key) = (abandoned.merchant_id, abandoned.key) "
-            "RETURNING k.merchant_id, k.key, k.recovery_point",
+            "RETURNING k.merchant_id, k.key, k.recovery_point, k.locked_until",
             limit,
             lease_seconds,
         )
