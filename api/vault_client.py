@@ -103,8 +103,13 @@ class VaultClient:
         ):
             raise ForwardFailed(str(error["code"]), sent=str(error.get("sent", "unknown")))
         if response.status in (503, 500):
-            # The vault refused before sending (audit, KMS or database unavailable).
-            raise ForwardFailed(str(error.get("code", "vault_error")), sent="false")
+            # A 503 is a refusal before anything was sent (audit, KMS, database, Redis) unless
+            # the vault says `sent`: it could not record the outcome of a forward that went out.
+            # A 500 is a bug that may have struck after sending: unknown, so the processor is
+            # asked about it, never a second processor tried.
+            default = "false" if response.status == 503 else "unknown"
+            sent = str(error.get("sent", default))
+            raise ForwardFailed(str(error.get("code", "vault_error")), sent=sent)
         raise _vault_error(response)
 
     async def close(self) -> None:

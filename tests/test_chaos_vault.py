@@ -4,14 +4,19 @@ kept here as precise regression tests against the session's real vault, API and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import register_vault_merchant
+from tests.conftest import VAULT_DB, create_merchant, register_vault_merchant
 from tests.support.echo_server import EchoServer
+from tests.support.history import Client, History, Operation, Result, Sources, check
 from tests.support.processes import ServiceProcess, free_port
 from tests.test_vault_forward import forward, template, tokenize
 
@@ -54,3 +59,92 @@ def test_a_token_without_a_cvc_is_forwarded_while_redis_is_down(
     )
     assert with_cvc.status_code == 503, with_cvc.text
     assert with_cvc.json()["error"]["code"] == "service_unavailable"
+
+
+def test_the_vaults_database_lost_while_a_card_is_forwarded(
+    api: ServiceProcess,
+    api_env: dict[str, str],
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    tokens: dict[str, str],
+    pg_admin_url: str,
+    workers: Callable[..., ServiceProcess],
+) -> None:
+    """The vault records a forward before the card leaves (fail-closed) and its outcome after
+    the processor answered. Its database lost in between: PSP A charged the card, the outcome
+    cannot be recorded. The vault answered a bare 503, which the API took for "nothing was
+    sent": the payment was `failed` while PSP A held the charge (or, with a second processor,
+    failed over to it: a second charge). Now the 503 says the card was sent; the payment stays
+    `processing` and the worker settles it from PSP A's answer."""
+    merchant = create_merchant(api_env, vault, tokens["admin"], "Vault database")
+    token = _token(vault, merchant.publishable_key)
+    workers()
+    history = History()
+    done: list[Operation] = []
+
+    async def pay() -> None:
+        async with httpx.AsyncClient(base_url=api.url) as http:
+            client = Client(http, history, merchant.auth, give_up_seconds=60)
+            done.append(await client.authorize(token, 2500, capture=True))
+
+    paying = threading.Thread(target=asyncio.run, args=(pay(),))
+    _psp_a_latency(psp_a, 1500)
+    try:
+        paying.start()
+        time.sleep(0.7)  # the forward is recorded and waits for PSP A's answer
+        _cut(pg_admin_url, VAULT_DB.database)
+        time.sleep(1.5)  # PSP A answers; the vault cannot record the outcome
+    finally:
+        _restore(pg_admin_url, VAULT_DB.database)
+        _psp_a_latency(psp_a, 0)
+        paying.join(90)
+    sources = Sources(
+        api.url, merchant.auth, merchant.id, api_env["TESSERA_API_DATABASE_URL"], psp_a.url
+    )
+    result = check(history, sources)
+    result.print("the vault's database lost during a forward")
+    assert done
+    assert done[0].status == 202, "the vault's refusal was not taken for an unknown outcome"
+    assert done[0].result is Result.OK
+    assert result.ok, result.summary()
+
+
+def _token(vault: ServiceProcess, publishable_key: str) -> str:
+    response = httpx.post(
+        vault.url + "/v1/tokens",
+        json={"number": "4242424242424242", "exp_month": 12, "exp_year": 2040},
+        headers={"authorization": f"Bearer {publishable_key}"},
+    )
+    assert response.status_code == 201, response.text
+    token: str = response.json()["id"]
+    return token
+
+
+def _psp_a_latency(psp_a: ServiceProcess, millis: int) -> None:
+    httpx.post(psp_a.url + "/admin/config", json={"latency_ms": millis}).raise_for_status()
+
+
+def _admin(pg_admin_url: str, *statements: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(pg_admin_url)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def _cut(pg_admin_url: str, database: str) -> None:
+    """The vault's database unreachable: no new connection, every open one terminated."""
+    _admin(
+        pg_admin_url,
+        f'ALTER DATABASE "{database}" CONNECTION LIMIT 0',
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+    )
+
+
+def _restore(pg_admin_url: str, database: str) -> None:
+    _admin(pg_admin_url, f'ALTER DATABASE "{database}" CONNECTION LIMIT -1')

@@ -15,10 +15,16 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import Parameter
 
-from core.errors import InvalidRequest, PermissionDenied, RateLimited, TesseraError
+from core.errors import (
+    InvalidRequest,
+    PermissionDenied,
+    RateLimited,
+    ServiceUnavailable,
+    TesseraError,
+)
 from core.redaction import redact
 from tessera.runtime.http import request_id_of
-from vault.audit import AuditLog
+from vault.audit import AuditLog, AuditUnavailable
 from vault.auth import ADMIN, MERCHANT, SERVICE, caller_of, require
 from vault.forward import Forwarder, ForwardRequest, ForwardResponse, check_template
 from vault.keys import KeyService
@@ -177,20 +183,37 @@ class ForwardController(Controller):
             del card
         except Exception as exc:
             outcome = exc.code if isinstance(exc, TesseraError) else "error"
-            await record(
-                audit, request, SERVICE, "forward", outcome, token_id=token_id, detail=detail
-            )
+            # A ForwardError says whether the destination may have the request; the other
+            # errors struck before the card left, except a bug's, which could be anywhere.
+            sent = exc.extra.get("sent", "false") if isinstance(exc, TesseraError) else "unknown"
+            await _record_outcome(audit, request, outcome, token_id, detail, sent)
             raise
-        await record(
-            audit,
-            request,
-            SERVICE,
-            "forward",
-            "completed",
-            token_id=token_id,
-            detail={**detail, "status": answer.status},
-        )
+        completed = {**detail, "status": answer.status}
+        await _record_outcome(audit, request, "completed", token_id, completed, "true")
         return answer
+
+
+async def _record_outcome(
+    audit: AuditLog,
+    request: Request[Any, Any, Any],
+    outcome: str,
+    token_id: str,
+    detail: Mapping[str, str | int | bool],
+    sent: str,
+) -> None:
+    """A forward's outcome in the audit log. Past the `started` record the card may have left:
+    if the outcome cannot be written the vault still fails closed (503), but says whether the
+    destination may have the request (`sent`). Without it the API read a 503 as "nothing was
+    sent" and marked a payment the processor had approved `failed`, or failed it over to a
+    second processor: a second charge (found by the Postgres campaign, the vault's database
+    lost during a forward)."""
+    try:
+        await record(audit, request, SERVICE, "forward", outcome, token_id=token_id, detail=detail)
+    except AuditUnavailable as exc:
+        raise ServiceUnavailable(
+            "The audit log cannot be written; the forward's outcome was not recorded.",
+            extra={"sent": sent},
+        ) from exc
 
 
 class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
