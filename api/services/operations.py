@@ -375,40 +375,40 @@ class OperationService:
                     conn, merchant_id, started, True, result, request_id, published
                 )
                 await self.keys.finish(conn, merchant_id, key, response)
-                await self.replays.put(merchant_id, key, fingerprint, response)
-                return Handled(response.status, response.body)
-            ok = result.outcome is Outcome.APPROVED
-            state = state_of(payment)
-            final = state if ok else undo(state, started)
-            await operations.set_state(
-                merchant_id,
-                started.payment_id,
-                status=str(final.status),
-                amount_captured=final.amount_captured,
-                amount_refunded=final.amount_refunded,
-                lease_seconds=None,
-            )
-            if started.refund_id is not None:
-                await operations.settle_refund(
+            else:
+                ok = result.outcome is Outcome.APPROVED
+                state = state_of(payment)
+                final = state if ok else undo(state, started)
+                await operations.set_state(
                     merchant_id,
-                    started.refund_id,
-                    "succeeded" if ok else "failed",
-                    result.processor_reference,
-                    result.failure_code,
+                    started.payment_id,
+                    status=str(final.status),
+                    amount_captured=final.amount_captured,
+                    amount_refunded=final.amount_refunded,
+                    lease_seconds=None,
                 )
-            published = await announce_operation(
-                self.publisher,
-                self.routing,
-                conn,
-                payment,
-                started,
-                "succeeded" if ok else "failed",
-                _cause(request_id, key),
-            )
-            response = await self._response(
-                conn, merchant_id, started, ok, result, request_id, published
-            )
-            await self.keys.finish(conn, merchant_id, key, response)
+                if started.refund_id is not None:
+                    await operations.settle_refund(
+                        merchant_id,
+                        started.refund_id,
+                        "succeeded" if ok else "failed",
+                        result.processor_reference,
+                        result.failure_code,
+                    )
+                published = await announce_operation(
+                    self.publisher,
+                    self.routing,
+                    conn,
+                    payment,
+                    started,
+                    "succeeded" if ok else "failed",
+                    _cause(request_id, key),
+                )
+                response = await self._response(
+                    conn, merchant_id, started, ok, result, request_id, published
+                )
+                await self.keys.finish(conn, merchant_id, key, response)
+        # Cached only once committed: a replay must never answer what was rolled back.
         await self.replays.put(merchant_id, key, fingerprint, response)
         return Handled(response.status, response.body)
 
