@@ -219,6 +219,7 @@ class OperationService:
             lease,
         )
         result = await self._call_processor(merchant_id, started)
+        failpoint("after_operation_call")
         await self._phase_three(
             merchant_id, idempotency_key, key.request_hash, started, result, new_id("req")
         )
