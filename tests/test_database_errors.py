@@ -58,3 +58,19 @@ def test_a_program_error_from_the_driver_is_still_a_500() -> None:
     a 500, so clients do not retry it forever."""
     bug = asyncpg.InterfaceError("the server expects 2 arguments for this query, 1 was passed")
     assert _mapped(bug) == (500, "internal_error")
+
+
+def test_a_pooled_connection_the_server_just_ended_is_a_503() -> None:
+    """A pooled connection handed out between the server's FATAL (a shutdown, the postmaster
+    killed) and the socket's close fails its first statement with asyncpg's protocol-state
+    error (state 2: draining the server's error). Seen in `make chaos` at each failover, word
+    for word, as a 500; it is the database going away, a 503. The same error with another
+    operation in progress (two coroutines on one connection: a bug) stays a 500."""
+    draining = asyncpg.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    assert _mapped(draining) == (503, "service_unavailable")
+    shared = asyncpg.InternalClientError(
+        "cannot switch to state 15; another operation (12) is in progress"
+    )
+    assert _mapped(shared) == (500, "internal_error")
