@@ -81,8 +81,11 @@ routing-simulate: venv ## the router against always-A and always-B on `make up`'
 screenshots: setup browser ## redraw docs/img/checkout-*.png from the demo checkout in Chromium
 	TESSERA_SCREENSHOTS=docs/img $(BIN)/pytest -q tests/test_checkout_browser.py -k shopper_pays
 
-chaos: setup ## 5 minutes of traffic while PSP A fails and recovers and the API and worker are killed once
-	CHAOS_SECONDS=$${CHAOS_SECONDS:-300} $(BIN)/python -m tests.chaos
+chaos: setup ## about 10 min: 5 of traffic through PSP faults and killed processes, then storage faults (Postgres stop and failover, async vs sync replication; Redis loss; a frozen API)
+	rc=0; \
+	CHAOS_SECONDS=$${CHAOS_SECONDS:-300} $(BIN)/python -m tests.chaos || rc=1; \
+	CHAOS_STORAGE_SECONDS=$${CHAOS_STORAGE_SECONDS:-40} $(BIN)/python -m tests.chaos_storage || rc=1; \
+	exit $$rc
 
 .PHONY: segmentation
 segmentation: venv ## network segmentation (PCI DSS 11.4.5): flows.yaml as nftables rules between network namespaces, the real services inside, the probe matrix (root; installs nftables and socat if missing)

@@ -24,6 +24,7 @@ clients calling `Client.authorize` / `capture` / `cancel` / `refund`), then
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import secrets
 import threading
@@ -160,6 +161,9 @@ class Client:
     give_up_seconds: float = 30.0
     #: Hard cap on one HTTP exchange; an answer slower than this is "no answer".
     request_timeout: float = 20.0
+    #: Other API processes to turn to when one gives no answer (a client-side load balancer).
+    others: list[httpx.AsyncClient] = field(default_factory=list)
+    _current: int = 0
 
     async def _exchange(
         self, operation: Operation, method: str, path: str, body: dict[str, Any] | None
@@ -169,12 +173,15 @@ class Client:
             headers["idempotency-key"] = operation.key
         started = time.monotonic()
         at = self.history.now()
+        endpoints = [self.http, *self.others]
+        http = endpoints[self._current % len(endpoints)]
         try:
-            response = await self.http.request(
+            response = await http.request(
                 method, path, json=body, headers=headers, timeout=self.request_timeout
             )
         except httpx.HTTPError:
             self.history.call(Call(operation.index, at, time.monotonic() - started, None, None))
+            self._current += 1  # the next try goes to the next process
             return None
         code = _error_code(response)
         self.history.call(
@@ -328,6 +335,9 @@ class Workload:
     concurrency: int = 6
     give_up_seconds: float = 30.0
     seed: int | None = None
+    #: More API processes; a customer whose request got no answer turns to the next one.
+    other_urls: list[str] = field(default_factory=list)
+    request_timeout: float = 20.0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     errors: list[str] = field(default_factory=list)
@@ -358,10 +368,20 @@ class Workload:
 
     async def _customers(self) -> None:
         limits = httpx.Limits(max_connections=self.concurrency * 3)
-        async with httpx.AsyncClient(base_url=self.api_url, limits=limits) as http:
-            client = Client(http, self.history, self.auth, self.give_up_seconds)
+        async with contextlib.AsyncExitStack() as stack:
+            https = [
+                await stack.enter_async_context(httpx.AsyncClient(base_url=url, limits=limits))
+                for url in (self.api_url, *self.other_urls)
+            ]
+
+            def client() -> Client:
+                return Client(
+                    https[0], self.history, self.auth, self.give_up_seconds,
+                    self.request_timeout, https[1:],
+                )  # fmt: skip
+
             await asyncio.gather(
-                *(self._customer(client, random.Random(_seed(self.seed, n)))
+                *(self._customer(client(), random.Random(_seed(self.seed, n)))
                   for n in range(self.concurrency))
             )  # fmt: skip
 

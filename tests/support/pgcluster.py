@@ -116,13 +116,14 @@ class PgCluster:
             conf.write(f"unix_socket_directories = '{cluster.base}'\n")
         return cluster
 
-    def standby(self, name: str = "standby") -> PgCluster:
+    def standby(self, name: str = "standby", port: int | None = None) -> PgCluster:
         """A streaming standby of this (running) cluster: `pg_basebackup -R` writes its
         `standby.signal` and `primary_conninfo` (with `application_name=<name>`, the name
-        `synchronous_standby_names` refers to). Not started."""
+        `synchronous_standby_names` refers to). Not started. `port`: one chosen beforehand (a
+        DSN may name the standby before it exists)."""
         base = Path(tempfile.mkdtemp(prefix=f"tessera-pg-{name}-", dir=self.base.parent))
         base.chmod(0o755)
-        standby = PgCluster(base, free_port(), name)
+        standby = PgCluster(base, port or free_port(), name)
         standby.log_path.touch()
         _chown_tree(base)
         conninfo = f"host=127.0.0.1 port={self.port} user=postgres application_name={name}"
@@ -269,11 +270,11 @@ def prepare_databases(cluster: PgCluster, databases: Iterable[ServiceDatabase]) 
     asyncio.run(prepare())
 
 
-def multi_host_dsn(clusters: Iterable[PgCluster], role: str, database: str, **params: str) -> str:
+def multi_host_dsn(ports: Iterable[int], role: str, database: str, **params: str) -> str:
     """`postgresql://role@h1:p1,h2:p2/db?target_session_attrs=read-write&...`: libpq's (and
     asyncpg's) multi-host form; a client tries each host in turn and keeps the first one whose
     session matches."""
-    hosts = ",".join(f"127.0.0.1:{c.port}" for c in clusters)
+    hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
     query = "&".join(
         f"{k}={v}" for k, v in {"target_session_attrs": "read-write", **params}.items()
     )
@@ -281,10 +282,10 @@ def multi_host_dsn(clusters: Iterable[PgCluster], role: str, database: str, **pa
 
 
 def service_env(
-    api: str | Iterable[PgCluster], vault: str | Iterable[PgCluster] | None = None
+    api: str | Iterable[int], vault: str | Iterable[int] | None = None
 ) -> dict[str, str]:
-    """The services' database settings on private clusters: one cluster's admin URL, or a list of
-    clusters for a multi-host DSN (failover)."""
+    """The services' database settings on private clusters: one cluster's admin URL, or the
+    ports of a primary and its standbys for a multi-host DSN (failover)."""
     env = {}
     for db, where in ((API_DB, api), (VAULT_DB, vault if vault is not None else api)):
         prefix = f"TESSERA_{db.service.upper()}_"
@@ -292,7 +293,7 @@ def service_env(
             env[prefix + "DATABASE_URL"] = service_dsn(where, db.runtime, db.database)
             env[prefix + "MIGRATION_URL"] = service_dsn(where, db.owner, db.database)
         else:
-            clusters = list(where)
-            env[prefix + "DATABASE_URL"] = multi_host_dsn(clusters, db.runtime, db.database)
-            env[prefix + "MIGRATION_URL"] = multi_host_dsn(clusters, db.owner, db.database)
+            ports = list(where)
+            env[prefix + "DATABASE_URL"] = multi_host_dsn(ports, db.runtime, db.database)
+            env[prefix + "MIGRATION_URL"] = multi_host_dsn(ports, db.owner, db.database)
     return env
