@@ -46,6 +46,11 @@ class AuthorizeResult:
     failure_code: str | None = None
 
 
+#: The `failure_code` of an operation whose request surely never reached the processor (no
+#: connection): a definite failure, unless an earlier request for it may have arrived.
+NOT_SENT = "processor_unreachable"
+
+
 @dataclass(frozen=True)
 class OperationResult:
     """The answer to a capture, void or refund."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from api.connectors.base import (
+    NOT_SENT,
     AuthorizeRequest,
     AuthorizeResult,
     OperationResult,
@@ -106,7 +107,7 @@ class PspAConnector:
         try:
             response = await self._http.post(path, json=body)
         except NotSent:
-            return OperationResult(Outcome.FAILED, failure_code="processor_unreachable")
+            return OperationResult(Outcome.FAILED, failure_code=NOT_SENT)
         except MaybeSent:
             return OperationResult(Outcome.UNKNOWN, failure_code="processor_timeout")
         if response.status in (200, 201):

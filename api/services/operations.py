@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from api.connectors.base import Connector, OperationResult, Outcome
+from api.connectors.base import NOT_SENT, Connector, OperationResult, Outcome
 from api.services.events import Cause, Publisher
 from api.services.idempotency import (
     ClaimKind,
@@ -64,6 +64,8 @@ class Started:
     refund_id: str | None
     #: The lease this request holds on its key: phase 3 writes only while it still holds it.
     lease: Any = None
+    #: A retry's or the completer's: an earlier request may have reached the processor.
+    resumed: bool = False
 
 
 def _cause(request_id: str, key: str) -> Cause:
@@ -217,6 +219,7 @@ class OperationService:
             row["operation_amount"],
             row["refund_id"],
             lease,
+            resumed=True,
         )
         result = await self._call_processor(merchant_id, started)
         failpoint("after_operation_call")
@@ -267,6 +270,7 @@ class OperationService:
                     row["operation_amount"],
                     row["refund_id"],
                     claimed.lease,
+                    resumed=True,
                 )
             failpoint("operation_key_claimed")
             operations = OperationRepository(conn)
@@ -313,6 +317,14 @@ class OperationService:
             return Started(payment_id, operation, moved, refund_id, claimed.lease)
 
     async def _call_processor(self, merchant_id: str, started: Started) -> OperationResult:
+        result = await self._ask_processor(merchant_id, started)
+        if started.resumed and result.failure_code == NOT_SENT:
+            # This request surely did not arrive, but an earlier one for the operation may have
+            # (its outcome was unknown, or its process died): nothing is known yet.
+            return OperationResult(Outcome.UNKNOWN, failure_code=NOT_SENT)
+        return result
+
+    async def _ask_processor(self, merchant_id: str, started: Started) -> OperationResult:
         async with self.pool.acquire() as conn:
             payment = await PaymentRepository(conn).get(merchant_id, started.payment_id)
         reference = payment["processor_reference"]
