@@ -37,28 +37,22 @@ SHORT_LEASE = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def frozen_api(
-    api_env: dict[str, str], vault: ServiceProcess, tmp_path: Path
-) -> Iterator[Callable[[str], ServiceProcess]]:
-    """A second API process on the session's databases that stops itself at a failpoint."""
-    started: list[ServiceProcess] = []
-
-    def start(point: str) -> ServiceProcess:
-        extra = {
-            "TESSERA_API_VAULT_URL": vault.url,
-            "TESSERA_FAILPOINTS": f"{point}:stop",
-            **SHORT_LEASE,
-        }
-        process = start_service("api", api_env, tmp_path, extra)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        assert process.process is not None
-        process.process.send_signal(signal.SIGCONT)  # a stopped process cannot see SIGTERM
-        process.stop()
+    api_env: dict[str, str], vault: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """A second API process on the session's databases that stops itself (SIGSTOP) at either
+    failpoint: after an operation's processor call, and before a payment fails over."""
+    extra = {
+        "TESSERA_API_VAULT_URL": vault.url,
+        "TESSERA_FAILPOINTS": "after_operation_call:stop,before_failover:stop",
+        **SHORT_LEASE,
+    }
+    process = start_service("api", api_env, tmp_path_factory.mktemp("frozen-api"), extra)
+    yield process
+    assert process.process is not None
+    process.process.send_signal(signal.SIGCONT)  # a stopped process cannot see SIGTERM
+    process.stop()
 
 
 def test_a_frozen_capture_is_fenced_off_after_its_lease(
@@ -66,7 +60,7 @@ def test_a_frozen_capture_is_fenced_off_after_its_lease(
     api_env: dict[str, str],
     vault: ServiceProcess,
     tokens: dict[str, str],
-    frozen_api: Callable[[str], ServiceProcess],
+    frozen_api: ServiceProcess,
     workers: Callable[..., ServiceProcess],
 ) -> None:
     """The capture's process freezes after PSP A captured, before it records that. Its lease
@@ -77,7 +71,7 @@ def test_a_frozen_capture_is_fenced_off_after_its_lease(
     authorized = pay(api, vault, merchant, amount=4200, capture=False)
     assert authorized.status_code == 201, authorized.text
     payment_id = authorized.json()["id"]
-    frozen = frozen_api("after_operation_call")
+    frozen = frozen_api
     late = _in_background(
         lambda: httpx.post(
             f"{frozen.url}/v1/payments/{payment_id}/capture",
@@ -85,11 +79,12 @@ def test_a_frozen_capture_is_fenced_off_after_its_lease(
             timeout=90,
         )
     )
-    _wait_until_stopped(frozen)
-    workers(**SHORT_LEASE)
-    _wait_for(lambda: _key_finished(api_env, "frozen-capture"), LEASE_SECONDS + 20, "takeover")
-    assert frozen.process is not None
-    frozen.process.send_signal(signal.SIGCONT)
+    try:
+        _wait_until_stopped(frozen)
+        workers(**SHORT_LEASE)
+        _wait_for(lambda: _key_finished(api_env, "frozen-capture"), LEASE_SECONDS + 20, "takeover")
+    finally:
+        _resume(frozen)
     answer = late()
 
     postings = _counts(
@@ -115,7 +110,7 @@ def test_a_frozen_authorization_does_not_fail_over_after_its_lease(
     psp_a: ServiceProcess,
     psp_b: ServiceProcess,
     tokens: dict[str, str],
-    frozen_api: Callable[[str], ServiceProcess],
+    frozen_api: ServiceProcess,
 ) -> None:
     """The payment's process freezes after PSP A failed (a definite failure: its next step
     would be PSP B). PSP A recovers, the lease runs out, and the client's retry takes the key
@@ -127,18 +122,18 @@ def test_a_frozen_authorization_does_not_fail_over_after_its_lease(
     token = tokenize(vault, merchant)
     body = {"amount": 5100, "currency": "EUR", "token": token}
     headers = {**merchant.auth, "idempotency-key": "frozen-pay"}
-    frozen = frozen_api("before_failover")
+    frozen = frozen_api
     _psp_a_fails(psp_a, True)
     try:
         late = _in_background(
             lambda: httpx.post(f"{frozen.url}/v1/payments", json=body, headers=headers, timeout=90)
         )
         _wait_until_stopped(frozen)
+        _psp_a_fails(psp_a, False)
+        retried = _retry_until_answered(api.url + "/v1/payments", body, headers)
     finally:
         _psp_a_fails(psp_a, False)
-    retried = _retry_until_answered(api.url + "/v1/payments", body, headers)
-    assert frozen.process is not None
-    frozen.process.send_signal(signal.SIGCONT)
+        _resume(frozen)
     answer = late()
 
     payment_id = retried.json()["id"]
@@ -158,6 +153,11 @@ def test_a_frozen_authorization_does_not_fail_over_after_its_lease(
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _resume(process: ServiceProcess) -> None:
+    assert process.process is not None
+    process.process.send_signal(signal.SIGCONT)
 
 
 def _psp_a_fails(psp_a: ServiceProcess, failing: bool) -> None:
