@@ -95,3 +95,7 @@ segmentation: venv ## network segmentation (PCI DSS 11.4.5): flows.yaml as nftab
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables socat >/dev/null; fi
 	$(BIN)/python -m tests.segmentation
+
+.PHONY: crash
+crash: setup ## a crash at every step: every failpoint x authorize, capture, refund, cancel x PSP A and B, and the worker's, SIGKILLed and retried (~2 min)
+	TESSERA_CRASH_MATRIX=full $(BIN)/pytest -q tests/test_crash_points.py
