@@ -9,7 +9,8 @@ Phases, `CHAOS_STORAGE_SECONDS` (default 40) of load each, concurrent clients au
 capturing, cancelling and refunding with retries on the same key:
 
 1. Postgres restarts: `pg_ctl stop -m immediate`, 3 s down, restart; three times.
-2. Redis: kill -9 (3 s), FLUSHALL, CLIENT PAUSE (2 s); twice each.
+2. Redis: kill -9 (3 s), FLUSHALL, CLIENT PAUSE (2 s); twice each. Then PSP A fails until
+   its circuit breaker opens, FLUSHALL loses it, and it must open again from new failures.
 3. A frozen API process: SIGSTOP of the API most clients use, past the idempotency lease; the
    clients turn to the other API process, the worker finishes what the frozen one held; SIGCONT.
 4. Failover, asynchronous replication: the primary's WAL sender is stopped (SIGSTOP) for 3 s
@@ -24,6 +25,7 @@ measurement, reported, not a failure).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -33,8 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from tests.support.chaos_stack import open_shop, private_env
-from tests.support.history import CheckResult, History, Result, Workload, check
+from tests.support.history import CheckResult, Client, History, Result, Workload, check
 from tests.support.pgcluster import API_DB, VAULT_DB, PgCluster, prepare_databases, service_env
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.redis_server import RedisServer
@@ -165,6 +169,49 @@ def redis_losses(campaign: Campaign) -> Phase:
         time.sleep(pause)
 
     campaign.run(phase, faults)
+    return phase
+
+
+def breaker_rebuilds(campaign: Campaign) -> Phase:
+    """PSP A fails until its breaker opens (payments fail over to PSP B); FLUSHALL loses the
+    open breaker, PSP A is tried again, and the breaker opens again from new failures alone."""
+    phase = Phase("breaker lost with FLUSHALL, rebuilt")
+    print(f"\n== {phase.name}", flush=True)
+    # PSP B's fee makes PSP A the router's first choice whenever its breaker is closed.
+    shop = open_shop(
+        campaign.stack, phase.name, "--processors", "psp_a,psp_b", "--fee", "psp_b=0+9000"
+    )
+    redis, psp_a = campaign.redis, campaign.stack.urls["psp_a"]
+    redis.flushall()
+
+    def is_open() -> bool:
+        return bool(redis.keys("breaker:{psp_a}:open_until"))
+
+    async def pay_until_open() -> int:
+        async with httpx.AsyncClient(base_url=campaign.stack.urls["api"]) as http:
+            client = Client(http, phase.history, shop.auth)
+            for count in range(1, 61):
+                await client.authorize(shop.tokens[0], 900, capture=True)
+                if is_open():
+                    return count
+        phase.problems.append("the breaker did not open")
+        return 0
+
+    httpx.post(psp_a + "/admin/config", json={"fail_all_5xx": True}).raise_for_status()
+    try:
+        before = asyncio.run(pay_until_open())
+        redis.flushall()
+        phase.faults += 1
+        if is_open():
+            phase.problems.append("FLUSHALL left the breaker open")
+        after = asyncio.run(pay_until_open())
+    finally:
+        httpx.post(psp_a + "/admin/config", json={"fail_all_5xx": False}).raise_for_status()
+    phase.result = check(phase.history, shop.sources(campaign.stack, psp_b=True))
+    phase.result.print(phase.name)
+    phase.notes.append(f"payments until the breaker opened: {before}, after FLUSHALL: {after}")
+    print(f"  {phase.notes[-1]}", flush=True)
+    campaign.phases.append(phase)
     return phase
 
 
@@ -300,6 +347,7 @@ def main() -> int:
     try:
         postgres_restarts(campaign)
         redis_losses(campaign)
+        breaker_rebuilds(campaign)
         frozen_api(campaign)
         failover(campaign, synchronous=False)
         failover(campaign, synchronous=True)

@@ -35,8 +35,9 @@ def private_env(
         "TESSERA_VAULT_SERVICE_TOKEN": service_token,
         "TESSERA_API_VAULT_SERVICE_TOKEN": service_token,
         "TESSERA_VAULT_ADMIN_TOKEN": admin_token,
-        "TESSERA_API_SHUTDOWN_TIMEOUT_SECONDS": "5",
-        "TESSERA_VAULT_SHUTDOWN_TIMEOUT_SECONDS": "5",
+        # Nothing is in flight when a campaign stops its stack: no reason to wait.
+        "TESSERA_API_SHUTDOWN_TIMEOUT_SECONDS": "1",
+        "TESSERA_VAULT_SHUTDOWN_TIMEOUT_SECONDS": "1",
     }
 
 
