@@ -11,6 +11,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from api.auth import MerchantKeys
+from api.openapi import DOCUMENT
 from api.routes.events import BalanceController, EventController, WebhookEndpointController
 from api.routes.notifications import NotificationController
 from api.routes.payments import PaymentController, RefundController
@@ -54,6 +55,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         dependencies={name: _service(name) for name in SERVICES},
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=api_lifespan,
+        document=DOCUMENT,
     )
 
 

@@ -21,6 +21,7 @@ from vault.forward import Forwarder
 from vault.keys import KeyRepository, KeyService
 from vault.kms.base import KeyManagementService
 from vault.merchants import MerchantDirectory, MerchantRepository
+from vault.openapi import DOCUMENT
 from vault.routes import AdminController, ForwardController, TokenController
 from vault.settings import MAX_BODY_BYTES, VaultSettings
 from vault.tokens import CvcStore, TokenRepository, TokenService
@@ -109,6 +110,7 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=vault_lifespan,
         wrap_handler=TokenPreflight,
+        document=DOCUMENT,
     )
 
 

@@ -23,8 +23,8 @@ from core.errors import (
     TesseraError,
 )
 from core.redaction import redact
-from tessera.runtime.http import request_id_of
-from vault.audit import AuditLog, AuditUnavailable
+from tessera.runtime.http import error_responses, request_id_of
+from vault.audit import AuditLog, AuditUnavailable, VerifyReport
 from vault.auth import ADMIN, MERCHANT, SERVICE, caller_of, require
 from vault.forward import Forwarder, ForwardRequest, ForwardResponse, check_template
 from vault.keys import KeyService
@@ -35,6 +35,7 @@ from vault.merchants import (
     key_hash,
     normalize_origin,
 )
+from vault.openapi import ADMIN_TOKEN, PUBLISHABLE_KEY, SERVICE_TOKEN
 from vault.tokens import CreateToken, TokenService, TokenView, parse_token_id
 
 MerchantHeader = Annotated[
@@ -45,7 +46,21 @@ MerchantHeader = Annotated[
         description="The merchant the payment API acts for; tokens of others answer 404.",
     ),
 ]
+BrowserOrigin = Annotated[
+    str | None,
+    Parameter(
+        header="Origin",
+        description="Sent by browsers: must be one of the merchant's registered origins.",
+        required=False,
+    ),
+]
 FORWARD_MAX_BODY = 64 * 1024
+
+
+class DeletedToken(msgspec.Struct):
+    id: str
+    deleted: bool = True
+    object: str = "token"
 
 
 async def record(
@@ -110,9 +125,18 @@ class TokenController(Controller):
     path = "/v1/tokens"
     tags = ["tokens"]
 
-    @post(operation_id="createToken", guards=[require(MERCHANT)], status_code=201)
+    @post(
+        operation_id="createToken",
+        guards=[require(MERCHANT)],
+        security=PUBLISHABLE_KEY,
+        status_code=201,
+    )
     async def create(
-        self, request: Request[Any, Any, Any], data: CreateToken, tokens: TokenService
+        self,
+        request: Request[Any, Any, Any],
+        data: CreateToken,
+        tokens: TokenService,
+        origin_header: BrowserOrigin = None,  # read by _origin_check; here for the document
     ) -> Response[TokenView]:
         origin = _origin_check(request)
         caller = caller_of(request)
@@ -120,7 +144,12 @@ class TokenController(Controller):
         view = await tokens.create(caller.merchant_id, data, _today())
         return Response(view, status_code=201, headers=_cors_headers(origin) if origin else None)
 
-    @get("/{token_id:str}", operation_id="readToken", guards=[require(SERVICE)])
+    @get(
+        "/{token_id:str}",
+        operation_id="readToken",
+        guards=[require(SERVICE)],
+        security=SERVICE_TOKEN,
+    )
     async def read(
         self,
         request: Request[Any, Any, Any],
@@ -135,7 +164,11 @@ class TokenController(Controller):
         return view
 
     @delete(
-        "/{token_id:str}", operation_id="deleteToken", guards=[require(SERVICE)], status_code=200
+        "/{token_id:str}",
+        operation_id="deleteToken",
+        guards=[require(SERVICE)],
+        security=SERVICE_TOKEN,
+        status_code=200,
     )
     async def remove(
         self,
@@ -144,11 +177,11 @@ class TokenController(Controller):
         merchant: MerchantHeader,
         tokens: TokenService,
         audit: AuditLog,
-    ) -> dict[str, Any]:
+    ) -> DeletedToken:
         token_id = parse_token_id(token_id)
         await record(audit, request, SERVICE, "token.delete", "requested", token_id=token_id)
         await tokens.delete(token_id, merchant)
-        return {"id": token_id, "object": "token", "deleted": True}
+        return DeletedToken(token_id)
 
 
 class ForwardController(Controller):
@@ -158,8 +191,10 @@ class ForwardController(Controller):
     @post(
         operation_id="forward",
         guards=[require(SERVICE)],
+        security=SERVICE_TOKEN,
         status_code=200,
         request_max_body_size=FORWARD_MAX_BODY,
+        responses=error_responses(404, 502, 504),
     )
     async def forward(
         self,
@@ -233,9 +268,15 @@ class DetokenizedCard(msgspec.Struct):
 class AdminController(Controller):
     path = "/v1"
     guards = [require(ADMIN)]
+    security = ADMIN_TOKEN
     tags = ["admin"]
 
-    @post("/merchants", operation_id="registerMerchant", status_code=201)
+    @post(
+        "/merchants",
+        operation_id="registerMerchant",
+        status_code=201,
+        responses=error_responses(409),
+    )
     async def register_merchant(
         self,
         request: Request[Any, Any, Any],
@@ -260,7 +301,12 @@ class AdminController(Controller):
         state.merchant_directory.forget()
         return MerchantView(id=data.id, allowed_origins=origins, created=int(created.timestamp()))
 
-    @post("/detokenize", operation_id="detokenize", status_code=200)
+    @post(
+        "/detokenize",
+        operation_id="detokenize",
+        status_code=200,
+        responses=error_responses(404, 429),
+    )
     async def detokenize(
         self,
         request: Request[Any, Any, Any],
@@ -314,7 +360,7 @@ class AdminController(Controller):
         return await keys.rewrap()
 
     @get("/audit/verify", operation_id="verifyAudit")
-    async def verify_audit(self, request: Request[Any, Any, Any], audit: AuditLog) -> Any:
+    async def verify_audit(self, request: Request[Any, Any, Any], audit: AuditLog) -> VerifyReport:
         report = await audit.verify()
         await record(
             audit, request, ADMIN, "audit.verify", "ok" if report.ok else "broken", token_id=None

@@ -24,11 +24,21 @@ from vault.keys import KeyService
 _TOKEN_ID = re.compile(r"tok_[0-9a-z]{26}")
 
 
+def _described(pattern: str) -> msgspec.Meta:
+    """A rule core.cards checks (with its own error code): told to the OpenAPI document only."""
+    return msgspec.Meta(extra_json_schema={"pattern": pattern})
+
+
 class CreateToken(msgspec.Struct, forbid_unknown_fields=True):
-    number: Annotated[str, msgspec.Meta(max_length=64)]
-    exp_month: int | Annotated[str, msgspec.Meta(max_length=4)]
-    exp_year: int | Annotated[str, msgspec.Meta(max_length=4)]
-    cvc: Annotated[str, msgspec.Meta(max_length=8)] | None = None
+    # The document can say the shape; that the number passes its check digit and the card has
+    # not expired, only core.cards can.
+    number: Annotated[str, msgspec.Meta(max_length=64), _described("^[0-9 -]+$")]
+    exp_month: (
+        Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": 12})]
+        | Annotated[str, msgspec.Meta(max_length=4), _described("^(0?[1-9]|1[0-2])$")]
+    )
+    exp_year: int | Annotated[str, msgspec.Meta(max_length=4), _described("^([0-9]{2}|[0-9]{4})$")]
+    cvc: Annotated[str, msgspec.Meta(max_length=8), _described("^[0-9]{3,4}$")] | None = None
     name: Annotated[str, msgspec.Meta(max_length=100)] | None = None
 
 

@@ -10,7 +10,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from api.auth import merchant_of, require_secret_key
-from api.services.events import DeliveryList, EventList, EventService, EventView
+from api.openapi import SECRET_KEY
+from api.services.events import EVENT_TYPES, DeliveryList, EventList, EventService, EventView
 from api.services.ledger import BalanceView, LedgerService
 from api.services.webhooks import (
     CreateWebhookEndpoint,
@@ -45,6 +46,7 @@ def event_id(value: str) -> str:
 class EventController(Controller):
     path = "/v1/events"
     guards = [require_secret_key]
+    security = SECRET_KEY
     tags = ["events"]
 
     @get(operation_id="listEvents", responses=error_responses(400, 401))
@@ -55,7 +57,10 @@ class EventController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=100)] = 10,
         starting_after: EventCursor = None,
         ending_before: EventCursor = None,
-        event_type: Annotated[str | None, Parameter(query="type", max_length=64)] = None,
+        event_type: Annotated[
+            str | None,
+            Parameter(query="type", max_length=64, schema_extra={"enum": list(EVENT_TYPES)}),
+        ] = None,
         object_id: ObjectId = None,
     ) -> EventList:
         if starting_after and ending_before:
@@ -86,6 +91,7 @@ class EventController(Controller):
 class WebhookEndpointController(Controller):
     path = "/v1/webhook_endpoints"
     guards = [require_secret_key]
+    security = SECRET_KEY
     tags = ["webhooks"]
 
     @post(
@@ -151,6 +157,7 @@ class WebhookEndpointController(Controller):
 class BalanceController(Controller):
     path = "/v1/balance"
     guards = [require_secret_key]
+    security = SECRET_KEY
     tags = ["balance"]
 
     @get(operation_id="getBalance", responses=error_responses(401))

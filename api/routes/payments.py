@@ -11,6 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from api.auth import merchant_of, require_secret_key
+from api.openapi import SECRET_KEY
 from api.services.idempotency import Handled
 from api.services.operations import OperationService
 from api.services.payments import (
@@ -27,7 +28,13 @@ _PAYMENT_ID = re.compile(r"pay_[0-9a-z]{26}")
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
 IdempotencyKey = Annotated[
     str | None,
-    Parameter(header="Idempotency-Key", description="1-255 printable ASCII characters."),
+    # Checked by `idempotency_key` (its own error codes), so documented as required here.
+    Parameter(
+        header="Idempotency-Key",
+        description="1-255 printable ASCII characters.",
+        required=True,
+        schema_extra={"pattern": f"^{_KEY.pattern}$", "min_length": 1, "max_length": 255},
+    ),
 ]
 Cursor = Annotated[str | None, Parameter(pattern=r"^pay_[0-9a-z]{26}$")]
 
@@ -54,12 +61,16 @@ def payment_id(value: str) -> str:
     return value
 
 
+#: Checked by `_operate` (`amount_too_small`), so only described to msgspec.
+PositiveAmount = Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1})]
+
+
 class CaptureRequest(msgspec.Struct, forbid_unknown_fields=True):
-    amount: int | None = None
+    amount: PositiveAmount | None = None
 
 
 class RefundRequest(msgspec.Struct, forbid_unknown_fields=True):
-    amount: int | None = None
+    amount: PositiveAmount | None = None
     reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
 
 
@@ -118,6 +129,7 @@ _REFUND_ID = re.compile(r"re_[0-9a-z]{26}")
 class RefundController(Controller):
     path = "/v1/refunds"
     guards = [require_secret_key]
+    security = SECRET_KEY
     tags = ["refunds"]
 
     @get("/{refund:str}", operation_id="getRefund", responses=error_responses(401, 404))
@@ -132,6 +144,7 @@ class RefundController(Controller):
 class PaymentController(Controller):
     path = "/v1/payments"
     guards = [require_secret_key]
+    security = SECRET_KEY
     tags = ["payments"]
 
     @post(

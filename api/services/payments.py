@@ -45,7 +45,7 @@ from core import payments as machine
 from core.bins import country_of
 from core.errors import CardError, InvalidRequest, NotFound, ProcessorError, ServiceUnavailable
 from core.ids import new_id
-from core.money import parse_currency, validate_amount
+from core.money import CURRENCIES, MAX_AMOUNT, parse_currency, validate_amount
 from tessera.runtime import failpoints
 from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import error_bytes
@@ -61,9 +61,15 @@ Metadata = Annotated[
 
 
 class CreatePayment(msgspec.Struct, forbid_unknown_fields=True):
-    amount: int
-    currency: Annotated[str, msgspec.Meta(max_length=3)]
-    token: Annotated[str, msgspec.Meta(max_length=40)]
+    # `extra_json_schema` only describes: core.money and `_create` check these, each with its
+    # own error code, and the OpenAPI document says so.
+    amount: Annotated[int, msgspec.Meta(extra_json_schema={"minimum": 1, "maximum": MAX_AMOUNT})]
+    currency: Annotated[
+        str, msgspec.Meta(max_length=3, extra_json_schema={"enum": sorted(CURRENCIES)})
+    ]
+    token: Annotated[
+        str, msgspec.Meta(max_length=40, extra_json_schema={"pattern": f"^{_TOKEN_ID.pattern}$"})
+    ]
     capture: bool = True
     description: Annotated[str, msgspec.Meta(max_length=500)] | None = None
     reference: Annotated[str, msgspec.Meta(max_length=200)] | None = None

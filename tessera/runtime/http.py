@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import msgspec
@@ -28,6 +28,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -304,6 +305,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
 ReadinessCheck = Callable[[], Awaitable[None]]
 
 
+class ReadinessReport(msgspec.Struct):
+    """`/readyz`'s answer: each dependency's check, `ok` or why not."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]
+
+
 def health_handlers(checks: dict[str, ReadinessCheck], metrics: Metrics) -> list[Any]:
     """`/healthz` (the process answers), `/readyz` (its dependencies answer), `/metrics`."""
 
@@ -311,7 +319,16 @@ def health_handlers(checks: dict[str, ReadinessCheck], metrics: Metrics) -> list
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/readyz", operation_id="readyz")
+    @get(
+        "/readyz",
+        operation_id="readyz",
+        responses={
+            200: ResponseSpec(ReadinessReport, description="Ready", generate_examples=False),
+            503: ResponseSpec(
+                ReadinessReport, description="A dependency is not ready", generate_examples=False
+            ),
+        },
+    )
     async def readyz() -> Response[bytes]:
         results: dict[str, str] = {}
         ready = True
@@ -322,9 +339,9 @@ def health_handlers(checks: dict[str, ReadinessCheck], metrics: Metrics) -> list
             except Exception as exc:
                 ready = False
                 results[name] = _describe_failure(exc)
-        body = {"status": "ready" if ready else "unavailable", "checks": results}
+        report = ReadinessReport("ready" if ready else "unavailable", results)
         return Response(
-            content=msgspec.json.encode(body),
+            content=msgspec.json.encode(report),
             status_code=200 if ready else 503,
             media_type=MediaType.JSON,
         )
@@ -413,27 +430,31 @@ class ErrorEnvelope(msgspec.Struct):
     error: ErrorDetail
 
 
-def error_responses(*statuses: int) -> dict[int, Any]:
-    """OpenAPI entries for the error statuses an operation really returns."""
-    from litestar.openapi.datastructures import ResponseSpec
+#: What each error status means, in every service's OpenAPI document.
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request (`param` names the field)",
+    401: "Missing or invalid credential",
+    402: "Card declined (`decline_code`, `payment`)",
+    403: "Credential not allowed here",
+    404: "No such object (or another merchant's)",
+    409: "Invalid state, idempotency key in use, or conflict",
+    413: "Body too large",
+    422: "Idempotency key reused with another request",
+    429: "Rate limited",
+    502: "Processor or destination error",
+    503: "A dependency is unavailable; retry",
+    504: "Destination time-out",
+}
 
-    descriptions = {
-        400: "Invalid request (`param` names the field)",
-        401: "Missing or invalid credential",
-        402: "Card declined (`decline_code`, `payment`)",
-        403: "Credential not allowed here",
-        404: "No such object (or another merchant's)",
-        409: "Invalid state, idempotency key in use, or conflict",
-        413: "Body too large",
-        422: "Idempotency key reused with another request",
-        429: "Rate limited",
-        502: "Processor error (nothing was authorized)",
-        503: "A dependency is unavailable; retry",
-        504: "Destination time-out",
-    }
+
+def error_responses(*statuses: int) -> dict[int, Any]:
+    """OpenAPI entries for the error statuses an operation really returns (beyond those every
+    operation shares, which `tessera.runtime.openapi` adds)."""
     return {
         status: ResponseSpec(
-            data_container=ErrorEnvelope, description=descriptions[status], generate_examples=False
+            data_container=ErrorEnvelope,
+            description=ERROR_DESCRIPTIONS[status],
+            generate_examples=False,
         )
         for status in statuses
     }

@@ -15,6 +15,8 @@ from litestar.types import ASGIApp, ControllerRouterHandler
 from tessera.runtime.db import check_schema, create_pool
 from tessera.runtime.http import EXCEPTION_HANDLERS, Metrics, health_handlers, install
 from tessera.runtime.migrations import latest_version
+from tessera.runtime.openapi import ServiceDocument
+from tessera.runtime.openapi import finish as finish_document
 
 
 class Resources:
@@ -35,9 +37,11 @@ def build_app(
     max_body_bytes: int,
     service_lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]] | None = None,
     wrap_handler: Callable[[ASGIApp], ASGIApp] | None = None,
+    document: ServiceDocument | None = None,
 ) -> Litestar:
     """`service_lifespan` opens what only this service needs (clients, key rings), after the
-    pool and Redis are up (they are on `app.state`), and closes it before them."""
+    pool and Redis are up (they are on `app.state`), and closes it before them. `document` is
+    what the service adds to its OpenAPI document (security schemes, links)."""
     resources = Resources()
     schema_version = latest_version(migrations_package)
 
@@ -86,6 +90,7 @@ def build_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    finish_document(app, document or ServiceDocument())
     if wrap_handler is not None:  # inside the request-id layer, before routing
         app.asgi_handler = wrap_handler(app.asgi_handler)
     return install(app, metrics)
