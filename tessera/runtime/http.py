@@ -29,6 +29,7 @@ from litestar.exceptions import (
 )
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.routes import HTTPRoute
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -217,7 +218,13 @@ def exception_handler(request: Request[Any, Any, Any], exc: Exception) -> Respon
             exception_type=type(exc).__name__,
             exc_info=status == 500,
         )
-    return error_response(error, request_id_of(request.scope))
+    response = error_response(error, request_id_of(request.scope))
+    if isinstance(exc, MethodNotAllowedException) and exc.headers:
+        # RFC 9110: a 405 names the methods the URL has (Litestar's router knows them).
+        allow = {k.lower(): v for k, v in exc.headers.items()}.get("allow")
+        if allow:
+            response.headers["allow"] = allow
+    return response
 
 
 class Metrics:
@@ -255,9 +262,13 @@ class RequestContext:
     routes, 405s and 413s get a request id and are counted too.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, allowed: dict[str, bytes] | None = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        #: The `Allow` header of each route template (see `install`).
+        self.allowed = allowed or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
@@ -276,7 +287,12 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"request-id", raw_rid)]
+                headers = [*message.get("headers", []), (b"request-id", raw_rid)]
+                allow = self.allowed.get(scope.get("path_template") or "")
+                if method == "OPTIONS" and allow is not None:
+                    headers = [(k, v) for k, v in headers if k.lower() != b"allow"]
+                    headers.append((b"allow", allow))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -365,8 +381,17 @@ class NotReady(Exception):
 
 
 def install(app: Litestar, metrics: Metrics) -> Litestar:
-    """Wrap the app's handler in the request context layer; call last in `create_app`."""
-    app.asgi_handler = RequestContext(app.asgi_handler, metrics)
+    """Wrap the app's handler in the request context layer; call last in `create_app`.
+
+    Litestar answers OPTIONS itself, but on a path whose handlers were registered one by one
+    (a controller's GET and POST) its `Allow` lists only the first one's methods; each route
+    knows all of them, so the request context layer sends those."""
+    allowed = {
+        route.path_format: ", ".join(sorted(route.methods)).encode()
+        for route in app.routes
+        if isinstance(route, HTTPRoute)
+    }
+    app.asgi_handler = RequestContext(app.asgi_handler, metrics, allowed)
     return app
 
 
