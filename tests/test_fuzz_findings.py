@@ -60,3 +60,18 @@ def test_options_lists_every_method_of_the_url(
     response = httpx.options(url + path, headers=headers)  # the API's guards apply to OPTIONS
     assert response.status_code == 204
     assert methods(response.headers["allow"]) == allowed
+
+
+# --- a body field named like one of the API's services ----------------------------------------
+
+
+@pytest.mark.parametrize("events", [{}, "*", None, True, 1])
+def test_a_webhook_endpoint_whose_events_are_not_a_list_is_a_400(
+    api: ServiceProcess, merchant: ApiMerchant, events: object
+) -> None:
+    """Litestar decoded the body before the handler did, and a failure on a field named like
+    a dependency (`events`, the event service) was taken for a server fault: 500."""
+    body = {"url": "https://hooks.example/tessera", "events": events}
+    response = httpx.post(api.url + "/v1/webhook_endpoints", json=body, headers=merchant.auth)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "events"

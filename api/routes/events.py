@@ -24,6 +24,7 @@ from api.services.webhooks import (
 )
 from core.errors import InvalidRequest, NotFound
 from tessera.runtime.http import error_responses, strict_body
+from tessera.runtime.openapi import REQUEST_BODY
 
 _EVENT_ID = re.compile(r"evt_[0-9a-z]{26}")
 EventCursor = Annotated[str | None, Parameter(pattern=r"^evt_[0-9a-z]{26}$")]
@@ -103,9 +104,10 @@ class WebhookEndpointController(Controller):
             ),
             **error_responses(400, 401, 413, 422),
         },
+        opt={REQUEST_BODY: CreateWebhookEndpoint},
     )
     async def create(
-        self, request: Request[Any, Any, Any], webhooks: WebhookService, data: CreateWebhookEndpoint
+        self, request: Request[Any, Any, Any], webhooks: WebhookService
     ) -> WebhookEndpointWithSecret:
         body = strict_body(await request.body(), CreateWebhookEndpoint)
         return await webhooks.create(merchant_of(request), body)
@@ -141,13 +143,10 @@ class WebhookEndpointController(Controller):
             200: ResponseSpec(WebhookEndpointWithSecret, description="The new secret, shown once"),
             **error_responses(400, 401, 404, 413, 422),
         },
+        opt={REQUEST_BODY: RollSecret | None},
     )
     async def roll(
-        self,
-        request: Request[Any, Any, Any],
-        endpoint: str,
-        webhooks: WebhookService,
-        data: RollSecret | None = None,
+        self, request: Request[Any, Any, Any], endpoint: str, webhooks: WebhookService
     ) -> WebhookEndpointWithSecret:
         raw = await request.body()
         body = strict_body(raw, RollSecret) if raw.strip() else RollSecret()

@@ -23,6 +23,7 @@ from api.services.payments import (
 )
 from core.errors import InvalidRequest, NotFound
 from tessera.runtime.http import error_responses, request_id_of, strict_body
+from tessera.runtime.openapi import REQUEST_BODY
 
 _PAYMENT_ID = re.compile(r"pay_[0-9a-z]{26}")
 _KEY = re.compile(r"[\x20-\x7e]{1,255}")
@@ -91,12 +92,11 @@ async def _operate(
     payment: str,
     operation: str,
     key: str | None,
-    amount: int | None = None,
-    reason: str | None = None,
 ) -> Response[bytes]:
     raw = await request.body()
-    if raw.strip():
-        strict_body(raw, _BODIES[operation])
+    body = strict_body(raw, _BODIES[operation]) if raw.strip() else _BODIES[operation]()
+    amount: int | None = getattr(body, "amount", None)
+    reason: str | None = getattr(body, "reason", None)
     if amount is not None and amount <= 0:
         raise InvalidRequest(
             "amount must be a positive integer.", code="amount_too_small", param="amount"
@@ -156,11 +156,11 @@ class PaymentController(Controller):
             202: ResponseSpec(PaymentView, description="Processing: the outcome is not known yet"),
             **error_responses(400, 401, 402, 409, 413, 422, 502, 503),
         },
+        opt={REQUEST_BODY: CreatePayment},
     )
     async def create(
         self,
         request: Request[Any, Any, Any],
-        data: CreatePayment,
         payments: PaymentService,
         key: IdempotencyKey = None,
     ) -> Response[bytes]:
@@ -184,17 +184,16 @@ class PaymentController(Controller):
             200: ResponseSpec(PaymentView, description="Captured"),
             **error_responses(400, 401, 404, 409, 413, 422, 502, 503),
         },
+        opt={REQUEST_BODY: CaptureRequest | None},
     )
     async def capture(
         self,
         request: Request[Any, Any, Any],
         payment: str,
         operations: OperationService,
-        data: CaptureRequest | None = None,
         key: IdempotencyKey = None,
     ) -> Response[bytes]:
-        amount = data.amount if data else None
-        return await _operate(request, operations, payment, "capture", key, amount)
+        return await _operate(request, operations, payment, "capture", key)
 
     @post(
         "/{payment:str}/cancel",
@@ -204,13 +203,13 @@ class PaymentController(Controller):
             200: ResponseSpec(PaymentView, description="Canceled"),
             **error_responses(400, 401, 404, 409, 413, 422, 502, 503),
         },
+        opt={REQUEST_BODY: NoBody | None},
     )
     async def cancel(
         self,
         request: Request[Any, Any, Any],
         payment: str,
         operations: OperationService,
-        data: NoBody | None = None,
         key: IdempotencyKey = None,
     ) -> Response[bytes]:
         return await _operate(request, operations, payment, "cancel", key)
@@ -223,17 +222,16 @@ class PaymentController(Controller):
             201: ResponseSpec(RefundView, description="Refunded"),
             **error_responses(400, 401, 404, 409, 413, 422, 502, 503),
         },
+        opt={REQUEST_BODY: RefundRequest | None},
     )
     async def refund(
         self,
         request: Request[Any, Any, Any],
         payment: str,
         operations: OperationService,
-        data: RefundRequest | None = None,
         key: IdempotencyKey = None,
     ) -> Response[bytes]:
-        amount, reason = (data.amount, data.reason) if data else (None, None)
-        return await _operate(request, operations, payment, "refund", key, amount, reason)
+        return await _operate(request, operations, payment, "refund", key)
 
     @get("/{payment:str}", operation_id="getPayment", responses=error_responses(401, 404))
     async def read(
