@@ -7,8 +7,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import ApiMerchant
+from tests.conftest import ApiMerchant, VaultMerchant
+from tests.support import payments
+from tests.support.payments import pay, post
 from tests.support.processes import ServiceProcess
+from tests.support.vault_helpers import assert_error, bearer, tokenize
 
 NUL = "\x00"
 
@@ -75,3 +78,63 @@ def test_a_webhook_endpoint_whose_events_are_not_a_list_is_a_400(
     response = httpx.post(api.url + "/v1/webhook_endpoints", json=body, headers=merchant.auth)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "events"
+
+
+# --- NUL characters ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("description", f"a{NUL}b"),
+        ("reference", NUL),
+        ("metadata", {"order": f"1{NUL}"}),
+        ("metadata", {f"k{NUL}": "v"}),
+    ],
+)
+def test_text_with_a_nul_character_is_a_400_and_no_payment(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    merchant: ApiMerchant,
+    field: str,
+    value: object,
+) -> None:
+    """Postgres cannot store NUL in text or JSONB: the insert failed after the key was claimed
+    and the request answered 500."""
+    before = httpx.get(api.url + "/v1/payments?limit=1", headers=merchant.auth).json()["data"]
+    token = payments.tokenize(vault, merchant)
+    body = {"amount": 500, "currency": "EUR", "token": token, field: value}
+    response = post(api, merchant, "/v1/payments", body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].split(".")[0] == field
+    after = httpx.get(api.url + "/v1/payments?limit=1", headers=merchant.auth).json()["data"]
+    assert after == before
+
+
+def test_the_document_says_text_has_no_nul_character(api: ServiceProcess) -> None:
+    """So that Schemathesis sends such text as invalid data, never as valid."""
+    document = httpx.get(api.url + "/schema/openapi.json").json()
+    create = document["components"]["schemas"]["CreatePayment"]["properties"]
+    assert create["description"]["anyOf"][0]["pattern"] == "^[^\\x00]*$"
+    assert create["metadata"]["propertyNames"]["pattern"] == "^[^\\x00]*$"
+
+
+def test_a_refund_reason_with_a_nul_character_is_a_400_and_no_refund(
+    api: ServiceProcess, vault: ServiceProcess, merchant: ApiMerchant
+) -> None:
+    payment = pay(api, vault, merchant).json()
+    response = post(api, merchant, f"/v1/payments/{payment['id']}/refunds", {"reason": NUL})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "reason"
+    again = httpx.get(f"{api.url}/v1/payments/{payment['id']}", headers=merchant.auth).json()
+    assert again["amount_refunded"] == 0
+    assert again["refunds"] == []
+
+
+def test_a_break_glass_reason_with_a_nul_character_is_a_400(
+    vault: ServiceProcess, shop: VaultMerchant, tokens: dict[str, str]
+) -> None:
+    token = tokenize(vault, shop)["id"]
+    body = {"token": token, "reason": f"chargeback {NUL} review"}
+    response = httpx.post(vault.url + "/v1/detokenize", json=body, headers=bearer(tokens["admin"]))
+    assert_error(response, 400, "invalid_request_error", "parameter_invalid", "reason")

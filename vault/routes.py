@@ -23,7 +23,7 @@ from core.errors import (
     TesseraError,
 )
 from core.redaction import redact
-from tessera.runtime.http import error_responses, request_id_of
+from tessera.runtime.http import NO_NUL, error_responses, request_id_of
 from vault.audit import AuditLog, AuditUnavailable, VerifyReport
 from vault.auth import ADMIN, MERCHANT, SERVICE, caller_of, require
 from vault.forward import Forwarder, ForwardRequest, ForwardResponse, check_template
@@ -253,7 +253,7 @@ async def _record_outcome(
 
 class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True):
     token: Annotated[str, msgspec.Meta(max_length=40)]
-    reason: Annotated[str, msgspec.Meta(min_length=10, max_length=500)]
+    reason: Annotated[str, msgspec.Meta(min_length=10, max_length=500, pattern=NO_NUL)]
 
 
 class DetokenizedCard(msgspec.Struct):

@@ -22,7 +22,7 @@ from api.services.payments import (
     RefundView,
 )
 from core.errors import InvalidRequest, NotFound
-from tessera.runtime.http import error_responses, request_id_of, strict_body
+from tessera.runtime.http import NO_NUL, error_responses, request_id_of, strict_body
 from tessera.runtime.openapi import REQUEST_BODY
 
 _PAYMENT_ID = re.compile(r"pay_[0-9a-z]{26}")
@@ -72,7 +72,7 @@ class CaptureRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class RefundRequest(msgspec.Struct, forbid_unknown_fields=True):
     amount: PositiveAmount | None = None
-    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+    reason: Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)] | None = None
 
 
 class NoBody(msgspec.Struct, forbid_unknown_fields=True):

@@ -48,13 +48,13 @@ from core.ids import new_id
 from core.money import CURRENCIES, MAX_AMOUNT, parse_currency, validate_amount
 from tessera.runtime import failpoints
 from tessera.runtime.failpoints import failpoint
-from tessera.runtime.http import error_bytes
+from tessera.runtime.http import NO_NUL, error_bytes
 
 _TOKEN_ID = re.compile(r"tok_[0-9a-z]{26}")
 Metadata = Annotated[
     dict[
-        Annotated[str, msgspec.Meta(min_length=1, max_length=40)],
-        Annotated[str, msgspec.Meta(max_length=500)],
+        Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=NO_NUL)],
+        Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)],
     ],
     msgspec.Meta(max_length=20),
 ]
@@ -71,8 +71,8 @@ class CreatePayment(msgspec.Struct, forbid_unknown_fields=True):
         str, msgspec.Meta(max_length=40, extra_json_schema={"pattern": f"^{_TOKEN_ID.pattern}$"})
     ]
     capture: bool = True
-    description: Annotated[str, msgspec.Meta(max_length=500)] | None = None
-    reference: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    description: Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)] | None = None
+    reference: Annotated[str, msgspec.Meta(max_length=200, pattern=NO_NUL)] | None = None
     metadata: Metadata = {}
 
 

@@ -46,6 +46,10 @@ from core.redaction import redact_value
 log = structlog.stdlib.get_logger("tessera.http")
 T = TypeVar("T")
 
+#: For text a client sends that is stored: Postgres cannot hold the NUL character in text
+#: (nor `\u0000` in JSON), so such text is refused (400), never left to fail the write (500).
+NO_NUL = r"^[^\x00]*$"
+
 REQUEST_ID_HEADER = "request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -94,8 +98,21 @@ def error_response(exc: errors.TesseraError, request_id: str) -> Response[bytes]
     )
 
 
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+# msgspec's "- at `$.amount`", or "- at `key` in `$.metadata`" for a dict's key.
+_AT_PATH = re.compile(r" - at (?:`key` in )?`\$\.?([^`]*)`$")
 _NAMED_FIELD = re.compile(r"field `([^`]+)`")
+_NUL_RULE = f"matching regex {NO_NUL!r}"  # msgspec quotes the pattern as repr() does
+
+
+def _param(key: str) -> str:
+    """`metadata[...]` (some value of a dict) is the parameter `metadata`."""
+    return key.replace("[...]", "")
+
+
+def _explained(message: str) -> str:
+    return message.replace(_NUL_RULE, "without the NUL character (\\u0000)")
+
+
 _MISSING_PARAMETER = re.compile(r"Missing required (\w+) parameter '([^']+)'")
 
 
@@ -121,6 +138,7 @@ def _validation_error(exc: ValidationException) -> errors.TesseraError:
     path = _AT_PATH.search(message)
     if path:  # an older Litestar leaves msgspec's path in the message
         message, key = message[: path.start()], path[1]
+    message, key = _explained(message), _param(key)
     named = _NAMED_FIELD.search(message)
     param: str | None = f"{key}.{named[1]}" if named and key else (named[1] if named else key)
     param = param or None
@@ -420,9 +438,9 @@ def strict_body(raw: bytes, cls: type[T]) -> T:
     except msgspec.ValidationError as exc:
         message = str(exc)
         path = _AT_PATH.search(message)
-        text = message[: path.start()] if path else message
+        text = _explained(message[: path.start()] if path else message)
         named = _NAMED_FIELD.search(text)
-        key = path[1] if path else ""
+        key = _param(path[1]) if path else ""
         param = f"{key}.{named[1]}" if named and key else (named[1] if named else key) or None
         if text.startswith("Object contains unknown field"):
             raise errors.InvalidRequest(
