@@ -7,11 +7,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import ApiMerchant, VaultMerchant
+from tests.conftest import ApiMerchant, VaultMerchant, register_vault_merchant
 from tests.support import payments
 from tests.support.payments import pay, post
 from tests.support.processes import ServiceProcess
-from tests.support.vault_helpers import assert_error, bearer, tokenize
+from tests.support.vault_helpers import assert_error, bearer, card, tokenize
 
 NUL = "\x00"
 
@@ -138,3 +138,40 @@ def test_a_break_glass_reason_with_a_nul_character_is_a_400(
     body = {"token": token, "reason": f"chargeback {NUL} review"}
     response = httpx.post(vault.url + "/v1/detokenize", json=body, headers=bearer(tokens["admin"]))
     assert_error(response, 400, "invalid_request_error", "parameter_invalid", "reason")
+
+
+# --- origins that urlsplit cannot read ----------------------------------------------------------
+
+#: A port out of range, a port that is no number, an unclosed IPv6 bracket.
+BAD_ORIGINS = ["https://shop.example:99999", "https://shop.example:port", "https://[::1"]
+
+
+@pytest.mark.parametrize("origin", BAD_ORIGINS)
+def test_a_token_request_from_an_unreadable_origin_is_refused(
+    vault: ServiceProcess, shop: VaultMerchant, origin: str
+) -> None:
+    """`urlsplit(...).port` raises ValueError for a port out of range: 500 on a public
+    endpoint, for anyone holding a publishable key (they are public)."""
+    headers = {**bearer(shop.publishable_key), "origin": origin}
+    response = httpx.post(vault.url + "/v1/tokens", json=card(), headers=headers)
+    assert_error(response, 403, "permission_error", "origin_not_allowed")
+
+
+@pytest.mark.parametrize("origin", BAD_ORIGINS)
+def test_a_preflight_or_card_fields_for_an_unreadable_origin_are_refused(
+    vault: ServiceProcess, shop: VaultMerchant, origin: str
+) -> None:
+    preflight = httpx.options(vault.url + "/v1/tokens", headers={"origin": origin})
+    assert preflight.status_code == 403
+    fields = httpx.get(
+        vault.url + "/elements/v1/card.html", params={"key": shop.publishable_key, "origin": origin}
+    )
+    assert fields.status_code == 403
+
+
+@pytest.mark.parametrize("origin", [*BAD_ORIGINS, f"https://shop{NUL}.example"])
+def test_a_merchant_with_an_unreadable_origin_is_not_registered(
+    vault: ServiceProcess, tokens: dict[str, str], origin: str
+) -> None:
+    with pytest.raises(AssertionError, match="invalid_origin"):
+        register_vault_merchant(vault, tokens["admin"], (origin,))

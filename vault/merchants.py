@@ -29,20 +29,31 @@ class MerchantView(msgspec.Struct):
 
 def normalize_origin(origin: str) -> str:
     """An origin is scheme://host[:port], nothing more; compared exactly, lower-cased."""
-    parts = urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-        raise InvalidRequest(
-            "Each origin must look like https://shop.example[:port].",
-            code="invalid_origin",
-            param="allowed_origins",
-        )
+    malformed = InvalidRequest(
+        "Each origin must look like https://shop.example[:port].",
+        code="invalid_origin",
+        param="allowed_origins",
+    )
+    try:
+        # urlsplit raises ValueError for a bracketed host it cannot read, `.port` for a port
+        # that is not a number from 0 to 65535.
+        parts = urlsplit(origin.strip())
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        raise malformed from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or not parts.hostname.isprintable()
+    ):
+        raise malformed
     if parts.query or parts.fragment or parts.username:
         raise InvalidRequest(
             "An origin has no path, query or credentials.",
             code="invalid_origin",
             param="allowed_origins",
         )
-    port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname.lower()}{port}"
 
 
