@@ -4,14 +4,17 @@ precise answer. Each test failed before its fix."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import httpx
 import pytest
 
 from tests.conftest import ApiMerchant, VaultMerchant, register_vault_merchant
 from tests.support import payments
+from tests.support.echo_server import EchoServer
 from tests.support.payments import pay, post
 from tests.support.processes import ServiceProcess
-from tests.support.vault_helpers import assert_error, bearer, card, tokenize
+from tests.support.vault_helpers import acting_for, assert_error, bearer, card, tokenize
 
 NUL = "\x00"
 
@@ -175,3 +178,37 @@ def test_a_merchant_with_an_unreadable_origin_is_not_registered(
 ) -> None:
     with pytest.raises(AssertionError, match="invalid_origin"):
         register_vault_merchant(vault, tokens["admin"], (origin,))
+
+
+# --- forwarded headers ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def quiet_echo(psp_echo: EchoServer) -> Iterator[EchoServer]:
+    psp_echo.reset()
+    yield psp_echo
+    psp_echo.reset()
+
+
+@pytest.mark.parametrize("value", ["a\x1ab", "line\r\nX-Injected: 1", NUL])
+def test_a_forwarded_header_an_http_request_cannot_carry_is_a_400_and_nothing_is_sent(
+    vault: ServiceProcess,
+    shop: VaultMerchant,
+    tokens: dict[str, str],
+    quiet_echo: EchoServer,
+    value: str,
+) -> None:
+    """The HTTP client refused the header after the card had been read and the audit record
+    written: 500, and an `error` outcome in the audit log."""
+    body = {
+        "destination": "echo",
+        "path": "/v1/authorizations",
+        "token": tokenize(vault, shop, cvc="123")["id"],
+        "headers": {"X-Note": value},
+        "body": {"pan": "{{card.number}}"},
+    }
+    response = httpx.post(
+        vault.url + "/v1/forward", json=body, headers=acting_for(tokens["service"], shop)
+    )
+    assert_error(response, 400, "invalid_request_error", "parameter_invalid", "headers")
+    assert quiet_echo.received == []

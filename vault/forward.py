@@ -40,7 +40,10 @@ class ForwardRequest(msgspec.Struct, forbid_unknown_fields=True):
     token: Annotated[str, msgspec.Meta(max_length=40)]
     body: dict[str, Any]
     method: Annotated[str, msgspec.Meta(pattern=r"^(POST|PUT|PATCH)$")] = "POST"
-    headers: Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=1000)]],
+    #: Values are visible ASCII, spaces and tabs: what an HTTP header can carry (a control
+    #: character or a non-ASCII one would make the HTTP client refuse, after the card was read).
+    headers: Annotated[dict[str, Annotated[str, msgspec.Meta(max_length=1000,
+                                                             pattern=r"^[\t\x20-\x7e]*$")]],
                        msgspec.Meta(max_length=30)] = {}  # fmt: skip
 
 
