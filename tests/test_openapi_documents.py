@@ -86,6 +86,7 @@ def test_every_error_status_is_the_error_object_and_the_shared_ones_are_there(se
     for _method, path, operation in operations(service):
         responses = operation["responses"]
         name = operation["operationId"]
+        assert "400" in responses, name  # any request: a malformed Host header, at least
         if name != "healthz":
             assert "503" in responses, name  # database or Redis down
         if "{" in path:

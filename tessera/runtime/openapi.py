@@ -6,10 +6,11 @@ with what Litestar cannot know:
 - request and response bodies are described by msgspec, the library that decodes and encodes
   them, so `forbid_unknown_fields`, length limits, dict key rules and each field's
   `msgspec.Meta(extra_json_schema=...)` (limits the code checks itself) are in the document;
-- the error statuses the shared runtime gives any operation: 400 for a bad parameter or body,
-  404 for an unknown id in the path, 413 for a body over the limit, the guard's statuses where
-  a credential is required, 503 when the database or Redis is down. Each operation adds its
-  own (402, 409, 502, ...) with `error_responses`;
+- the error statuses the shared runtime gives any operation: 400 for a request it cannot read
+  (a bad parameter or body, a malformed Host header), 404 for an unknown id in the path, 413
+  for a body over the limit, the guard's statuses where a credential is required, 503 when the
+  database or Redis is down. Each operation adds its own (402, 409, 502, ...) with
+  `error_responses`;
 - links between operations (a created payment's id is what capture, cancel and refund take),
   for stateful testing and for readers;
 - a parameter is optional by being left out, never by being `null`.
@@ -176,10 +177,9 @@ def _finish_parameters(operation: dict[str, Any]) -> None:
 
 
 def _shared_statuses(operation: dict[str, Any], path: str, service: ServiceDocument) -> set[int]:
-    # Every operation but the liveness probe reads the database or Redis.
-    statuses = set() if operation.get("operationId") == "healthz" else {503}
-    if operation.get("parameters") or operation.get("requestBody"):
-        statuses.add(400)
+    # Any request can be one the router cannot read (a malformed Host header, Litestar's 400),
+    # and every operation but the liveness probe reads the database or Redis.
+    statuses = {400} if operation.get("operationId") == "healthz" else {400, 503}
     if operation.get("requestBody"):
         statuses.add(413)
     if "{" in path:
