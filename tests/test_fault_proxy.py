@@ -21,16 +21,20 @@ class _Echo(socketserver.BaseRequestHandler):
     server: EchoTcpServer
 
     def handle(self) -> None:
-        while data := self.request.recv(65536):
-            with self.server.lock:
-                self.server.received += data
-            self.request.sendall(data)
+        try:
+            while data := self.request.recv(65536):
+                with self.server.lock:
+                    self.server.received += data
+                self.request.sendall(data)
+        except ConnectionResetError:
+            return  # the proxy's resets reach the server too
 
 
 class EchoTcpServer(socketserver.ThreadingTCPServer):
     """Sends back every byte it gets, and keeps them all (what reached the server)."""
 
     daemon_threads = True
+    block_on_close = False
     allow_reuse_address = True
 
     def __init__(self) -> None:
@@ -123,7 +127,9 @@ def test_timeout_passes_nothing_and_answers_nothing_until_healed(
     with connect(proxy) as sock:
         sock.sendall(b"back")
         assert sock.recv(100) == b"back"
+    assert proxy.broken_still_open() == 1  # `held` lost bytes: it can never work again
     held.close()
+    wait_for(lambda: proxy.broken_still_open() == 0, 5)
 
 
 def test_timeout_with_a_duration_closes_the_connection_after_it(proxy: FaultProxy) -> None:

@@ -61,6 +61,9 @@ class Faults:
 
 @dataclass(frozen=True)
 class OpenConnections:
+    """Connections their client (`client`) or their server (`upstream`) still holds: a side
+    that closed its end (FIN or RST) no longer counts."""
+
     client: int
     upstream: int
 
@@ -83,6 +86,7 @@ class _Link:
     passed: dict[str, int] = field(default_factory=lambda: {"upstream": 0, "downstream": 0})
     tail: bytes = b""  # the end of the last upstream chunk, for a pattern split across two
     swallow_reply: bool = False  # reset_on fired: drop the answer and reset at its first byte
+    dropped: bool = False  # the blackhole ate some of its bytes: its stream is broken for good
 
     def bytes_since_armed(self, faults: Faults, direction: str) -> int:
         if self.generation != faults.generation:
@@ -217,6 +221,16 @@ class FaultProxy:
 
         return self._call(ports)
 
+    def broken_still_open(self) -> int:
+        """Connections the blackhole ate bytes of that their client still holds: after `heal()`
+        they can never work again (a protocol's bytes are missing), so a client that keeps one
+        leaks it."""
+
+        async def count() -> int:
+            return sum(link.dropped and link.client_open for link in self._links)
+
+        return self._call(count)
+
     def all_upstream_ports(self) -> set[int]:
         """Every local port this proxy ever connected to the upstream from: the servers' own
         lists (pg_stat_activity, Redis's CLIENT LIST) name its connections by it."""
@@ -303,10 +317,13 @@ class FaultProxy:
         faults = self.faults
         if faults.blackhole_stream is not None and faults.blackhole_close_ms > 0:
             self._loop.create_task(self._close_after(link, faults))
-        await asyncio.gather(
-            self._pump(link, reader, up_writer, "upstream"),
-            self._pump(link, up_reader, writer, "downstream"),
-        )
+        try:
+            await asyncio.gather(
+                self._pump(link, reader, up_writer, "upstream"),
+                self._pump(link, up_reader, writer, "downstream"),
+            )
+        except asyncio.CancelledError:
+            return  # the proxy stops
         self._drop(link, reset=False)
 
     async def _pump(
@@ -320,6 +337,12 @@ class FaultProxy:
             while True:
                 data = await reader.read(CHUNK)
                 if not data:
+                    # That side let go; its socket no longer counts as held, even while data
+                    # for it is still held back (latency) or the other side still talks.
+                    if direction == "upstream":
+                        link.client_open = False
+                    else:
+                        link.upstream_open = False
                     if writer.can_write_eof() and not writer.transport.is_closing():
                         writer.write_eof()
                     return
@@ -344,6 +367,7 @@ class FaultProxy:
             self._drop(link, reset=True)
             return None
         if _applies(faults.blackhole_stream, direction):
+            link.dropped = True
             return b""
         if direction == "upstream" and faults.reset_pattern is not None:
             fired = self._pattern_fires(window, len(window) - len(data), faults)
