@@ -18,6 +18,7 @@ import asyncio
 import os
 import secrets
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ from tests.support.processes import ServiceProcess
 
 FUZZ = os.environ.get("TESSERA_LIFECYCLE", "") == "fuzz"
 SETTINGS = settings(
-    max_examples=300 if FUZZ else 25,
+    max_examples=300 if FUZZ else 15,
     stateful_step_count=40 if FUZZ else 15,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
@@ -85,7 +86,7 @@ class Payment:
             "amount_authorized": self.authorized,
             "amount_captured": self.captured,
             "amount_refunded": self.refunded,
-            "refunds": [(amount, "succeeded") for amount in self.refunds],
+            "refunds": sorted((amount, "succeeded") for amount in self.refunds),
         }
 
 
@@ -104,7 +105,8 @@ def _view(api_payment: dict[str, Any]) -> dict[str, Any]:
     keys = ("status", "currency", "amount", "amount_authorized", "amount_captured")
     found = {k: api_payment[k] for k in keys}
     found["amount_refunded"] = api_payment["amount_refunded"]
-    found["refunds"] = [(r["amount"], r["status"]) for r in api_payment["refunds"]]
+    # As a set: refunds made at once are listed in the order the API took them.
+    found["refunds"] = sorted((r["amount"], r["status"]) for r in api_payment["refunds"])
     return found
 
 
@@ -123,6 +125,7 @@ class Lifecycle(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.http = httpx.Client(base_url=self.api.url, timeout=30)
+        self.other_client = httpx.Client(base_url=self.api.url, timeout=30)
         self.merchant = _new_merchant(self.vault, self.admin_token, self.database_url)
         self.model: dict[str, Payment] = {}
         self.tokens: dict[str, str] = {}
@@ -130,10 +133,24 @@ class Lifecycle(RuleBasedStateMachine):
 
     # --- talking to the API ---------------------------------------------------------------
 
-    def _post(self, path: str, body: dict[str, Any] | None, key: str) -> httpx.Response:
+    def _post(
+        self, path: str, body: dict[str, Any] | None, key: str, http: httpx.Client | None = None
+    ) -> httpx.Response:
         headers = {**self.merchant.auth, "idempotency-key": key}
         Lifecycle.steps += 1
-        return self.http.post(path, json=body, headers=headers)
+        return (http or self.http).post(path, json=body, headers=headers)
+
+    def _at_once(
+        self, first: tuple[str, dict[str, Any], str], second: tuple[str, dict[str, Any], str]
+    ) -> tuple[httpx.Response, httpx.Response]:
+        """Two requests sent at the same moment, on two connections."""
+        with ThreadPoolExecutor(2) as pool:
+            one = pool.submit(self._post, *first, self.http)
+            two = pool.submit(self._post, *second, self.other_client)
+            answers = (one.result(), two.result())
+        for answer in answers:
+            assert answer.status_code < 500, answer.text
+        return answers
 
     def _send(self, path: str, body: dict[str, Any] | None) -> tuple[httpx.Response, Sent]:
         key = f"model-{secrets.token_hex(8)}"
@@ -165,6 +182,42 @@ class Lifecycle(RuleBasedStateMachine):
         body["capture"] = capture
         response, sent = self._send("/v1/payments", body)
         self.authorizations.append(sent)
+        return self._authorized(response, card, currency, amount, capture)
+
+    @rule(
+        target=payments,
+        card=st.sampled_from(sorted(CARDS)),
+        currency=st.sampled_from(CURRENCIES),
+        amount=st.integers(1, 100_000),
+        capture=st.booleans(),
+    )
+    def the_same_authorization_twice_at_once(
+        self, card: str, currency: str, amount: int, capture: bool
+    ) -> str:
+        """A retry racing its original: one payment whichever wins; the other request is told
+        the key is in use, or gets the same answer as a replay."""
+        body = {"amount": amount, "currency": currency, "token": self._token(card)}
+        body["capture"] = capture
+        key = f"model-{secrets.token_hex(8)}"
+        answers = self._at_once(("/v1/payments", body, key), ("/v1/payments", body, key))
+        in_use = [a for a in answers if a.status_code == 409]
+        for answer in in_use:
+            assert answer.json()["error"]["code"] == "idempotency_key_in_use", answer.text
+        done = [a for a in answers if a.status_code != 409]
+        assert len(done) in (1, 2), [a.text for a in answers]
+        if len(done) == 2:
+            assert done[0].content == done[1].content
+            replayed = [a.headers.get("idempotent-replayed") for a in done]
+            assert sorted(replayed, key=str) == [None, "true"], replayed
+        winner = done[0]
+        self.authorizations.append(
+            Sent("/v1/payments", body, key, winner.status_code, winner.content)
+        )
+        return self._authorized(winner, card, currency, amount, capture)
+
+    def _authorized(
+        self, response: httpx.Response, card: str, currency: str, amount: int, capture: bool
+    ) -> str:
         decline = CARDS[card]
         if decline is None:
             assert response.status_code == 201, response.text
@@ -221,6 +274,30 @@ class Lifecycle(RuleBasedStateMachine):
                 payment_id,
             )
         return sent
+
+    @rule(payment_id=payments, data=st.data())
+    def two_refunds_at_once(self, payment_id: str, data: st.DataObject) -> None:
+        """Two clients refund one payment at the same moment, each with a key of its own: the
+        API takes them in turn, so the answers are those of one order or the other, and the
+        refunds never add up past the capture."""
+        payment = self.model[payment_id]
+        left = payment.captured - payment.refunded
+        amounts = [data.draw(st.integers(1, left + 2), label="amount") for _ in range(2)]
+        path = f"/v1/payments/{payment_id}/refunds"
+        answers = self._at_once(
+            *((path, {"amount": amount}, f"model-{secrets.token_hex(8)}") for amount in amounts)
+        )
+        found = [_outcome(answer) for answer in answers]
+        refundable = payment.status in ("captured", "partially_refunded")
+        forward = _refund_outcomes(refundable, left, amounts)
+        backward = _refund_outcomes(refundable, left, amounts[::-1])[::-1]
+        assert found in (forward, backward), (found, amounts, left)
+        for amount, (status, _) in zip(amounts, found, strict=True):
+            if status == 201:
+                payment.refunds.append(amount)
+        if payment.refunds:
+            full = payment.refunded == payment.captured
+            payment.status = "refunded" if full else "partially_refunded"
 
     @rule(target=requests, payment_id=payments)
     def cancel(self, payment_id: str) -> Sent:
@@ -295,6 +372,31 @@ class Lifecycle(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.http.close()
+        self.other_client.close()
+
+
+def _outcome(answer: httpx.Response) -> tuple[int, str | None]:
+    """The status, and the error's code if it is one."""
+    if answer.status_code < 400:
+        return answer.status_code, None
+    return answer.status_code, answer.json()["error"]["code"]
+
+
+def _refund_outcomes(
+    refundable: bool, left: int, amounts: list[int]
+) -> list[tuple[int, str | None]]:
+    """What refunds of `amounts`, taken in this order, must be answered."""
+    outcomes: list[tuple[int, str | None]] = []
+    for amount in amounts:
+        if not refundable:
+            outcomes.append((409, "payment_not_refundable"))
+        elif amount > left:
+            outcomes.append((409, "amount_exceeds_refundable"))
+        else:
+            left -= amount
+            refundable = left > 0
+            outcomes.append((201, None))
+    return outcomes
 
 
 def _new_merchant(vault: ServiceProcess, admin_token: str, database_url: str) -> ApiMerchant:
