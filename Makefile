@@ -99,3 +99,8 @@ segmentation: venv ## network segmentation (PCI DSS 11.4.5): flows.yaml as nftab
 .PHONY: crash
 crash: setup ## a crash at every step: every failpoint x authorize, capture, refund, cancel x PSP A and B, and the worker's, SIGKILLed and retried (~2 min)
 	TESSERA_CRASH_MATRIX=full $(BIN)/pytest -q tests/test_crash_points.py
+
+.PHONY: fuzz
+fuzz: venv ## Schemathesis on both services of `make up`'s stack (every phase and check, FUZZ_EXAMPLES=200 per operation), then the lifecycle model's long run
+	$(BIN)/python -m tests.fuzz
+	TESSERA_LIFECYCLE=fuzz $(BIN)/pytest -q tests/test_lifecycle_model.py
