@@ -98,6 +98,8 @@ def test_every_error_status_is_the_error_object_and_the_shared_ones_are_there(se
                 continue
             schema = response["content"]["application/json"]["schema"]
             assert resolve(document, schema)["title"] == "ErrorEnvelope", (name, status)
+            others = set(response["content"]) - {"application/json"}
+            assert others == ({"text/plain"} if status == "400" else set()), (name, status)
 
 
 @pytest.mark.parametrize("service", sorted(DOCUMENTS))

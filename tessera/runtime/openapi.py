@@ -189,10 +189,17 @@ def _shared_statuses(operation: dict[str, Any], path: str, service: ServiceDocum
     return statuses
 
 
+#: A request the HTTP server (uvicorn) cannot parse, such as a `Content-Length` that is not a
+#: number, never reaches the app: uvicorn answers it with its own plain-text 400.
+UNPARSABLE = {"text/plain": {"schema": {"type": "string"}}}
+
+
 def _set_error(responses: dict[str, Any], status: int, error_ref: dict[str, Any]) -> None:
     response = responses.setdefault(str(status), {})
     response.setdefault("description", ERROR_DESCRIPTIONS[status])
     response["content"] = {"application/json": {"schema": error_ref}}
+    if status == 400:
+        response["content"].update(UNPARSABLE)
 
 
 def _set_content(responses: dict[str, Any], status: str, schema: dict[str, Any]) -> None:
