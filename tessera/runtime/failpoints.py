@@ -41,15 +41,7 @@ def _die(name: str, xid: str | None = None) -> NoReturn:
 _STOPS = frozenset(p.removesuffix(":stop") for p in _ARMED if p.endswith(":stop"))
 
 
-#: `name:stop` freezes the process at that point instead (SIGSTOP to itself) until someone sends
-#: SIGCONT: a lease holder paused mid-request, as a long GC pause or a stalled VM leaves one.
-_STOPS = frozenset(p.removesuffix(":stop") for p in _ARMED if p.endswith(":stop"))
-
-
 def _kill_if_armed(name: str) -> None:
-    if name in _STOPS:
-        os.kill(os.getpid(), signal.SIGSTOP)
-        return
     if name in _STOPS:
         os.kill(os.getpid(), signal.SIGSTOP)
         return
