@@ -81,10 +81,12 @@ routing-simulate: venv ## the router against always-A and always-B on `make up`'
 screenshots: setup browser ## redraw docs/img/checkout-*.png from the demo checkout in Chromium
 	TESSERA_SCREENSHOTS=docs/img $(BIN)/pytest -q tests/test_checkout_browser.py -k shopper_pays
 
-chaos: setup ## about 10 min: 5 of traffic through PSP faults and killed processes, then storage faults (Postgres stop and failover, async vs sync replication; Redis loss; a frozen API)
+chaos: setup ## about 13 min: 5 of traffic through PSP faults and killed processes, storage faults (Postgres stop and failover, async vs sync replication; Redis loss; a frozen API), then network faults on every hop under load
 	rc=0; \
 	CHAOS_SECONDS=$${CHAOS_SECONDS:-300} $(BIN)/python -m tests.chaos || rc=1; \
 	CHAOS_STORAGE_SECONDS=$${CHAOS_STORAGE_SECONDS:-40} $(BIN)/python -m tests.chaos_storage || rc=1; \
+	TESSERA_CHAOS_NETWORK_FULL=1 TESSERA_CHAOS_NETWORK_SECONDS=$${CHAOS_NETWORK_SECONDS:-120} \
+		$(BIN)/pytest tests/test_chaos_network.py -q -s -p no:cacheprovider || rc=1; \
 	exit $$rc
 
 .PHONY: segmentation
