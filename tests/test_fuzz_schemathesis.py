@@ -48,7 +48,8 @@ from vault.settings import VaultSettings
 
 EXAMPLES = 5
 STATEFUL_SCENARIOS = 5
-PLACEHOLDER_SECRET = "placeholder-" + "x" * 32  # documents only: these apps never serve
+#: Documents only: these apps never serve.
+PLACEHOLDER_SECRET = "placeholder-" + "x" * 32  # pragma: allowlist secret
 #: Operations that would change what the session's vault process relies on (see above).
 NOT_IN_PROCESS = ["rotateKeys", "rewrapKeys"]
 
