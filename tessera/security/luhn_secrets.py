@@ -23,7 +23,7 @@ from sandbox.psp_b import ERROR_CARD
 ALLOWED_TEST_CARDS = frozenset({*TEST_CARDS, ERROR_CARD})
 
 #: A digit run not glued to letters, digits or "_" (an identifier's digits are not a card), nor
-#: the fraction of a decimal number ("0.41358293426207604" in a benchmark's JSON).
+#: the fraction of a decimal number (a long fraction in a benchmark's JSON, "0.4135…").
 _CANDIDATE = re.compile(r"(?<![0-9A-Za-z_])(?<!\d\.)\d(?:[ -]?\d){12,18}(?![0-9A-Za-z_])")
 
 
