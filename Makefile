@@ -67,7 +67,16 @@ browser: ## Debian's chromium for the browser tests (installed with apt-get as r
 pytest: setup browser ## the pytest suite alone (real Postgres and Redis, headless Chromium)
 	$(BIN)/pytest
 
-test: setup lint security pytest ## everything CI runs: set-up, lint, type check, import rules, security checks, tests
+test: setup lint security deploy-check pytest ## everything CI runs: set-up, lint, type check, import rules, security checks, deploy checks, tests
+
+DEPLOY_VENV := $(CURDIR)/.venv-deploy
+.PHONY: deploy-venv deploy-check
+deploy-venv: $(UV)  # checkov and friends pin old packages, so they live in their own environment
+	UV_PROJECT_ENVIRONMENT=$(DEPLOY_VENV) $(UV) sync --frozen --quiet --only-group deploy-check
+
+deploy-check: venv deploy-venv ## deploy/ offline: kustomize renders, kubernetes-validate --strict, checkov (k8s, Terraform, Dockerfiles), yamllint, HCL parse
+	@command -v kubectl >/dev/null 2>&1 || { echo "kubectl is missing: install it (https://kubernetes.io/docs/tasks/tools/ or 'gcloud components install kubectl'); make deploy-check needs 'kubectl kustomize'"; exit 1; }
+	TESSERA_DEPLOY_VENV=$(DEPLOY_VENV) $(BIN)/python -m tests.deploy
 
 loadtest: venv ## a short headless Locust run against `make up` (ARGS="..." for Locust); results in loadtests/results/
 	$(BIN)/python -m loadtests.run $(ARGS)

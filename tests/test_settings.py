@@ -49,6 +49,25 @@ def test_a_bad_value_is_refused_with_the_variable_named(env: dict[str, str], mes
         load_settings(ApiSettings, {**SECRETS, **env})
 
 
+def test_a_secret_is_read_from_the_file_its_FILE_variable_names(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("a" * 40 + "\n")  # as Secret Manager's CSI driver or an editor leaves it
+    env = {"TESSERA_VAULT_SERVICE_TOKEN": "s" * 40, "TESSERA_VAULT_ADMIN_TOKEN_FILE": str(token)}
+    assert load_settings(VaultSettings, env).admin_token == "a" * 40
+
+
+def test_a_FILE_variable_that_cannot_be_read_or_doubles_the_variable_is_refused(
+    tmp_path: Path,
+) -> None:
+    missing = {**SECRETS, "TESSERA_API_VAULT_SERVICE_TOKEN_FILE": str(tmp_path / "absent")}
+    del missing["TESSERA_API_VAULT_SERVICE_TOKEN"]
+    with pytest.raises(SettingsError, match="TESSERA_API_VAULT_SERVICE_TOKEN_FILE: cannot read"):
+        load_settings(ApiSettings, missing)
+    both = {**SECRETS, "TESSERA_API_VAULT_SERVICE_TOKEN_FILE": str(tmp_path / "absent")}
+    with pytest.raises(SettingsError, match="both set"):
+        load_settings(ApiSettings, both)
+
+
 def test_a_missing_secret_is_named() -> None:
     with pytest.raises(SettingsError, match="TESSERA_VAULT_ADMIN_TOKEN is required"):
         load_settings(VaultSettings, {"TESSERA_VAULT_SERVICE_TOKEN": "s" * 40})

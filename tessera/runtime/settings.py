@@ -1,7 +1,9 @@
 """Settings from environment variables, validated once at start-up.
 
 Each service declares a msgspec Struct; every field `foo` is read from `<PREFIX>FOO`
-(a few shared fields, such as the mode, have one name for every service). A bad value stops
+(a few shared fields, such as the mode, have one name for every service), or from the file
+that `<PREFIX>FOO_FILE` names, so secrets mounted as files (Secret Manager's CSI driver, compose
+secrets) never pass through the environment. A bad value stops
 the process with a message naming the variable, before anything binds a port or opens a pool.
 """
 
@@ -74,9 +76,15 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
     raw: dict[str, Any] = {}
     for field in msgspec.structs.fields(cls):
         name = cls.env_name(field.name)
-        if name not in env:
+        value: Any
+        if name in env:
+            if f"{name}_FILE" in env:
+                raise SettingsError(f"{name} and {name}_FILE are both set: keep one")
+            value = env[name]
+        elif f"{name}_FILE" in env:
+            value = _read_setting_file(f"{name}_FILE", env[f"{name}_FILE"])
+        else:
             continue
-        value: Any = env[name]
         if _is_mapping(field.type):
             try:
                 value = msgspec.json.decode(value)
@@ -96,6 +104,16 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
                 "TESSERA_MODE=production refuses development-only parts: " + "; ".join(problems)
             )
     return settings
+
+
+def _read_setting_file(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        # The path, never the content: the file holds a secret.
+        raise SettingsError(f"{variable}: cannot read {path} ({exc.strerror})") from None
+    return text.removesuffix("\n").removesuffix("\r")
 
 
 def _explain(cls: type[BaseSettings], message: str) -> str:
