@@ -30,15 +30,17 @@ class DeployCheck:
             raise SystemExit(f"{path} is missing: run `make deploy-venv` (or `make deploy-check`)")
         return str(path)
 
-    def run(self, step: str, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, step: str, argv: list[str], *, cwd: Path = ROOT, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command; a non-zero exit is recorded as a failure of `step`, with its output."""
         print(f"--- {step}: {' '.join(argv)}", flush=True)
-        result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+        result = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, input=input)
         if result.returncode != 0:
             sys.stdout.write(result.stdout[-20000:])
             sys.stderr.write(result.stderr[-20000:])
             self.fail(step, f"exit {result.returncode}")
-        return result  # type: ignore[no-any-return]
+        return result
 
     def fail(self, step: str, why: str) -> None:
         print(f"FAILED {step}: {why}", flush=True)
