@@ -7,8 +7,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from api.connectors.base import Connector
 from api.connectors.psp_a import PspAConnector
 from api.connectors.psp_b import PspBConnector
@@ -25,6 +23,7 @@ from api.storage.idempotency import IdempotencyRepository, ReplayCache
 from api.storage.redis_gate import RedisGate
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
+from tessera.runtime.redis_client import RedisClient
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Services:
 
 @asynccontextmanager
 async def open_services(
-    settings: ApiSettings, pool: Any, redis: aioredis.Redis
+    settings: ApiSettings, pool: Any, redis: RedisClient
 ) -> AsyncIterator[Services]:
     # The vault answers after its own forward time-out; wait a little longer for it.
     vault = VaultClient(

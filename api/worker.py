@@ -22,7 +22,6 @@ import signal
 import time
 from pathlib import Path
 
-import redis.asyncio as aioredis
 import structlog
 
 from api.services.webhooks import WebhookDeliverer
@@ -31,6 +30,7 @@ from api.storage.worker import WorkerRepository
 from api.wiring import Services, open_services
 from core.errors import TesseraError
 from tessera.runtime.db import create_pool
+from tessera.runtime.redis_client import connect as connect_redis
 
 log = structlog.stdlib.get_logger("tessera.worker")
 BATCH = 50
@@ -122,7 +122,7 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
     pool = await create_pool(
         settings.database_url, min_size=1, max_size=6, wait_seconds=settings.db_timeout_seconds
     )
-    redis = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    redis = connect_redis(settings.redis_url, socket_timeout=2)
     work = WorkerRepository(pool)
     lease = float(settings.idempotency_lease_seconds)
     try:

@@ -6,6 +6,7 @@ import hmac
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
+from tessera.runtime.redis_client import is_tls_url
 from tessera.runtime.settings import ServiceSettings, check_secret, is_loopback_url
 from vault.forward import Destination
 
@@ -82,8 +83,8 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
             problems.append("TESSERA_VAULT_KMS_PROVIDER=local (use gcp)")
         if self.gcp_kms_endpoint:
             problems.append("TESSERA_VAULT_GCP_KMS_ENDPOINT (a plaintext KMS endpoint)")
-        if not self.redis_url.startswith("rediss://"):
-            problems.append("TESSERA_VAULT_REDIS_URL must use TLS (rediss://)")
+        if not is_tls_url(self.redis_url):
+            problems.append("TESSERA_VAULT_REDIS_URL must use TLS (rediss:// or rediss+cluster://)")
         for name, destination in self.forward_destinations.items():
             if not destination.url.startswith("https://") or is_loopback_url(destination.url):
                 problems.append(f"forward destination {name} must be https and not loopback")

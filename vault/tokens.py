@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from core.cards import bin6, last4, validate_cvc, validate_expiry, validate_pan
 from core.errors import InvalidRequest, NotFound
 from core.ids import new_random_id
+from tessera.runtime.redis_client import RedisClient
 from vault.crypto import EnvelopeCipher, card_aad, cvc_aad
 from vault.keys import KeyService
 
@@ -142,7 +142,7 @@ class TokenRepository:
 class CvcStore:
     """Sealed CVCs in Redis, with a TTL, taken at most once."""
 
-    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+    def __init__(self, redis: RedisClient, ttl_seconds: int) -> None:
         self.redis = redis
         self.ttl_seconds = ttl_seconds
 

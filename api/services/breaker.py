@@ -15,17 +15,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from api.storage.redis_gate import RedisGate
+from tessera.runtime.redis_client import RedisClient
 
 BUCKET_SECONDS = 5
 
 
 @dataclass
 class CircuitBreaker:
-    redis: aioredis.Redis
+    redis: RedisClient
     window_seconds: int = 30
     min_calls: int = 10
     error_rate: float = 0.5

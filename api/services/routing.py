@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from api.storage.redis_gate import RedisGate
+from tessera.runtime.redis_client import RedisClient
 
 #: Outcomes are counted in buckets of this many seconds, over this many buckets.
 BUCKET_SECONDS = 60
@@ -99,7 +99,7 @@ class Candidate:
 class OutcomeStats:
     """Approvals and attempts per (processor, brand, currency) in Redis time buckets."""
 
-    redis: aioredis.Redis
+    redis: RedisClient
     clock: Any = time.time
     gate: RedisGate = field(default_factory=RedisGate)
     _cache: dict[str, tuple[float, tuple[int, int]]] = field(default_factory=dict)

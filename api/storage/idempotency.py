@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
 import structlog
 
 from api.storage.redis_gate import RedisGate
+from tessera.runtime.redis_client import RedisClient
 
 log = structlog.stdlib.get_logger("tessera.idempotency")
 
@@ -149,7 +149,7 @@ class ReplayCache:
     """Finished responses in Redis, so replays never touch Postgres. Losing it loses nothing."""
 
     def __init__(
-        self, redis: aioredis.Redis, retention_seconds: int, gate: RedisGate | None = None
+        self, redis: RedisClient, retention_seconds: int, gate: RedisGate | None = None
     ) -> None:
         self.redis = redis
         self.retention_seconds = retention_seconds

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -17,13 +16,15 @@ from tessera.runtime.http import EXCEPTION_HANDLERS, Metrics, health_handlers, i
 from tessera.runtime.migrations import latest_version
 from tessera.runtime.openapi import ServiceDocument
 from tessera.runtime.openapi import finish as finish_document
+from tessera.runtime.redis_client import RedisClient
+from tessera.runtime.redis_client import connect as connect_redis
 
 
 class Resources:
     """Connections opened at start-up and closed after the last in-flight request."""
 
     pool: Any
-    redis: aioredis.Redis
+    redis: RedisClient
 
 
 def build_app(
@@ -53,7 +54,7 @@ def build_app(
             max_size=settings.db_pool_max,
             wait_seconds=settings.db_timeout_seconds,
         )
-        resources.redis = aioredis.Redis.from_url(
+        resources.redis = connect_redis(
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
         app.state.pool = resources.pool

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from tessera.runtime import redis_client
+
 Mode = Literal["development", "production"]
 
 #: Fields shared by every service, each read from one variable whatever the service.
@@ -173,7 +175,9 @@ class ServiceSettings(BaseSettings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         validate_url(self.database_url, ("postgresql", "postgres"), self.env_name("database_url"))
-        validate_url(self.redis_url, ("redis", "rediss"), self.env_name("redis_url"))
+        validate_url(self.redis_url, redis_client.SCHEMES, self.env_name("redis_url"))
+        if problem := redis_client.cluster_url_problem(self.redis_url):
+            raise ValueError(f"{self.env_name('redis_url')}: {problem}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"{self.env_name('port')}: must be a TCP port (1-65535)")
         if not 1 <= self.db_pool_min <= self.db_pool_max <= 100:
