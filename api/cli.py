@@ -39,12 +39,16 @@ async def _with_repository(settings: ApiSettings) -> tuple[asyncpg.Connection, M
 
 
 def create_merchant(name: str, origins: list[str], vault_admin_token: str) -> dict[str, str]:
-    """Register the merchant at the vault, then in the API; print the keys once."""
+    """Register the merchant at the vault, then in the API; print the keys once.
+
+    The registration goes to the vault's admin listener, `TESSERA_VAULT_ADMIN_URL` (where the
+    vault keeps its listeners on separate ports), else to the API's own vault URL."""
     settings = load_or_exit(ApiSettings, "api")
     merchant_id = new_id("mer")
     secret_key = _new_key("sk", settings)
     publishable_key = _new_key("pk", settings)
-    vault = VaultAdminClient(settings.vault_url, vault_admin_token)
+    admin_url = os.environ.get("TESSERA_VAULT_ADMIN_URL") or settings.vault_url
+    vault = VaultAdminClient(admin_url, vault_admin_token)
     try:
         vault.register_merchant(merchant_id, publishable_key, origins)
     finally:

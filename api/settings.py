@@ -18,6 +18,10 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     vault_url: str = "http://127.0.0.1:8100"
     #: The API's credential at the vault.
     vault_service_token: str
+    #: A service mesh's sidecar carries the API's calls to the vault over mutual TLS (Istio
+    #: with STRICT PeerAuthentication, deploy/k8s/): the API may then name the vault by an
+    #: http:// URL, which the sidecar upgrades, in production too.
+    vault_mesh_mtls: bool = False
     #: PSP A, for captures, voids, refunds and inquiries (authorizations go through the vault).
     psp_a_url: str = "http://127.0.0.1:8201"
     psp_a_api_key: str = "psp_a_test_key"
@@ -104,8 +108,11 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
 
     def production_problems(self) -> list[str]:
         problems = []
-        if not self.vault_url.startswith("https://"):
-            problems.append("TESSERA_API_VAULT_URL must use https:// (mTLS to the vault)")
+        if not self.vault_url.startswith("https://") and not self.vault_mesh_mtls:
+            problems.append(
+                "TESSERA_API_VAULT_URL must use https:// (mTLS to the vault), unless "
+                "TESSERA_API_VAULT_MESH_MTLS says a mesh sidecar provides it"
+            )
         if not self.psp_a_url.startswith("https://") or self.psp_a_api_key == "psp_a_test_key":
             problems.append("PSP A needs an https URL and a real API key")
         if not self.psp_b_url.startswith("https://") or self.psp_b_api_key == "psp_b_test_key":

@@ -17,7 +17,11 @@ from tests.segmentation.campaign import PrerequisiteError, render_report, run_ca
 from tests.segmentation.model import Flow, FlowModel, FlowsError, Probe, Service, load, parse
 from tests.segmentation.netns import Network
 
-VAULT_PORT = Service(8100, "tcp")
+#: The vault's three listeners, each for one kind of caller (vault/listeners.py).
+VAULT_PUBLIC = Service(8100, "tcp")
+VAULT_SERVICE = Service(8101, "tcp")
+VAULT_ADMIN = Service(8102, "tcp")
+VAULT_LISTENER_OF = {"browser": VAULT_PUBLIC, "app": VAULT_SERVICE, "admin": VAULT_ADMIN}
 
 
 def pci_violations(model: FlowModel) -> list[str]:
@@ -30,14 +34,18 @@ def pci_violations(model: FlowModel) -> list[str]:
             problems.append(f"{flow}: only the vault reaches the KMS and the card endpoints")
         if flow.destination in ("vault-db", "vault-redis") and flow.source != "cde":
             problems.append(f"{flow}: only the vault reaches its database and Redis")
-        if flow.destination in ("api-db", "api-redis") and flow.source != "app":
-            problems.append(f"{flow}: only the API reaches its database and Redis")
+        if flow.destination == "api-redis" and flow.source != "app":
+            problems.append(f"{flow}: only the API reaches its Redis")
+        if flow.destination == "api-db" and flow.source not in ("app", "admin"):
+            problems.append(f"{flow}: only the API and operators' commands reach its database")
         if (
             destination.zone == "cde"
             and source.zone != "cde"
-            and (flow.destination != "cde" or flow.service != VAULT_PORT)
+            and (flow.destination != "cde" or flow.service != VAULT_LISTENER_OF.get(flow.source))
         ):
-            problems.append(f"{flow}: from outside the CDE, only the vault's port is reachable")
+            problems.append(
+                f"{flow}: from outside the CDE, only the vault's listener for the caller's kind"
+            )
         if (
             source.zone == "cde"
             and destination.zone == "internet"
@@ -55,15 +63,15 @@ def test_flows_yaml_is_well_formed_and_lists_every_flow_the_deployment_needs() -
     assert all(flow.why.strip() for flow in model.flows)
     listed = {(f.source, f.destination, f.service) for f in model.flows}
     needed = {
-        ("browser", "cde", VAULT_PORT),  # hosted fields and tokens
-        ("app", "cde", VAULT_PORT),  # the vault's service port
+        ("browser", "cde", VAULT_PUBLIC),  # hosted fields and tokens
+        ("app", "cde", VAULT_SERVICE),  # the vault's service listener
         ("app", "api-db", Service(5432, "tcp")),
         ("app", "api-redis", Service(6379, "tcp")),
         ("cde", "vault-db", Service(5432, "tcp")),
         ("cde", "kms", Service(443, "tcp")),
         ("cde", "psp-card", Service(8201, "tcp")),
         ("app", "psp-api", Service(8201, "tcp")),  # capture, refund, void
-        ("admin", "cde", VAULT_PORT),
+        ("admin", "cde", VAULT_ADMIN),
         ("app", "dns", Service(53, "udp")),
         ("cde", "dns", Service(53, "udp")),
     }
@@ -85,6 +93,9 @@ def test_flows_yaml_never_lets_anything_but_the_vault_near_card_data() -> None:
         Flow("app", "psp-card", 8201, "tcp", "the API posting to a card endpoint"),
         Flow("admin", "vault-db", 5432, "tcp", "an administrator in the card database"),
         Flow("app", "cde", 22, "tcp", "ssh into the vault"),
+        Flow("app", "cde", 8102, "tcp", "the API on the vault's admin listener"),
+        Flow("browser", "cde", 8101, "tcp", "browsers on the vault's service listener"),
+        Flow("merchant", "cde", 8100, "tcp", "merchants' servers posting cards to the vault"),
         Flow("cde", "merchant", 443, "tcp", "the vault calling out to the internet"),
         Flow("merchant", "api-db", 5432, "tcp", "the internet in the API's database"),
     ],
@@ -209,7 +220,10 @@ def test_the_namespace_model_matches_flows_yaml_end_to_end() -> None:
         assert part in names, names
     assert sum(name.startswith("bite:") for name in names) == 2
     matrix = report.rounds["policy"].results
-    assert matrix[Probe("app", "cde", VAULT_PORT)] == "open"
+    assert matrix[Probe("app", "cde", VAULT_SERVICE)] == "open"
+    assert matrix[Probe("app", "cde", VAULT_ADMIN)] == "filtered"
+    assert matrix[Probe("browser", "cde", VAULT_SERVICE)] == "filtered"
+    assert "browser -> vault public listener: an admin route answers 404" in names
     assert matrix[Probe("app", "vault-db", Service(5432, "tcp"))] == "filtered"
     assert matrix[Probe("app", "psp-card", Service(8201, "tcp"))] == "filtered"
     assert report.rounds["open"].results[Probe("app", "vault-db", Service(5432, "tcp"))] == "open"

@@ -121,7 +121,9 @@ def test_production_mode_accepts_a_production_configuration() -> None:
             "http://127.0.0.1:8201", "https://api.psp-a.example"
         ),
         "TESSERA_VAULT_REDIS_URL": "rediss://cde-redis.internal:6378/0",
-        "TESSERA_API_VAULT_URL": "https://vault.tessera-cde.svc:8100",
+        "TESSERA_VAULT_SERVICE_PORT": "8101",
+        "TESSERA_VAULT_ADMIN_PORT": "8102",
+        "TESSERA_API_VAULT_URL": "https://vault.tessera-cde.svc:8101",
         "TESSERA_API_PSP_A_URL": "https://api.psp-a.example",
         "TESSERA_API_PSP_A_API_KEY": "live_key_from_secret_manager",
         "TESSERA_API_PSP_B_URL": "https://checkout.psp-b.example",
@@ -131,6 +133,40 @@ def test_production_mode_accepts_a_production_configuration() -> None:
     }
     assert load_settings(VaultSettings, env).production
     assert load_settings(ApiSettings, env).production
+    # Behind the mesh the API names the vault by http://; only the mesh setting allows it.
+    meshed = {**env, "TESSERA_API_VAULT_URL": "http://tessera-vault.tessera-cde.svc:8101"}
+    with pytest.raises(SettingsError, match="TESSERA_API_VAULT_URL must use https"):
+        load_settings(ApiSettings, meshed)
+    assert load_settings(ApiSettings, {**meshed, "TESSERA_API_VAULT_MESH_MTLS": "true"}).production
+
+
+def test_production_mode_refuses_a_vault_with_one_listener() -> None:
+    env = {**SECRETS, "TESSERA_MODE": "production"}
+    with pytest.raises(SettingsError, match="TESSERA_VAULT_SERVICE_PORT and TESSERA_VAULT_ADMIN"):
+        load_settings(VaultSettings, env)
+
+
+@pytest.mark.parametrize(
+    "ports",
+    [("8100", "8102"), ("8101", "8101"), ("8101", "70000")],
+    ids=["service-on-the-public-port", "service-and-admin-share", "out-of-range"],
+)
+def test_the_vault_listeners_need_distinct_ports(ports: tuple[str, str]) -> None:
+    env = {**SECRETS, "TESSERA_VAULT_SERVICE_PORT": ports[0], "TESSERA_VAULT_ADMIN_PORT": ports[1]}
+    with pytest.raises(SettingsError, match="distinct from each other"):
+        load_settings(VaultSettings, env)
+
+
+def test_the_vault_serves_each_listener_on_its_port() -> None:
+    split = {**SECRETS, "TESSERA_VAULT_SERVICE_PORT": "8101", "TESSERA_VAULT_ADMIN_PORT": "8102"}
+    assert load_settings(VaultSettings, split).listeners_by_port() == {
+        8100: {"public"},
+        8101: {"service"},
+        8102: {"admin"},
+    }
+    assert load_settings(VaultSettings, SECRETS).listeners_by_port() == {
+        8100: {"public", "service", "admin"}
+    }
 
 
 @pytest.mark.parametrize("module", ["api", "vault"])

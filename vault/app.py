@@ -20,6 +20,7 @@ from vault.elements.routes import ElementsController
 from vault.forward import Forwarder
 from vault.keys import KeyRepository, KeyService
 from vault.kms.base import KeyManagementService
+from vault.listeners import listener_guard
 from vault.merchants import MerchantDirectory, MerchantRepository
 from vault.openapi import DOCUMENT
 from vault.routes import AdminController, ForwardController, TokenController
@@ -100,6 +101,7 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         **{name: provide(name) for name in ("tokens", "forwarder", "kms")},
     }
     dependencies["merchants"] = Provide(_merchants, sync_to_thread=False)
+    by_port = settings.listeners_by_port()
     return build_app(
         service="vault",
         title="Tessera vault",
@@ -111,6 +113,7 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         service_lifespan=vault_lifespan,
         wrap_handler=TokenPreflight,
         document=DOCUMENT,
+        guards=[listener_guard(by_port)] if len(by_port) > 1 else [],
     )
 
 

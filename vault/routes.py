@@ -24,6 +24,7 @@ from core.errors import (
 )
 from core.redaction import redact
 from tessera.runtime.http import NO_NUL, error_responses, request_id_of
+from vault import listeners
 from vault.audit import AuditLog, AuditUnavailable, VerifyReport
 from vault.auth import ADMIN, MERCHANT, SERVICE, caller_of, require
 from vault.forward import Forwarder, ForwardRequest, ForwardResponse, check_template
@@ -128,6 +129,7 @@ class TokenController(Controller):
     @post(
         operation_id="createToken",
         guards=[require(MERCHANT)],
+        opt={"listeners": listeners.PUBLIC},
         security=PUBLISHABLE_KEY,
         status_code=201,
     )
@@ -148,6 +150,7 @@ class TokenController(Controller):
         "/{token_id:str}",
         operation_id="readToken",
         guards=[require(SERVICE)],
+        opt={"listeners": listeners.SERVICE},
         security=SERVICE_TOKEN,
     )
     async def read(
@@ -167,6 +170,7 @@ class TokenController(Controller):
         "/{token_id:str}",
         operation_id="deleteToken",
         guards=[require(SERVICE)],
+        opt={"listeners": listeners.SERVICE},
         security=SERVICE_TOKEN,
         status_code=200,
     )
@@ -186,6 +190,7 @@ class TokenController(Controller):
 
 class ForwardController(Controller):
     path = "/v1/forward"
+    opt = {"listeners": listeners.SERVICE}
     tags = ["forward"]
 
     @post(
@@ -267,6 +272,7 @@ class DetokenizedCard(msgspec.Struct):
 
 class AdminController(Controller):
     path = "/v1"
+    opt = {"listeners": listeners.ADMIN}
     guards = [require(ADMIN)]
     security = ADMIN_TOKEN
     tags = ["admin"]

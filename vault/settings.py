@@ -10,11 +10,21 @@ from tessera.runtime.redis_client import is_tls_url
 from tessera.runtime.settings import ServiceSettings, check_secret, is_loopback_url
 from vault.forward import Destination
 
+#: The vault's listeners: `public` faces browsers (through the ingress), `service` the payment
+#: API, `admin` the administrators. Each has its own port in production, so a network policy
+#: can admit each caller to its own listener only.
+Listener = Literal["public", "service", "admin"]
+
 
 class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
     env_prefix: ClassVar[str] = "TESSERA_VAULT_"
 
+    #: The browser-facing listener: hosted card fields, tessera.js, POST /v1/tokens.
     port: int = 8100
+    #: The payment API's listener (token metadata, forwarding); 0: served on `port`.
+    service_port: int = 0
+    #: The administrators' listener (merchants, keys, audit, break-glass); 0: served on `port`.
+    admin_port: int = 0
     database_url: str = "postgresql://tessera_vault@127.0.0.1:5432/tessera_vault"
     redis_url: str = "redis://127.0.0.1:6379/1"
     db_pool_max: int = 6
@@ -58,6 +68,12 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
             raise ValueError(f"{self.env_name('cvc_ttl_seconds')}: between 1 and 3600 seconds")
         if self.kms_provider == "gcp" and not self.gcp_kms_key_name.startswith("projects/"):
             raise ValueError(f"{self.env_name('gcp_kms_key_name')}: a full Cloud KMS key name")
+        extra = [p for p in (self.service_port, self.admin_port) if p]
+        if any(not 1 <= p <= 65535 for p in extra) or len({self.port, *extra}) != 1 + len(extra):
+            raise ValueError(
+                f"{self.env_name('service_port')} and {self.env_name('admin_port')}: TCP ports, "
+                f"distinct from each other and from {self.env_name('port')} (or 0: on that port)"
+            )
         if self.trust_forwarded_client_cert and not self.service_identities:
             raise ValueError(
                 f"{self.env_name('trust_forwarded_client_cert')} needs "
@@ -77,8 +93,24 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
                     "and at least one path"
                 )
 
+    def listen_ports(self) -> list[int]:
+        return sorted({self.port, self.service_port or self.port, self.admin_port or self.port})
+
+    def listeners_by_port(self) -> dict[int, frozenset[Listener]]:
+        """Which listeners each bound port serves (all three on one port in development)."""
+        served: dict[int, set[Listener]] = {port: set() for port in self.listen_ports()}
+        served[self.port].add("public")
+        served[self.service_port or self.port].add("service")
+        served[self.admin_port or self.port].add("admin")
+        return {port: frozenset(names) for port, names in served.items()}
+
     def production_problems(self) -> list[str]:
         problems = []
+        if not self.service_port or not self.admin_port:
+            problems.append(
+                "TESSERA_VAULT_SERVICE_PORT and TESSERA_VAULT_ADMIN_PORT (production keeps the "
+                "browser-facing, service and admin listeners on separate ports)"
+            )
         if self.kms_provider == "local":
             problems.append("TESSERA_VAULT_KMS_PROVIDER=local (use gcp)")
         if self.gcp_kms_endpoint:

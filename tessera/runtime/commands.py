@@ -32,13 +32,15 @@ def serve_service(
     `WORKERS` setting asks for more than one."""
     settings = load_or_exit(cls, service)
     configure_logging(service, settings.log_level)
+    ports = settings.listen_ports()
     get_logger("tessera").info(
-        "starting", mode=settings.mode, port=settings.port, workers=settings.workers
+        "starting", mode=settings.mode, ports=ports, workers=settings.workers
     )
     serve(
         None if settings.workers > 1 else create_app(settings),
         host=settings.host,
         port=settings.port,
+        extra_ports=[port for port in ports if port != settings.port],
         shutdown_timeout=settings.shutdown_timeout_seconds,
         keep_alive=settings.keep_alive_seconds,
         log_level=settings.log_level,

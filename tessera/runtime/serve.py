@@ -6,6 +6,7 @@ service's shutdown timeout), then runs the lifespan shutdown that closes the poo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
@@ -22,9 +23,12 @@ def serve(
     keep_alive: int = 75,
     workers: int = 1,
     factory: str | None = None,
+    extra_ports: Sequence[int] = (),
 ) -> None:
     """With `workers` > 1, uvicorn's supervisor starts that many processes, each building the
-    app from `factory` ("module:function", called with no arguments) on the shared socket."""
+    app from `factory` ("module:function", called with no arguments) on the shared sockets.
+    `extra_ports` are bound too, for the same app (the app tells its listeners apart by the
+    local port of each connection)."""
     target: Any = app
     if workers > 1:
         if factory is None:
@@ -47,11 +51,16 @@ def serve(
         timeout_keep_alive=keep_alive,
         proxy_headers=False,
     )
+    sockets = None
+    if workers > 1 or extra_ports:
+        sockets = []
+        for each in (port, *extra_ports):
+            config.port = each
+            sockets.append(config.bind_socket())
     if workers > 1:
-        sock = config.bind_socket()
-        Multiprocess(config, sockets=[sock]).run()
+        Multiprocess(config, sockets=sockets or []).run()
         return
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets)
     if not server.started:
         raise SystemExit(3)

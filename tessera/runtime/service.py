@@ -9,7 +9,7 @@ from typing import Any
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.types import ASGIApp, ControllerRouterHandler
+from litestar.types import ASGIApp, ControllerRouterHandler, Guard
 
 from tessera.runtime.db import check_schema, create_pool
 from tessera.runtime.http import EXCEPTION_HANDLERS, Metrics, health_handlers, install
@@ -39,6 +39,7 @@ def build_app(
     service_lifespan: Callable[[Litestar], AbstractAsyncContextManager[None]] | None = None,
     wrap_handler: Callable[[ASGIApp], ASGIApp] | None = None,
     document: ServiceDocument | None = None,
+    guards: Sequence[Guard] = (),
 ) -> Litestar:
     """`service_lifespan` opens what only this service needs (clients, key rings), after the
     pool and Redis are up (they are on `app.state`), and closes it before them. `document` is
@@ -82,6 +83,7 @@ def build_app(
             *route_handlers,
         ],
         dependencies=dependencies,
+        guards=list(guards),
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=max_body_bytes,

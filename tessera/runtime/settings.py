@@ -190,3 +190,7 @@ class ServiceSettings(BaseSettings, frozen=True, kw_only=True):
             raise ValueError(f"{self.env_name('workers')}: 1 to 64 processes")
         if self.db_timeout_seconds <= 0 or self.shutdown_timeout_seconds < 0:
             raise ValueError("timeouts must be positive")
+
+    def listen_ports(self) -> list[int]:
+        """Every port the service binds; a service with several listeners overrides it."""
+        return [self.port]

@@ -67,7 +67,9 @@ CARD = "4242424242424242"  # the documented test card; only ever sent to the vau
 #: Which real program answers where (segment, port). Any other (destination, port) that a flow
 #: names gets a stand-in listener, so the probes can still see it open.
 REAL_SERVICES: dict[tuple[str, Service], str] = {
-    ("cde", Service(8100, "tcp")): "vault",
+    ("cde", Service(8100, "tcp")): "vault (public listener)",
+    ("cde", Service(8101, "tcp")): "vault (service listener)",
+    ("cde", Service(8102, "tcp")): "vault (admin listener)",
     ("app", Service(8000, "tcp")): "api",
     ("api-db", Service(5432, "tcp")): "postgres (tessera_api)",
     ("vault-db", Service(5432, "tcp")): "postgres (tessera_vault)",
@@ -81,7 +83,7 @@ REAL_SERVICES: dict[tuple[str, Service], str] = {
 }
 #: The bite checks: the API's service flow to the vault taken out of the policy, and the flow
 #: that must never exist (the API reaching the vault's database) put in.
-MISSING = ("app", "cde", Service(8100, "tcp"))
+MISSING = ("app", "cde", Service(8101, "tcp"))
 EXTRA_FLOW = Flow("app", "vault-db", 5432, "tcp", "a mistake the matrix must catch")
 #: The two Postgres segments: (service, database) each.
 DATABASES = {"api-db": ("api", "tessera_api"), "vault-db": ("vault", "tessera_vault")}
@@ -323,6 +325,8 @@ class Deployment:
             "TESSERA_MODE": "development",
             "TESSERA_VAULT_HOST": self.address("cde"),
             "TESSERA_VAULT_PORT": "8100",
+            "TESSERA_VAULT_SERVICE_PORT": "8101",
+            "TESSERA_VAULT_ADMIN_PORT": "8102",
             "TESSERA_VAULT_DATABASE_URL": f"postgresql://tessera_vault@{db}:5432/tessera_vault",
             "TESSERA_VAULT_MIGRATION_URL": f"postgresql://tessera_vault_owner@{db}:5432/tessera_vault",
             "TESSERA_VAULT_REDIS_URL": f"redis://{self.address('vault-redis')}:6379/0",
@@ -347,7 +351,7 @@ class Deployment:
             "TESSERA_API_DATABASE_URL": f"postgresql://tessera_api@{db}:5432/tessera_api",
             "TESSERA_API_MIGRATION_URL": f"postgresql://tessera_api_owner@{db}:5432/tessera_api",
             "TESSERA_API_REDIS_URL": f"redis://{self.address('api-redis')}:6379/0",
-            "TESSERA_API_VAULT_URL": f"http://{self.address('cde')}:8100",
+            "TESSERA_API_VAULT_URL": f"http://{self.address('cde')}:8101",
             "TESSERA_API_VAULT_SERVICE_TOKEN": self.tokens["service"],
             "TESSERA_API_PSP_A_URL": f"http://{psp}:8201",
             "TESSERA_API_PSP_B_URL": f"http://{psp}:8202",
@@ -615,11 +619,16 @@ class Deployment:
         return int(answer["status"]), body if isinstance(body, dict) else {"error": body or answer}
 
     def create_merchant(self, name: str, processors: str | None = None) -> dict[str, str]:
-        """`tessera merchants create` run where the deploy docs run it: in the API's segment,
-        with the admin token passed to that one command (deploy/README.md)."""
-        env = {**self.api_env(), "TESSERA_VAULT_ADMIN_TOKEN": self.tokens["admin"]}
+        """`tessera merchants create` run where the deploy docs run it: from the admin segment
+        (the vault's admin listener and the API's database), with the admin token passed to
+        that one command."""
+        env = {
+            **self.api_env(),
+            "TESSERA_VAULT_ADMIN_TOKEN": self.tokens["admin"],
+            "TESSERA_VAULT_ADMIN_URL": f"http://{self.address('cde')}:8102",
+        }
         created = self.in_segment(
-            "app",
+            "admin",
             [*MERCHANTS, "create", "--name", name, "--origin", "https://shop.example", "--json"],
             env,
         )
@@ -628,7 +637,9 @@ class Deployment:
         merchant: dict[str, str] = json.loads(created.stdout)
         if processors:
             routing = ["--merchant", merchant["merchant_id"], "--processors", processors]
-            configured = self.in_segment("app", [*MERCHANTS, "configure", *routing], self.api_env())
+            configured = self.in_segment(
+                "admin", [*MERCHANTS, "configure", *routing], self.api_env()
+            )
             if configured.returncode != 0:
                 raise RuntimeError(f"merchants configure failed: {configured.stderr}")
         return merchant
@@ -703,10 +714,19 @@ def _timed(report: Report, name: str, action: Callable[[], Round]) -> Round:
 def end_to_end(deployment: Deployment, report: Report) -> None:
     """Real traffic through the policy, from the segments it comes from."""
     cde = f"http://{deployment.address('cde')}:8100"
+    cde_admin = f"http://{deployment.address('cde')}:8102"
     api = f"http://{deployment.address('app')}:8000"
     admin_token = deployment.tokens["admin"]
-    status, _body = deployment.http("admin", "GET", f"{cde}/v1/audit/verify", bearer=admin_token)
-    report.check("admin -> vault admin endpoint (audit verification)", status == 200, f"{status}")
+    status, _body = deployment.http(
+        "admin", "GET", f"{cde_admin}/v1/audit/verify", bearer=admin_token
+    )
+    report.check("admin -> vault admin listener (audit verification)", status == 200, f"{status}")
+    # The policy lets browsers reach the public listener; the vault itself keeps the admin
+    # routes off it, even for a caller holding the admin credential.
+    status, _body = deployment.http("browser", "GET", f"{cde}/v1/audit/verify", bearer=admin_token)
+    report.check(
+        "browser -> vault public listener: an admin route answers 404", status == 404, f"{status}"
+    )
 
     def tokenize(merchant: dict[str, str]) -> str:
         card = {"number": CARD, "exp_month": 12, "exp_year": 2040, "cvc": "123"}

@@ -24,6 +24,7 @@ from litestar import Controller, Request, Response, get
 
 from core.cards import IIN_RANGES, MAX_EXPIRY_YEARS_AHEAD, Brand
 from core.errors import InvalidRequest
+from vault.listeners import PUBLIC
 from vault.merchants import normalize_origin
 
 STATIC = Path(__file__).parent / "static"
@@ -93,6 +94,7 @@ def _refused() -> Response[bytes]:
 
 class ElementsController(Controller):
     path = "/elements/v1"
+    opt = {"listeners": PUBLIC}
     tags = ["card fields"]
     include_in_schema = False
 
