@@ -15,10 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.exceptions
-
 from api.storage.redis_gate import RedisGate
-from tessera.runtime.redis_client import RedisClient
+from tessera.runtime.redis_client import REDIS_ERRORS, RedisClient
 
 BUCKET_SECONDS = 5
 
@@ -51,7 +49,7 @@ class CircuitBreaker:
             probe = self._key(processor, f"probe:{second}")
             acquired = await self.redis.set(probe, b"1", nx=True, ex=2)
             return not acquired
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self.gate.failed(exc)
             return False
 
@@ -83,7 +81,7 @@ class CircuitBreaker:
                 await self.redis.set(
                     self._key(processor, "open_until"), str(now + self.open_seconds)
                 )
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self.gate.failed(exc)
 
     async def state(self, processor: str) -> str:
@@ -91,7 +89,7 @@ class CircuitBreaker:
             return "unknown"
         try:
             open_until = await self.redis.get(self._key(processor, "open_until"))
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self.gate.failed(exc)
             return "unknown"
         if open_until is None:

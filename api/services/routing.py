@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-import redis.exceptions
 
 from api.storage.redis_gate import RedisGate
-from tessera.runtime.redis_client import RedisClient
+from tessera.runtime.redis_client import REDIS_ERRORS, RedisClient
 
 #: Outcomes are counted in buckets of this many seconds, over this many buckets.
 BUCKET_SECONDS = 60
@@ -120,7 +119,7 @@ class OutcomeStats:
                 pipe.hincrby(key, "ok", 1)
             pipe.expire(key, BUCKET_SECONDS * (WINDOW_BUCKETS + 1))
             await pipe.execute()
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self.gate.failed(exc)
 
     async def window(self, processor: str, brand: str, currency: str) -> tuple[int, int]:
@@ -141,7 +140,7 @@ class OutcomeStats:
                 for ok, n in await pipe.execute():
                     approved += int(ok or 0)
                     attempts += int(n or 0)
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self.gate.failed(exc)
         self._cache[cache_key] = (now, (approved, attempts))
         return approved, attempts

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import redis.exceptions
 import structlog
 
 from api.storage.redis_gate import RedisGate
-from tessera.runtime.redis_client import RedisClient
+from tessera.runtime.redis_client import REDIS_ERRORS, RedisClient
 
 log = structlog.stdlib.get_logger("tessera.idempotency")
 
@@ -164,7 +163,7 @@ class ReplayCache:
             return None
         try:
             value = await self.redis.get(self._key(merchant_id, key))
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self.gate.failed(exc)
             log.warning("replay_cache_unavailable", error=type(exc).__name__)
             return None
@@ -181,7 +180,7 @@ class ReplayCache:
         value = msgspec.msgpack.encode((request_hash, response.status, response.body))
         try:
             await self.redis.set(self._key(merchant_id, key), value, ex=self.retention_seconds)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             self.gate.failed(exc)
             log.warning("replay_cache_unavailable", error=type(exc).__name__)
 

@@ -7,6 +7,10 @@ a silent network (packets dropped, not refused) every payment took 12 s, past cl
 time-outs (tests/test_chaos_network.py). After a time-out, every Redis caller of the process
 skips Redis for `PAUSE_SECONDS`; the first call after that tries again. A refused connection
 fails at once and costs nothing, so it does not close the gate.
+
+With a Redis Cluster, "the cluster is down" (CLUSTERDOWN, or no node serving a slot while a dead
+node's slots are re-assigned) closes it too: the cluster client retries each such call with
+pauses for 2-3 s before giving up, so without the gate a payment would wait that out six times.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ class RedisGate:
         """Whether to try Redis now."""
         return self.clock() >= self._closed_until
 
-    def failed(self, exc: redis.exceptions.RedisError) -> None:
-        """A Redis call failed with `exc`: after a time-out, skip Redis for a while."""
-        if isinstance(exc, redis.exceptions.TimeoutError):
+    def failed(self, exc: Exception) -> None:
+        """A Redis call failed with `exc`: after a time-out (or the cluster saying it cannot
+        serve), skip Redis for a while."""
+        if isinstance(
+            exc,
+            redis.exceptions.TimeoutError
+            | redis.exceptions.ClusterDownError
+            | redis.exceptions.RedisClusterException,
+        ):
             self._closed_until = self.clock() + self.pause_seconds

@@ -13,7 +13,6 @@ from typing import Any, Literal, TypeVar
 
 import asyncpg
 import msgspec
-import redis.exceptions
 import structlog
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.enums import ScopeType
@@ -42,6 +41,7 @@ from prometheus_client import (
 from core import errors
 from core.ids import new_id
 from core.redaction import redact_value
+from tessera.runtime.redis_client import means_unavailable as means_redis_unavailable
 
 log = structlog.stdlib.get_logger("tessera.http")
 T = TypeVar("T")
@@ -219,7 +219,7 @@ def to_tessera_error(exc: Exception) -> errors.TesseraError:
         return errors.InvalidRequest(str(exc.detail), code="bad_request")
     if database_unavailable(exc):
         return errors.ServiceUnavailable("The database is unavailable; retry later.")
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+    if means_redis_unavailable(exc):
         return errors.ServiceUnavailable("The cache is unavailable; retry later.")
     if isinstance(exc, ConnectionError | TimeoutError):
         return errors.ServiceUnavailable("A dependency is unavailable; retry later.")

@@ -13,14 +13,20 @@ so nothing it does crosses a slot (tests/test_redis_cluster.py runs the API on a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 
-#: What a service holds as its Redis: the same commands either way.
-RedisClient = aioredis.Redis | RedisCluster
+#: What a service holds as its Redis: the same commands either way. For the type checker only:
+#: Litestar resolves the types of what handlers are given (services holding this client) with
+#: msgspec, which refuses a union of two classes, so at run time the alias is `Any`.
+if TYPE_CHECKING:
+    RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+else:
+    RedisClient = Any
 
 #: Cluster scheme -> the scheme redis-py reads (same transport, cluster client).
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -54,3 +60,25 @@ def connect(url: str, **options: Any) -> RedisClient:
         plain = parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme], path="").geturl()
         return RedisCluster.from_url(plain, **options)
     return aioredis.Redis.from_url(url, **options)
+
+
+#: Everything a Redis call may raise when Redis cannot answer. The cluster client adds
+#: `RedisClusterException` (no node reachable, a slot no node serves: while a dead node's slots
+#: are being re-assigned), which is not a `RedisError`: code that carries on without Redis
+#: must catch both, or a cluster outage becomes a 500.
+REDIS_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+)
+
+
+def means_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says Redis (or the cluster) cannot serve now, as opposed to a bad command."""
+    return isinstance(
+        exc,
+        redis.exceptions.ConnectionError
+        | redis.exceptions.TimeoutError
+        | redis.exceptions.ClusterDownError
+        | redis.exceptions.TryAgainError
+        | redis.exceptions.RedisClusterException,
+    )
