@@ -1,0 +1,23 @@
+terraform {
+  required_version = ">= 1.6"
+
+  required_providers {
+    google = {
+      source  = "hashicorp/google"
+      version = "~> 6.14"
+    }
+    # Only for google_project_service_identity (the Cloud SQL, Memorystore and Secret Manager
+    # service agents must exist before they can be granted the CMEK keys).
+    google-beta = {
+      source  = "hashicorp/google-beta"
+      version = "~> 6.14"
+    }
+  }
+
+  # Partial configuration: `terraform init -backend-config="bucket=<state bucket>"`; the bucket
+  # comes from bootstrap/ (versioned, CMEK, uniform access). State holds the Memorystore AUTH
+  # strings (provider-computed), so the bucket is as sensitive as Secret Manager.
+  backend "gcs" {
+    prefix = "tessera/root"
+  }
+}
