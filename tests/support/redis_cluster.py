@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +145,7 @@ class ClusterNode:
             table[fields[0]] = (fields[1].split("@")[0], ranges)
         return table
 
-    def keys(self) -> list[bytes]:
+    def stored_keys(self) -> list[bytes]:
         with self.client() as client:
             return list(client.scan_iter(count=1000))
 
@@ -228,13 +229,21 @@ class LocalRedisCluster:
     def node_for_key(self, key: str) -> ClusterNode:
         return self.node_for_slot(self.slot_of(key))
 
-    def restart_empty(self, node: ClusterNode, timeout: float = 30) -> None:
+    def restart_empty(
+        self,
+        node: ClusterNode,
+        timeout: float = 30,
+        while_down: Callable[[], object] | None = None,
+    ) -> None:
         """Kill `node`, wipe its directory and bring it back as a new, empty node serving the
-        slots it served before, on the same address; returns once the cluster is ok."""
+        slots it served before, on the same address; returns once the cluster is ok.
+        `while_down` runs after the kill, before anything is repaired."""
         old_id = node.node_id()
         _, ranges = node.slot_table()[old_id]
         node.kill()
         shutil.rmtree(node.base)
+        if while_down is not None:
+            while_down()
         survivors = [other for other in self.nodes if other is not node]
         for other in survivors:
             other.command("CLUSTER", "FORGET", old_id)
