@@ -84,6 +84,14 @@ loadtest: venv ## a short headless Locust run against `make up` (ARGS="..." for 
 bench: setup ## benchmarks that print numbers (never timed assertions in tests)
 	$(BIN)/python -m tests.bench
 
+.PHONY: capacity diagram
+capacity: setup ## the capacity model of docs/deploy.md: per-payment database and Redis work counted, with bench.json's CPU (ARGS="--cpu api=3.32,...")
+	$(BIN)/python -m tests.bench.capacity $(ARGS)
+
+diagram: venv ## redraw docs/img/segments.svg from deploy/flows.yaml (Graphviz, installed with apt-get as root if missing)
+	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null; } || { echo "install Graphviz (apt-get install graphviz)"; exit 1; }
+	$(BIN)/python -m tests.deploy.diagram
+
 routing-simulate: venv ## the router against always-A and always-B on `make up`'s stack
 	set -a; . .run/dev.env; set +a; $(BIN)/tessera routing simulate --traffic docs/examples/routing-traffic.json
 
