@@ -32,6 +32,12 @@ def test_every_module_of_the_layout_is_there(parsed: Tree) -> None:
     assert parsed["org"].calls["vpc_sc"]["source"] == "../modules/vpc-sc"
 
 
+def test_the_readme_documents_every_root_variable_and_output(parsed: Tree) -> None:
+    readme = (terraform.TERRAFORM_DIR / "README.md").read_text()
+    names = [*parsed["."].variables, *parsed["."].outputs]
+    assert [name for name in names if f"| `{name}` |" not in readme] == []
+
+
 def test_the_kek_output_is_the_full_key_name_the_vault_wants(parsed: Tree) -> None:
     assert parsed["."].outputs["vault_kms_key_name"]["value"] == "${module.kms.vault_kek_name}"
     kek_output = parsed["modules/kms"].outputs["vault_kek_name"]["value"]

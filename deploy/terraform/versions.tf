@@ -6,8 +6,9 @@ terraform {
       source  = "hashicorp/google"
       version = "~> 6.14"
     }
-    # Only for google_project_service_identity (the Cloud SQL, Memorystore and Secret Manager
-    # service agents must exist before they can be granted the CMEK keys).
+    # For google_project_service_identity (the Cloud SQL, Memorystore and Secret Manager service
+    # agents must exist before they are granted the CMEK keys) and the GKE cluster
+    # (enable_fqdn_network_policy came to the beta provider first).
     google-beta = {
       source  = "hashicorp/google-beta"
       version = "~> 6.14"

@@ -5,6 +5,9 @@ locals {
 
 resource "google_container_cluster" "tessera" {
   # checkov:skip=CKV_GCP_24: PodSecurityPolicy was removed in Kubernetes 1.25; Pod Security Admission labels on the namespaces (deploy/k8s) replace it.
+  # google-beta: enable_fqdn_network_policy was added to the beta provider first; the beta
+  # provider takes every other argument used here unchanged.
+  provider = google-beta
   project  = var.project_id
   name     = local.cluster_name
   location = var.region
