@@ -25,7 +25,7 @@ locals {
     gke      = "serviceAccount:service-${local.project_number}@container-engine-robot.iam.gserviceaccount.com"
     compute  = "serviceAccount:service-${local.project_number}@compute-system.iam.gserviceaccount.com"
     redis    = "serviceAccount:service-${local.project_number}@cloud-redis.iam.gserviceaccount.com"
-    secrets  = "serviceAccount:service-${local.project_number}@gcp-sa-secretmanager.iam.gserviceaccount.com"
+    secrets  = "serviceAccount:service-${local.project_number}@gcp-sa-secretmanager.iam.gserviceaccount.com" # pragma: allowlist secret
     logging  = "serviceAccount:${data.google_logging_project_cmek_settings.this.service_account_id}"
   }
 }

@@ -454,14 +454,14 @@ def check_secrets(tree: Tree) -> list[str]:
     readers: dict[str, list[str]] = secrets.locals.get("readers", {})
     if set(readers) != SECRETS:
         out.append(f"secrets: containers are {sorted(SECRETS)}")
-    for secret, gsas in readers.items():
-        if "tessera-admin" in gsas and secret != "tessera-vault-admin-token":
-            out.append(f"secrets: the admin GSA reads only the admin token, not {secret}")
-        if secret.startswith("tessera-api-") or secret == "tessera-redis-auth":
+    for container, gsas in readers.items():
+        if "tessera-admin" in gsas and container != "tessera-vault-admin-token":
+            out.append(f"secrets: the admin GSA reads only the admin token, not {container}")
+        if container.startswith("tessera-api-") or container == "tessera-redis-auth":
             if "tessera-vault" in gsas:
-                out.append(f"secrets: the vault does not read the API's {secret}")
-        elif secret != "tessera-vault-service-token" and set(gsas) & set(API_GSAS):
-            out.append(f"secrets: the API's GSAs do not read the vault's {secret}")
+                out.append(f"secrets: the vault does not read the API's {container}")
+        elif container != "tessera-vault-service-token" and set(gsas) & set(API_GSAS):
+            out.append(f"secrets: the API's GSAs do not read the vault's {container}")
     for where, rtype, name, _ in every_resource(tree):
         if rtype == "google_secret_manager_secret_version":
             out.append(f"secrets: {where} {name} puts a secret value in Terraform")

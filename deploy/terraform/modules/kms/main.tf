@@ -6,7 +6,7 @@ locals {
     gke-etcd = "tessera-gke-etcd"
     disks    = "tessera-gke-disks"
     logs     = "tessera-logs"
-    secrets  = "tessera-secrets"
+    secrets  = "tessera-secrets" # pragma: allowlist secret
     redis    = "tessera-redis"
   }
   crypto_members = concat(["serviceAccount:${var.vault_service_account_email}"], var.kek_crypto_members)
