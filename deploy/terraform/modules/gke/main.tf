@@ -296,8 +296,8 @@ resource "google_binary_authorization_attestor" "release" {
   attestation_authority_note {
     note_reference = google_container_analysis_note.release.name
 
+    # No id: Binary Authorization derives it from the PKIX key.
     public_keys {
-      id = "tessera-release-key"
       pkix_public_key {
         public_key_pem      = var.attestor_public_key_pem
         signature_algorithm = "ECDSA_P256_SHA256"
