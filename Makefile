@@ -76,6 +76,7 @@ deploy-venv: $(UV)  # checkov and friends pin old packages, so they live in thei
 
 deploy-check: venv deploy-venv ## deploy/ offline: kustomize renders, kubernetes-validate --strict, checkov (k8s, Terraform, Dockerfiles), yamllint, HCL parse
 	@command -v kubectl >/dev/null 2>&1 || { echo "kubectl is missing: install it (https://kubernetes.io/docs/tasks/tools/ or 'gcloud components install kubectl'); make deploy-check needs 'kubectl kustomize'"; exit 1; }
+	@command -v terraform >/dev/null 2>&1 || { echo "terraform is missing: install Terraform >= 1.6 (HashiCorp's apt repository or release zip); make deploy-check runs 'terraform fmt -check' (it needs no provider and no network)"; exit 1; }
 	TESSERA_DEPLOY_VENV=$(DEPLOY_VENV) $(BIN)/python -m tests.deploy
 
 loadtest: venv ## a short headless Locust run against `make up` (ARGS="..." for Locust); results in loadtests/results/
