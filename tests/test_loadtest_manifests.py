@@ -1,6 +1,6 @@
-"""deploy/loadtest/: the Kubernetes manifests of a distributed Locust run, checked without a
-cluster: the kustomization and its files, the master-worker wiring (name, ports, the network
-policies), the image (its Locust is the locked one, it holds the files the pods run), the pods'
+"""deploy/k8s/load/ (manifests) and deploy/loadtest/ (image): a distributed Locust run, checked
+without a cluster: the kustomization and its files, the master-worker wiring (name, ports, the
+network policies), the image (its Locust is the locked one, it holds the files the pods run), the pods'
 hardening, and that every option and variable they set is one Locust or the locustfile reads.
 """
 
@@ -22,11 +22,13 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDER = ROOT / "deploy" / "loadtest"
-DOCKERFILE = FOLDER / "Dockerfile"
+FOLDER = ROOT / "deploy" / "k8s" / "load"
+DOCKERFILE = ROOT / "deploy" / "loadtest" / "Dockerfile"
+#: The edge gateway's Service, which the run's public hosts resolve to.
+GATEWAY = ROOT / "deploy" / "k8s" / "base" / "edge" / "gateway.yaml"
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
 HADOLINT = Path(sys.executable).parent / "hadolint"
-NAMESPACE = "tessera-loadtest"
+NAMESPACE = "tessera-load"
 MERCHANT_SECRET = "tessera-loadtest-merchant"
 DEFAULT_MASTER_PORT = 5557  # Locust's, when a worker passes no --master-port
 MASTER_KIND = "Job"  # a run ends: master.yaml says why the master is no Deployment
@@ -213,7 +215,7 @@ def test_kustomize_builds_the_folder() -> None:
             continue
         spec = doc["spec"]["template"]["spec"]
         for each in spec["containers"]:
-            assert each["image"] == f"{image['newName']}:{image['newTag']}"
+            assert each["image"] == f"{image['newName']}@{image['digest']}"
             for source in each.get("envFrom", []):
                 assert source["configMapRef"]["name"] in config_maps  # the hashed name
     (workers,) = [d for d in docs if d["kind"] == "Deployment"]
@@ -269,12 +271,23 @@ def test_the_master_prints_the_summary_its_results_dir_gets() -> None:
 
 
 def policies_for(workload: Resource) -> list[Resource]:
+    """The policies that name the workload's pods (the namespace's default deny names none)."""
     return [
         r
         for r in resources()
         if r["kind"] == "NetworkPolicy"
+        and r["spec"]["podSelector"]
         and selects(r["spec"]["podSelector"]["matchLabels"], pod_labels(workload))
     ]
+
+
+def test_the_namespace_denies_everything_by_default() -> None:
+    (deny,) = [
+        r for r in resources() if r["kind"] == "NetworkPolicy" and not r["spec"]["podSelector"]
+    ]
+    assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert not deny["spec"].get("ingress")
+    assert not deny["spec"].get("egress")
 
 
 def allowed(rules: list[Resource], port: int, protocol: str = "TCP") -> list[Resource]:
@@ -324,11 +337,28 @@ def url_port(url: str) -> int:
     [("master", ["LOCUST_HOST"]), ("worker", ["LOCUST_HOST", "TESSERA_LOAD_VAULT_URL"])],
 )
 def test_the_pods_reach_dns_and_the_ports_of_their_targets(which: str, targets: list[str]) -> None:
-    """The master reads the payments back from the API; the workers call the API and the vault."""
+    """The master reads the payments back from the API; the workers call the API and the vault.
+    Both through the edge gateway: its load balancer's port is the URLs', and the cluster
+    translates it to the gateway pods' port, which the policy opens to those pods only."""
     (policy,) = policies_for(master() if which == "master" else worker())
     egress = policy["spec"]["egress"]
+    documents = list(yaml.safe_load_all(GATEWAY.read_text()))
+    (service,) = [d for d in documents if d["kind"] == "Service"]
+    (gateway,) = [d for d in documents if d["kind"] == "Deployment"]
+    (proxy,) = gateway["spec"]["template"]["spec"]["containers"]
     for name in targets:
-        assert allowed(egress, url_port(run_settings()[name])), f"{name}: port closed"
+        (port,) = [
+            p for p in service["spec"]["ports"] if p["port"] == url_port(run_settings()[name])
+        ]
+        (target,) = [p["containerPort"] for p in proxy["ports"] if p["name"] == port["targetPort"]]
+        (rule,) = allowed(egress, target)
+        (peer,) = rule["to"]
+        assert peer["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": gateway["metadata"].get("namespace", "tessera-edge")
+        }
+        assert selects(
+            peer["podSelector"]["matchLabels"], gateway["spec"]["template"]["metadata"]["labels"]
+        )
     for protocol in ("UDP", "TCP"):
         (dns,) = allowed(egress, 53, protocol)
         (peer,) = dns["to"]
@@ -368,7 +398,7 @@ def test_the_image_holds_the_locustfiles_the_pods_name() -> None:
     copied = copied_files()
     allowed_sources = {
         line[1:]
-        for line in (FOLDER / "Dockerfile.dockerignore").read_text().splitlines()
+        for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().splitlines()
         if line.startswith("!")
     }
     assert set(copied.values()) <= allowed_sources, "the build context lacks a copied file"
@@ -412,7 +442,11 @@ def test_every_container_runs_as_non_root_read_only_and_limited(which: str) -> N
 def test_every_path_locust_writes_is_a_volume(which: str) -> None:
     workload = master() if which == "master" else worker()
     volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container(workload)["volumeMounts"]}
+    mounts = {
+        m["mountPath"]: m["name"]
+        for m in container(workload)["volumeMounts"]
+        if not m.get("readOnly")
+    }
     assert all("emptyDir" in volumes[name] for name in mounts.values())
     written = ["/tmp"]
     written += [v for v in [option(args(workload), "--results-dir")] if v]
@@ -488,16 +522,24 @@ def test_the_run_targets_are_urls_and_the_master_reads_them() -> None:
 
 
 def test_the_merchant_keys_come_from_the_secret_and_only_to_the_master() -> None:
-    env = {v["name"]: v for v in container(master())["env"]}
+    """The keys are files of the Secret, read into the locustfile's variables by the master's
+    command: never a value in the pod spec, never on a worker."""
+    volumes = {v["name"]: v for v in pod_spec(master())["volumes"]}
+    (mount,) = [m for m in container(master())["volumeMounts"] if m["name"] == "merchant"]
+    assert mount["readOnly"] is True
+    assert volumes["merchant"]["secret"]["secretName"] == MERCHANT_SECRET
+    command = container(master())["command"][2]
     run_py = (ROOT / "loadtests" / "run.py").read_text()
     for variable, key in (
         ("TESSERA_LOAD_SECRET_KEY", "secret_key"),
         ("TESSERA_LOAD_PUBLISHABLE_KEY", "publishable_key"),
     ):
-        reference = env[variable]["valueFrom"]["secretKeyRef"]
-        assert reference == {"name": MERCHANT_SECRET, "key": key}
+        assert f"{variable}=$(cat {PurePosixPath(mount['mountPath']) / key})" in command
+        assert variable in variables_read()
         assert f'merchant["{key}"]' in run_py  # the field `merchants create --json` prints
+    assert "env" not in container(master())
     # The workers get the keys with the master's options; no key is written down anywhere.
     assert "env" not in container(worker())
+    assert all(v["name"] != "merchant" for v in pod_spec(worker())["volumes"])
     for path in FOLDER.iterdir():
         assert not re.search(r"\b[sp]k_(test|live)_\w", path.read_text()), path
