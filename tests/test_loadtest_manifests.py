@@ -1,7 +1,8 @@
 """deploy/k8s/load/ (manifests) and deploy/loadtest/ (image): a distributed Locust run, checked
 without a cluster: the kustomization and its files, the master-worker wiring (name, ports, the
-network policies), the image (its Locust is the locked one, it holds the files the pods run), the pods'
-hardening, and that every option and variable they set is one Locust or the locustfile reads.
+network policies), the image (its Locust is the locked one, it holds the files the pods run),
+the pods' hardening, and that every option and variable they set is one Locust or the
+locustfile reads.
 """
 
 from __future__ import annotations
