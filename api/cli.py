@@ -16,7 +16,7 @@ import msgspec
 
 from api.services.ledger import LedgerReport, LedgerService
 from api.services.routing import Fee, ProcessorFees, RoutingConfig, Rule
-from api.settings import ApiSettings
+from api.settings import ApiSettings, OperatorSettings
 from api.storage.merchants import MerchantRepository
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultAdminClient
@@ -24,31 +24,41 @@ from core.errors import TesseraError
 from core.ids import new_id
 from tessera.runtime.commands import load_or_exit, migrate_service, serve_service
 from tessera.runtime.db import create_pool
+from tessera.runtime.settings import BaseSettings
 
 KNOWN_PROCESSORS = frozenset({"psp_a", "psp_b"})
 DEFAULT_MIGRATION_URL = "postgresql://tessera_api_owner@127.0.0.1:5432/tessera_api"
 
 
-def _new_key(kind: str, settings: ApiSettings) -> str:
+def _new_key(kind: str, settings: BaseSettings) -> str:
     return f"{kind}_{'live' if settings.production else 'test'}_{secrets.token_hex(24)}"
 
 
-async def _with_repository(settings: ApiSettings) -> tuple[asyncpg.Connection, MerchantRepository]:
+async def _with_repository(
+    settings: OperatorSettings,
+) -> tuple[asyncpg.Connection, MerchantRepository]:
     conn = await asyncpg.connect(settings.database_url, timeout=settings.db_timeout_seconds)
     return conn, MerchantRepository(conn)
 
 
-def create_merchant(name: str, origins: list[str], vault_admin_token: str) -> dict[str, str]:
+def create_merchant(name: str, origins: list[str]) -> dict[str, str]:
     """Register the merchant at the vault, then in the API; print the keys once.
 
     The registration goes to the vault's admin listener, `TESSERA_VAULT_ADMIN_URL` (where the
-    vault keeps its listeners on separate ports), else to the API's own vault URL."""
-    settings = load_or_exit(ApiSettings, "api")
+    vault keeps its listeners on separate ports), else to `TESSERA_API_VAULT_URL`."""
+    settings = load_or_exit(OperatorSettings, "merchants")
+    if not settings.vault_admin_token:
+        raise TesseraError(
+            "Set TESSERA_VAULT_ADMIN_TOKEN (or TESSERA_VAULT_ADMIN_TOKEN_FILE): registering a "
+            "merchant at the vault is an administrator's act.",
+            code="vault_admin_token_missing",
+        )
     merchant_id = new_id("mer")
     secret_key = _new_key("sk", settings)
     publishable_key = _new_key("pk", settings)
-    admin_url = os.environ.get("TESSERA_VAULT_ADMIN_URL") or settings.vault_url
-    vault = VaultAdminClient(admin_url, vault_admin_token)
+    vault = VaultAdminClient(
+        settings.vault_admin_url or settings.vault_url, settings.vault_admin_token
+    )
     try:
         vault.register_merchant(merchant_id, publishable_key, origins)
     finally:
@@ -70,7 +80,7 @@ def create_merchant(name: str, origins: list[str], vault_admin_token: str) -> di
 
 
 def roll_secret_key(merchant_id: str) -> dict[str, str]:
-    settings = load_or_exit(ApiSettings, "api")
+    settings = load_or_exit(OperatorSettings, "merchants")
     new_key = _new_key("sk", settings)
 
     async def roll() -> bool:
@@ -87,7 +97,7 @@ def roll_secret_key(merchant_id: str) -> dict[str, str]:
 
 def configure_routing(args: argparse.Namespace) -> dict[str, Any]:
     """Change a merchant's routing; options not given keep their current value."""
-    settings = load_or_exit(ApiSettings, "api")
+    settings = load_or_exit(OperatorSettings, "merchants")
 
     async def apply() -> RoutingConfig:
         conn = await asyncpg.connect(settings.database_url, timeout=settings.db_timeout_seconds)
@@ -110,7 +120,7 @@ def configure_routing(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_ledger() -> LedgerReport:
     """`tessera ledger check`: read-only, in one repeatable-read snapshot."""
-    settings = load_or_exit(ApiSettings, "api")
+    settings = load_or_exit(OperatorSettings, "ledger")
 
     async def run() -> LedgerReport:
         pool = await create_pool(
@@ -259,14 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if report.ok else 1)
     try:
         if args.action == "create":
-            admin_token = os.environ.get("TESSERA_VAULT_ADMIN_TOKEN", "")
-            if not admin_token:
-                raise TesseraError(
-                    "Set TESSERA_VAULT_ADMIN_TOKEN: registering a merchant at the vault is an "
-                    "administrator's act.",
-                    code="vault_admin_token_missing",
-                )
-            result = create_merchant(args.name, args.origin, admin_token)
+            result = create_merchant(args.name, args.origin)
         elif args.action == "configure":
             result = configure_routing(args)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from tessera.runtime.settings import ServiceSettings, check_secret, validate_url
+from tessera.runtime.settings import BaseSettings, ServiceSettings, check_secret, validate_url
 
 
 class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
@@ -126,3 +126,35 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
 
 #: The largest request body the API reads.
 MAX_BODY_BYTES = 64 * 1024
+
+
+class OperatorSettings(BaseSettings, frozen=True, kw_only=True):
+    """What operators' commands read (`tessera merchants …`, `tessera ledger check`): the API's
+    database and the vault's admin listener, and none of the service's own secrets, so the
+    admin toolbox that runs them holds only what onboarding needs."""
+
+    env_prefix: ClassVar[str] = "TESSERA_API_"
+    #: The vault administrator's two settings keep the vault's names.
+    VAULT_NAMES: ClassVar[dict[str, str]] = {
+        "vault_admin_url": "TESSERA_VAULT_ADMIN_URL",
+        "vault_admin_token": "TESSERA_VAULT_ADMIN_TOKEN",
+    }
+
+    database_url: str = "postgresql://tessera_api@127.0.0.1:5432/tessera_api"
+    db_timeout_seconds: float = 5.0
+    vault_url: str = "http://127.0.0.1:8100"
+    #: The vault's admin listener; empty: `vault_url` (one port in development).
+    vault_admin_url: str = ""
+    vault_admin_token: str = ""
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return cls.VAULT_NAMES.get(field) or super().env_name(field)
+
+    def __post_init__(self) -> None:
+        validate_url(self.database_url, ("postgresql", "postgres"), self.env_name("database_url"))
+        validate_url(self.vault_url, ("http", "https"), self.env_name("vault_url"))
+        if self.vault_admin_url:
+            validate_url(self.vault_admin_url, ("http", "https"), self.env_name("vault_admin_url"))
+        if self.db_timeout_seconds <= 0:
+            raise ValueError(f"{self.env_name('db_timeout_seconds')}: must be positive")

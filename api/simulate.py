@@ -10,7 +10,6 @@ expected value actually realised: the sum of (amount - fee) over approved paymen
 from __future__ import annotations
 
 import json
-import os
 import random
 import secrets
 from dataclasses import dataclass
@@ -59,9 +58,7 @@ def run(
     results = []
     with httpx.Client(timeout=30) as http:
         for strategy, processors in STRATEGIES.items():
-            keys = create_merchant(
-                f"Simulation: {strategy}", [], os.environ["TESSERA_VAULT_ADMIN_TOKEN"]
-            )
+            keys = create_merchant(f"Simulation: {strategy}", [])
             configure_routing_for(keys["merchant_id"], processors, {n: fees[n] for n in processors})
             tokens = {
                 number: http.post(

@@ -24,7 +24,7 @@ import msgspec
 import pytest
 import yaml
 
-from api.settings import ApiSettings
+from api.settings import ApiSettings, OperatorSettings
 from tessera.runtime.settings import BaseSettings, SettingsError, load_settings
 from tests.segmentation import model
 from vault.settings import VaultSettings
@@ -107,6 +107,8 @@ SETTINGS_OF: dict[str, type[BaseSettings]] = {
     "tessera-vault": VaultSettings,
     "tessera-api": ApiSettings,
     "tessera-worker": ApiSettings,
+    # Operators' commands in the toolbox read only what onboarding needs.
+    "tessera-admin-toolbox": OperatorSettings,
 }
 MIGRATION_VARIABLES = {
     "tessera-vault-migrate": "TESSERA_VAULT_MIGRATION_URL",

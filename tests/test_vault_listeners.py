@@ -6,6 +6,10 @@ request carries, and changes nothing."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +149,31 @@ def test_a_payment_runs_end_to_end_with_the_api_on_the_service_listener(
         assert response.json()["status"] == "captured"
     finally:
         api.stop()
+
+
+def test_the_admin_toolbox_onboards_a_merchant_with_only_its_own_settings(
+    split_vault: SplitVault, api_env: dict[str, str], tokens: dict[str, str], tmp_path: Path
+) -> None:
+    """What deploy/k8s's admin toolbox holds: the API database's URL, the vault's admin
+    listener and the admin token as a file; no service token, no processor keys."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(tokens["admin"] + "\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TESSERA_")} | {
+        "TESSERA_MODE": "production",
+        "TESSERA_API_DATABASE_URL": api_env["TESSERA_API_DATABASE_URL"],
+        "TESSERA_VAULT_ADMIN_URL": split_vault.admin.url,
+        "TESSERA_VAULT_ADMIN_TOKEN_FILE": str(token_file),
+    }
+    command = [sys.executable, "-m", "tessera.cli", "merchants", "create", "--name", "Toolbox"]
+    result = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    created = json.loads(result.stdout)
+    assert created["secret_key"].startswith("sk_live_")
+    # Registered at the vault: its publishable key makes tokens on the public listener.
+    merchant = VaultMerchant(created["merchant_id"], created["publishable_key"], ())
+    assert tokenize(split_vault.public, merchant)["id"].startswith("tok_")
+    # Without the admin token nothing is made, and the message says what to set.
+    del env["TESSERA_VAULT_ADMIN_TOKEN_FILE"]
+    refused = subprocess.run([*command, "--json"], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "TESSERA_VAULT_ADMIN_TOKEN" in refused.stderr
