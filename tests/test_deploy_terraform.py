@@ -132,6 +132,22 @@ def admin_reads_psp_key(tree: Tree) -> None:
     tree["modules/secrets"].locals["readers"]["tessera-api-psp-a-api-key"].append("tessera-admin")
 
 
+def edge_reads_a_psp_key(tree: Tree) -> None:
+    tree["modules/secrets"].locals["readers"]["tessera-api-psp-a-api-key"].append("tessera-edge")
+
+
+def api_reads_edge_key(tree: Tree) -> None:
+    tree["modules/secrets"].locals["readers"]["tessera-edge-tls-key"].append("tessera-api")
+
+
+def admin_not_a_database_user(tree: Tree) -> None:
+    del tree["modules/cloudsql"].locals["iam_users"]["api/tessera-admin"]
+
+
+def edge_unbound(tree: Tree) -> None:
+    del tree["modules/iam"].locals["workloads"]["tessera-edge"]
+
+
 KMS = "modules/kms"
 SQL = "modules/cloudsql"
 REDIS = "modules/memorystore"
@@ -342,6 +358,53 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
             "modules/secrets", "google_secret_manager_secret_version", "v1", {"secret_data": "x"}
         ),
         "puts a secret value in Terraform",
+    ),
+    "the edge GSA reads a PSP key": (edge_reads_a_psp_key, "the edge GSA reads the edge TLS"),
+    "the API reads the edge's private key": (api_reads_edge_key, "the edge GSA reads the edge TLS"),
+    "the admin toolbox cannot log in to the API database": (
+        admin_not_a_database_user,
+        "IAM users are exactly the services' GSAs",
+    ),
+    "the edge gateway without Workload Identity": (edge_unbound, "Workload Identity maps"),
+    "the internet reaches every node": (
+        set_path(
+            "modules/network",
+            "google_compute_firewall",
+            "allow_ingress_edge",
+            "target_tags",
+            value=None,
+        ),
+        "admits from outside the VPC to nodes other than the edge's",
+    ),
+    "the internet reaches another port": (
+        set_path(
+            "modules/network",
+            "google_compute_firewall",
+            "allow_ingress_health_checks",
+            "source_ranges",
+            value=["0.0.0.0/0"],
+        ),
+        "admits the internet to more than the edge's port",
+    ),
+    "health checks on the old service ports": (
+        set_path(
+            "modules/network",
+            "google_compute_firewall",
+            "allow_ingress_health_checks",
+            "allow",
+            value=[{"protocol": "tcp", "ports": ["8000", "8100", "10256"]}],
+        ),
+        "healthCheckNodePort only",
+    ),
+    "GKE opens load balancer ports on every node": (
+        set_path(
+            GKE,
+            "google_container_cluster",
+            "tessera",
+            "disable_l4_lb_firewall_reconciliation",
+            value=False,
+        ),
+        "disable_l4_lb_firewall_reconciliation",
     ),
     "egress to the whole internet": (
         set_path(

@@ -1,3 +1,20 @@
+locals {
+  # Network tags of the node pools; the edge load balancer's firewall rules target the general
+  # pool only (the gateway's pods do not tolerate the CDE pool's taint).
+  node_tags = {
+    cde     = "tessera-cde-nodes"
+    general = "tessera-general-nodes"
+  }
+  # deploy/k8s/base/edge/gateway.yaml, Service tessera-ingressgateway: type LoadBalancer (an
+  # external passthrough Network Load Balancer), externalTrafficPolicy Local. Packets reach the
+  # nodes on the Service's port; the load balancer health-checks healthCheckNodePort, pinned
+  # there so that this firewall can name it (tests/test_deploy_consistency.py compares them).
+  edge_load_balancer = {
+    port                   = 443
+    health_check_node_port = 32443
+  }
+}
+
 module "network" {
   source = "./modules/network"
 
@@ -10,6 +27,8 @@ module "network" {
   private_services_cidr = var.private_services_cidr
   psp_egress_cidrs      = var.psp_egress_cidrs
   nat_ip_count          = var.nat_ip_count
+  edge_node_tag         = local.node_tags.general
+  edge_load_balancer    = local.edge_load_balancer
 
   depends_on = [google_project_service.apis]
 }
@@ -64,6 +83,7 @@ module "gke" {
   attestor_public_key_pem        = var.attestor_public_key_pem
   binauthz_exempt_image_patterns = var.binauthz_exempt_image_patterns
   enable_fqdn_network_policy     = var.enable_fqdn_network_policy
+  node_tags                      = local.node_tags
 }
 
 module "cloudsql" {

@@ -4,14 +4,15 @@ terraform {
   required_providers {
     google = {
       source  = "hashicorp/google"
-      version = "~> 6.14"
+      version = "~> 6.28"
     }
     # For google_project_service_identity (the Cloud SQL, Memorystore and Secret Manager service
     # agents must exist before they are granted the CMEK keys) and the GKE cluster
-    # (enable_fqdn_network_policy came to the beta provider first).
+    # (enable_fqdn_network_policy came to the beta provider first). 6.28 added the cluster's
+    # disable_l4_lb_firewall_reconciliation.
     google-beta = {
       source  = "hashicorp/google-beta"
-      version = "~> 6.14"
+      version = "~> 6.28"
     }
   }
 

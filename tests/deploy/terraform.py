@@ -30,6 +30,7 @@ WORKLOADS = {
     "tessera-worker": "tessera-app/tessera-worker",
     "tessera-api-migrate": "tessera-app/tessera-api-migrate",
     "tessera-admin": "tessera-admin/tessera-admin",
+    "tessera-edge": "tessera-edge/tessera-ingressgateway",
 }
 API_GSAS = ("tessera-api", "tessera-worker", "tessera-api-migrate")
 SECRETS = {
@@ -41,7 +42,16 @@ SECRETS = {
     "tessera-api-psp-b-hmac-key",
     "tessera-redis-auth",
     "tessera-vault-redis-auth",
+    "tessera-redis-server-ca",
+    "tessera-edge-tls-cert",
+    "tessera-edge-tls-key",
 }
+#: Secrets both the vault and the API's GSAs read: the token one presents and the other checks,
+#: and the Memorystore CA certificates.
+SHARED_SECRETS = {"tessera-vault-service-token", "tessera-redis-server-ca"}
+EDGE_SECRETS = {"tessera-edge-tls-cert", "tessera-edge-tls-key"}
+#: Health-check sources of an external passthrough Network Load Balancer.
+NLB_HEALTH_CHECK_RANGES = {"35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"}
 PERIMETER_SERVICES = {
     "cloudkms.googleapis.com",
     "sqladmin.googleapis.com",
@@ -273,6 +283,7 @@ def check_cloudsql(tree: Tree) -> list[str]:
         "api/tessera-api",
         "api/tessera-worker",
         "api/tessera-api-migrate",
+        "api/tessera-admin",
         "vault/tessera-vault",
         "vault/tessera-vault-migrate",
     }:
@@ -431,6 +442,10 @@ def check_gke(tree: Tree) -> list[str]:
         "require_attestations_by"
     ):
         out.append("gke: the cluster's admission rule requires an attestation")
+    if cluster.get("disable_l4_lb_firewall_reconciliation") is not True:
+        out.append(
+            "gke: disable_l4_lb_firewall_reconciliation (GKE's own rules would open every node)"
+        )
     cde = gke.resources.get(("google_container_node_pool", "cde"), {})
     node = first(cde.get("node_config", {}))
     labels = node.get("labels", {})
@@ -457,10 +472,16 @@ def check_secrets(tree: Tree) -> list[str]:
     for container, gsas in readers.items():
         if "tessera-admin" in gsas and container != "tessera-vault-admin-token":
             out.append(f"secrets: the admin GSA reads only the admin token, not {container}")
+        if ("tessera-edge" in gsas or container in EDGE_SECRETS) and (
+            container not in EDGE_SECRETS or set(gsas) != {"tessera-edge"}
+        ):
+            out.append(f"secrets: the edge GSA reads the edge TLS secrets alone ({container})")
+        if container in SHARED_SECRETS or container in EDGE_SECRETS:
+            continue
         if container.startswith("tessera-api-") or container == "tessera-redis-auth":
             if "tessera-vault" in gsas:
                 out.append(f"secrets: the vault does not read the API's {container}")
-        elif container != "tessera-vault-service-token" and set(gsas) & set(API_GSAS):
+        elif set(gsas) & set(API_GSAS):
             out.append(f"secrets: the API's GSAs do not read the vault's {container}")
     for where, rtype, name, _ in every_resource(tree):
         if rtype == "google_secret_manager_secret_version":
@@ -479,6 +500,35 @@ def check_network(tree: Tree) -> list[str]:
         opens = "allow" in body and "0.0.0.0/0" in str(body.get("destination_ranges"))
         if body.get("direction") == "EGRESS" and opens:
             out.append(f"network: {name} allows egress to 0.0.0.0/0")
+    for name, body in firewalls.items():
+        if body.get("direction") != "INGRESS" or "allow" not in body:
+            continue
+        listed = body.get("source_ranges")
+        sources = set(listed) if isinstance(listed, list) else {str(listed)}
+        internal = name == "allow_ingress_intra_cluster"
+        if not internal and body.get("target_tags") != ["${var.edge_node_tag}"]:
+            out.append(
+                f"network: {name} admits from outside the VPC to nodes other than the edge's"
+            )
+        if "0.0.0.0/0" in sources and (
+            name != "allow_ingress_edge"
+            or get(body, "allow", "ports") != ["${tostring(var.edge_load_balancer.port)}"]
+        ):
+            out.append(f"network: {name} admits the internet to more than the edge's port")
+    health = firewalls.get("allow_ingress_health_checks", {})
+    ranges = network.locals.get("health_check_ranges")
+    if (
+        health.get("source_ranges") != "${local.health_check_ranges}"
+        or set(ranges or []) != NLB_HEALTH_CHECK_RANGES
+    ):
+        out.append("network: the edge load balancer's health checks come from the NLB ranges")
+    if get(health, "allow", "ports") != [
+        "${tostring(var.edge_load_balancer.health_check_node_port)}"
+    ]:
+        out.append("network: health checks reach the edge Service's healthCheckNodePort only")
+    root = tree["."]
+    if root.calls.get("network", {}).get("edge_node_tag") != "${local.node_tags.general}":
+        out.append("network: the edge's ingress targets the general pool's nodes")
     if network.locals.get("restricted_vip_cidr") != "199.36.153.4/30":
         out.append("network: restricted.googleapis.com is 199.36.153.4/30")
     subnet = network.resources.get(("google_compute_subnetwork", "nodes"), {})

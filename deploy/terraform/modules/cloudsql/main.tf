@@ -3,9 +3,12 @@ locals {
   # migrate GSAs act as the owner roles (they run the migrations); the others as the runtime
   # roles, which hold only what the migrations grant (tessera/dbsetup.py names the four roles).
   iam_users = {
-    "api/tessera-api"             = { instance = "api", gsa = "tessera-api", pg_role = "tessera_api" }
-    "api/tessera-worker"          = { instance = "api", gsa = "tessera-worker", pg_role = "tessera_api" }
-    "api/tessera-api-migrate"     = { instance = "api", gsa = "tessera-api-migrate", pg_role = "tessera_api_owner" }
+    "api/tessera-api"         = { instance = "api", gsa = "tessera-api", pg_role = "tessera_api" }
+    "api/tessera-worker"      = { instance = "api", gsa = "tessera-worker", pg_role = "tessera_api" }
+    "api/tessera-api-migrate" = { instance = "api", gsa = "tessera-api-migrate", pg_role = "tessera_api_owner" }
+    # The admin toolbox (`tessera merchants create|roll-key|configure`) writes merchants as the
+    # API's runtime role, through its own Auth Proxy.
+    "api/tessera-admin"           = { instance = "api", gsa = "tessera-admin", pg_role = "tessera_api" }
     "vault/tessera-vault"         = { instance = "vault", gsa = "tessera-vault", pg_role = "tessera_vault" }
     "vault/tessera-vault-migrate" = { instance = "vault", gsa = "tessera-vault-migrate", pg_role = "tessera_vault_owner" }
   }

@@ -31,6 +31,11 @@ resource "google_container_cluster" "tessera" {
   datapath_provider          = "ADVANCED_DATAPATH"
   enable_fqdn_network_policy = var.enable_fqdn_network_policy
 
+  # GKE would otherwise open every LoadBalancer Service's port to its source ranges on every
+  # node, CDE pool included; the network module's tessera-allow-ingress-edge and
+  # tessera-allow-ingress-health-checks open the edge gateway's on the general pool only.
+  disable_l4_lb_firewall_reconciliation = true
+
   network_policy {
     enabled = false
   }
@@ -188,6 +193,7 @@ resource "google_container_node_pool" "cde" {
     oauth_scopes      = ["https://www.googleapis.com/auth/cloud-platform"]
 
     labels = local.node_labels
+    tags   = [var.node_tags.cde]
 
     taint {
       key    = "tessera.dev/cde"
@@ -250,6 +256,7 @@ resource "google_container_node_pool" "general" {
     labels = {
       "tessera.dev/pool" = "general"
     }
+    tags = [var.node_tags.general]
 
     metadata = {
       disable-legacy-endpoints = "true"

@@ -98,3 +98,11 @@ variable "enable_fqdn_network_policy" {
   description = "FQDNNetworkPolicy (Dataplane V2; needs GKE Enterprise on the project)."
   type        = bool
 }
+
+variable "node_tags" {
+  description = "Network tag of each node pool (cde, general); the edge load balancer's firewall rules target the general pool's."
+  type = object({
+    cde     = string
+    general = string
+  })
+}

@@ -7,7 +7,10 @@ locals {
     tessera-api           = { namespace = "tessera-app", ksa = "tessera-api", what = "the payment API (runtime role of tessera_api)" }
     tessera-worker        = { namespace = "tessera-app", ksa = "tessera-worker", what = "the worker (runtime role of tessera_api)" }
     tessera-api-migrate   = { namespace = "tessera-app", ksa = "tessera-api-migrate", what = "the API's migration Job (owner of tessera_api)" }
-    tessera-admin         = { namespace = "tessera-admin", ksa = "tessera-admin", what = "the admin tooling that calls the vault's admin port" }
+    tessera-admin         = { namespace = "tessera-admin", ksa = "tessera-admin", what = "the admin tooling that calls the vault's admin port and writes the API database (merchants)" }
+    # The edge gateway's pods mount their TLS certificate and key from Secret Manager through
+    # the CSI driver, which fetches with the pod's Workload Identity: it needs a GSA of its own.
+    tessera-edge = { namespace = "tessera-edge", ksa = "tessera-ingressgateway", what = "the edge gateway (reads its TLS certificate and key, nothing else)" }
   }
 
   # What GKE nodes need and nothing more (Google's least-privilege node service account).

@@ -1,5 +1,5 @@
 output "emails" {
-  description = "GSA e-mail by name (tessera-vault, tessera-vault-migrate, tessera-api, tessera-worker, tessera-api-migrate, tessera-admin)."
+  description = "GSA e-mail by name (tessera-vault, tessera-vault-migrate, tessera-api, tessera-worker, tessera-api-migrate, tessera-admin, tessera-edge)."
   # Built from account_id (known at plan) rather than `email` (known after apply), so callers can
   # use it in for_each keys while still depending on the account.
   value = { for k, v in google_service_account.workload : k => "${v.account_id}@${var.project_id}.iam.gserviceaccount.com" }

@@ -10,18 +10,19 @@ locals {
       filter      = <<-EOT
         (resource.type="cloudsql_database" AND resource.labels.database_id="${local.sql_vault}" AND logName="${local.data_access}" AND protoPayload.request.@type="type.googleapis.com/google.cloud.sql.audit.v1.PgAuditEntry")
         OR (resource.type="cloudkms_cryptokey" AND resource.labels.key_ring_id="tessera")
-        OR (protoPayload.serviceName="secretmanager.googleapis.com" AND protoPayload.resourceName:"secrets/tessera-vault-")
+        OR (protoPayload.serviceName="secretmanager.googleapis.com" AND (protoPayload.resourceName:"secrets/tessera-vault-" OR protoPayload.resourceName:"secrets/tessera-edge-tls-"))
         OR (resource.type="k8s_cluster" AND resource.labels.cluster_name="tessera" AND protoPayload.resourceName:"namespaces/tessera-cde")
       EOT
     }
     # What reached the vault and how: its containers' logs (request and audit events), its
-    # database's connection log, and the load balancer in front of its browser endpoint.
+    # database's connection log, and the edge gateway's access log (browsers reach the vault's
+    # public port only through it; its load balancer is a passthrough one, which logs nothing).
     tessera-vault-access = {
-      description = "Tessera vault access logs (tessera-cde containers, tessera-vault connections, load balancer)"
+      description = "Tessera vault access logs (tessera-cde containers, tessera-vault connections, edge gateway)"
       filter      = <<-EOT
         (resource.type="k8s_container" AND resource.labels.cluster_name="tessera" AND resource.labels.namespace_name="tessera-cde")
         OR (resource.type="cloudsql_database" AND resource.labels.database_id="${local.sql_vault}" AND logName="projects/${var.project_id}/logs/cloudsql.googleapis.com%2Fpostgres.log")
-        OR (resource.type="http_load_balancer" AND resource.labels.backend_service_name:"tessera-cde")
+        OR (resource.type="k8s_container" AND resource.labels.cluster_name="tessera" AND resource.labels.namespace_name="tessera-edge")
       EOT
     }
   }

@@ -4,8 +4,9 @@ locals {
   restricted_vip_cidr = "199.36.153.4/30"
   restricted_vip_ips  = ["199.36.153.4", "199.36.153.5", "199.36.153.6", "199.36.153.7"]
   psa_prefix          = split("/", var.private_services_cidr)
-  # Google front ends that health-check load-balanced backends (the vault's browser endpoint).
-  health_check_ranges = ["35.191.0.0/16", "130.211.0.0/22"]
+  # Where an external passthrough Network Load Balancer's health checks come from (Google's
+  # load balancing firewall table); the edge gateway's Service is such a load balancer.
+  health_check_ranges = ["35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"]
   internal_ranges     = [var.nodes_cidr, var.pods_cidr, var.services_cidr]
 }
 
@@ -274,7 +275,36 @@ resource "google_compute_firewall" "allow_egress_psps" {
   }
 }
 
-# Google's load balancer health checks to the nodes (the vault's browser endpoint, the API's).
+# --- The edge gateway's load balancer: the cluster's only door from the internet -------------
+# deploy/k8s/base/edge/gateway.yaml publishes the Istio gateway as a LoadBalancer Service
+# (externalTrafficPolicy Local), which GKE implements as an external passthrough Network Load
+# Balancer: packets keep the client's address and the Service's port (443) up to the node,
+# which hands them to a gateway Pod's 8443 (its NetworkPolicy admits 8443 from anywhere).
+# The cluster has disable_l4_lb_firewall_reconciliation, so GKE creates no rules of its own for
+# LoadBalancer Services (its would open the port on every node, CDE pool included): these two
+# are the only ingress from outside the VPC, and only to the general pool's nodes.
+
+resource "google_compute_firewall" "allow_ingress_edge" {
+  project       = var.project_id
+  name          = "tessera-allow-ingress-edge"
+  network       = google_compute_network.tessera.id
+  direction     = "INGRESS"
+  priority      = 1000
+  source_ranges = ["0.0.0.0/0"]
+  target_tags   = [var.edge_node_tag]
+
+  allow {
+    protocol = "tcp"
+    ports    = [tostring(var.edge_load_balancer.port)]
+  }
+
+  log_config {
+    metadata = "INCLUDE_ALL_METADATA"
+  }
+}
+
+# The load balancer's health checks: with externalTrafficPolicy Local they probe the Service's
+# healthCheckNodePort on each node, which answers healthy only where a gateway Pod runs.
 resource "google_compute_firewall" "allow_ingress_health_checks" {
   project       = var.project_id
   name          = "tessera-allow-ingress-health-checks"
@@ -282,10 +312,11 @@ resource "google_compute_firewall" "allow_ingress_health_checks" {
   direction     = "INGRESS"
   priority      = 1000
   source_ranges = local.health_check_ranges
+  target_tags   = [var.edge_node_tag]
 
   allow {
     protocol = "tcp"
-    ports    = ["8000", "8100", "10256"]
+    ports    = [tostring(var.edge_load_balancer.health_check_node_port)]
   }
 
   log_config {

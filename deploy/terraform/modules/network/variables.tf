@@ -42,3 +42,16 @@ variable "nat_ip_count" {
   description = "Static external addresses of Cloud NAT: the source IPs PSPs allowlist."
   type        = number
 }
+
+variable "edge_node_tag" {
+  description = "Network tag of the nodes the edge gateway runs on (the general pool): the only target of internet ingress."
+  type        = string
+}
+
+variable "edge_load_balancer" {
+  description = "The edge gateway's LoadBalancer Service (deploy/k8s): its port and its pinned healthCheckNodePort."
+  type = object({
+    port                   = number
+    health_check_node_port = number
+  })
+}

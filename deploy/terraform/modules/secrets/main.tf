@@ -12,7 +12,17 @@ locals {
     tessera-api-psp-b-api-key      = ["tessera-api", "tessera-worker"]
     tessera-api-psp-b-hmac-key     = ["tessera-api", "tessera-worker"]
     tessera-redis-auth             = ["tessera-api", "tessera-worker"]
+    # Both Memorystore instances' CA certificates (one PEM bundle), which the Redis clients
+    # verify: not confidential, but delivered as a file the same way as the rest.
+    tessera-redis-server-ca = ["tessera-vault", "tessera-api", "tessera-worker"]
+    # The edge gateway's public certificate and its private key (browsers' TLS: card numbers
+    # cross it), for the gateway alone.
+    tessera-edge-tls-cert = ["tessera-edge"]
+    tessera-edge-tls-key  = ["tessera-edge"]
   }
+  # Identities whose pods see card data (deploy/k8s: tessera-cde, -edge, -admin); a secret any
+  # of them reads is labelled CDE.
+  cde_gsas = ["tessera-vault", "tessera-vault-migrate", "tessera-edge", "tessera-admin"]
   grants = merge([
     for secret, gsas in local.readers : { for gsa in gsas : "${secret}/${gsa}" => { secret = secret, gsa = gsa } }
   ]...)
@@ -36,7 +46,7 @@ resource "google_secret_manager_secret" "tessera" {
 
   labels = {
     app       = "tessera"
-    pci-scope = startswith(each.key, "tessera-vault") ? "cde" : "connected"
+    pci-scope = length(setintersection(each.value, local.cde_gsas)) > 0 ? "cde" : "connected"
   }
 }
 
