@@ -18,6 +18,9 @@ from api.routes.payments import PaymentController, RefundController
 from api.settings import MAX_BODY_BYTES, ApiSettings
 from api.wiring import open_services
 from tessera.runtime.commands import app_in_worker
+from tessera.runtime.db import check_schema, create_pool
+from tessera.runtime.http import NotReady
+from tessera.runtime.migrations import latest_version
 from tessera.runtime.service import build_app
 
 #: Handler parameters the services are injected as; each is the `Services` field of that name.
@@ -31,11 +34,49 @@ def _service(name: str) -> Provide:
     return Provide(dependency, sync_to_thread=False)
 
 
+class ReadReplica:
+    """The read replica's pool (`TESSERA_API_READ_DATABASE_URL`), opened with the primary's
+    bounds and time-outs, and its readiness: reachable and migrated, like the primary."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self.pool: Any = None
+        self.schema_version = latest_version("api.migrations")
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[Any]:
+        """The pool, or None (and nothing opened) when no replica is configured."""
+        if not self.settings.read_database_url:
+            yield None
+            return
+        self.pool = await create_pool(
+            self.settings.read_database_url,
+            min_size=self.settings.db_pool_min,
+            max_size=self.settings.db_pool_max,
+            wait_seconds=self.settings.db_timeout_seconds,
+        )
+        try:
+            yield self.pool
+        finally:
+            pool, self.pool = self.pool, None
+            await pool.close()
+
+    async def ready(self) -> None:
+        if self.pool is None:
+            raise NotReady("read replica not open")
+        await check_schema(self.pool, self.schema_version)
+
+
 def create_app(settings: ApiSettings) -> Litestar:
+    replica = ReadReplica(settings)
+
     @asynccontextmanager
     async def api_lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.merchant_keys = MerchantKeys(app.state.pool)
-        async with open_services(settings, app.state.pool, app.state.redis) as services:
+        async with (
+            replica.opened() as read_pool,
+            open_services(settings, app.state.pool, app.state.redis, read_pool) as services,
+        ):
             app.state.services = services
             yield
 
@@ -56,6 +97,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=api_lifespan,
         document=DOCUMENT,
+        readiness_checks={"read_database": replica.ready} if settings.read_database_url else None,
     )
 
 

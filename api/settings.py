@@ -12,6 +12,9 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
 
     port: int = 8000
     database_url: str = "postgresql://tessera_api@127.0.0.1:5432/tessera_api"
+    #: A read replica (streaming standby) for the list endpoints only; empty: the primary.
+    #: What may read it, and why nothing else does: `api.storage.read_pools.ListReads`.
+    read_database_url: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     db_pool_max: int = 8
     #: Where the vault's service port answers.
@@ -72,6 +75,12 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.read_database_url:
+            validate_url(
+                self.read_database_url,
+                ("postgresql", "postgres"),
+                self.env_name("read_database_url"),
+            )
         validate_url(self.vault_url, ("http", "https"), self.env_name("vault_url"))
         check_secret(self.vault_service_token, self.env_name("vault_service_token"))
         validate_url(self.psp_a_url, ("http", "https"), self.env_name("psp_a_url"))

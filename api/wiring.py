@@ -20,6 +20,7 @@ from api.services.routing import OutcomeStats
 from api.services.webhooks import SecretBox, WebhookService
 from api.settings import ApiSettings
 from api.storage.idempotency import IdempotencyRepository, ReplayCache
+from api.storage.read_pools import ListReads
 from api.storage.redis_gate import RedisGate
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
@@ -40,8 +41,10 @@ class Services:
 
 @asynccontextmanager
 async def open_services(
-    settings: ApiSettings, pool: Any, redis: RedisClient
+    settings: ApiSettings, pool: Any, redis: RedisClient, read_pool: Any = None
 ) -> AsyncIterator[Services]:
+    """`read_pool`: a replica's pool, which only the list endpoints read (`ListReads`); the
+    worker passes none, so it reads the primary."""
     # The vault answers after its own forward time-out; wait a little longer for it.
     vault = VaultClient(
         settings.vault_url, settings.vault_service_token, settings.authorization_timeout_seconds + 2
@@ -66,6 +69,7 @@ async def open_services(
     routing = RoutingRepository(pool)
     publisher = Publisher(settlement_delay_seconds=settings.settlement_delay_seconds)
     box = SecretBox(bytes.fromhex(settings.webhook_secret_key))
+    lists = ListReads(pool, read_pool)
     try:
         yield Services(
             payments=PaymentService(
@@ -82,6 +86,7 @@ async def open_services(
                 max_in_flight=settings.max_payments_in_flight,
                 admission_wait_seconds=settings.admission_wait_seconds,
                 publisher=publisher,
+                lists=lists,
             ),
             notifications=NotificationService(
                 pool, bytes.fromhex(settings.psp_b_hmac_key), routing, publisher
@@ -95,7 +100,7 @@ async def open_services(
                 routing=routing,
                 publisher=publisher,
             ),
-            events=EventService(pool),
+            events=EventService(pool, lists),
             webhooks=WebhookService(pool, box, settings.production),
             ledger=LedgerService(pool),
             publisher=publisher,

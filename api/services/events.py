@@ -19,6 +19,7 @@ import msgspec
 
 from api.storage.events import EventRepository
 from api.storage.ledger import LedgerRepository
+from api.storage.read_pools import ListReads
 from core.errors import InvalidRequest, NotFound
 from core.ids import new_id
 from core.ledger import Posting
@@ -150,6 +151,11 @@ def _epoch(value: Any) -> int | None:
 @dataclass
 class EventService:
     pool: Any
+    #: Where the two lists read (a replica, if configured); `get` reads `pool`, the primary.
+    lists: ListReads | None = None
+
+    def _lists(self) -> ListReads:
+        return self.lists if self.lists is not None else ListReads(self.pool)
 
     async def get(self, merchant_id: str, event_id: str) -> EventView:
         async with self.pool.acquire() as conn:
@@ -173,7 +179,7 @@ class EventService:
                 code="event_type_invalid",
                 param="type",
             )
-        async with self.pool.acquire() as conn:
+        async with self._lists().acquire() as conn:
             rows = await EventRepository(conn).page(
                 merchant_id,
                 limit=limit,
@@ -189,11 +195,12 @@ class EventService:
         return EventList([event_view(r) for r in rows], has_more)
 
     async def deliveries(self, merchant_id: str, event_id: str) -> DeliveryList:
-        async with self.pool.acquire() as conn:
-            events = EventRepository(conn)
-            if await events.get(merchant_id, event_id) is None:
-                raise NotFound("No such event.", param="id")
-            rows = await events.deliveries(merchant_id, event_id)
+        lists = self._lists()
+        rows = await self._deliveries(lists.acquire(), merchant_id, event_id)
+        if rows is None and lists.confirm_on_primary():
+            rows = await self._deliveries(self.pool.acquire(), merchant_id, event_id)
+        if rows is None:
+            raise NotFound("No such event.", param="id")
         return DeliveryList(
             [
                 DeliveryView(
@@ -210,3 +217,13 @@ class EventService:
                 for r in rows
             ]
         )
+
+    async def _deliveries(
+        self, acquiring: Any, merchant_id: str, event_id: str
+    ) -> list[Any] | None:
+        """The event's deliveries, or None when the event is not there."""
+        async with acquiring as conn:
+            events = EventRepository(conn)
+            if await events.get(merchant_id, event_id) is None:
+                return None
+            return await events.deliveries(merchant_id, event_id)

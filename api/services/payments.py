@@ -38,6 +38,7 @@ from api.services.idempotency import (
 from api.services.routing import SOFT_DECLINES, Candidate, OutcomeStats, processing_fee, rank
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
 from api.storage.payments import PaymentRepository
+from api.storage.read_pools import ListReads
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
 from core import ledger
@@ -214,6 +215,8 @@ class PaymentService:
     rng: random.Random = field(default_factory=random.Random)
     max_in_flight: int = 256
     admission_wait_seconds: float = 30.0
+    #: Where `page` reads (a replica, if configured); everything else reads `pool`, the primary.
+    lists: ListReads | None = None
     _slots: asyncio.Semaphore | None = None
 
     @asynccontextmanager
@@ -705,7 +708,8 @@ class PaymentService:
         starting_after: str | None,
         ending_before: str | None,
     ) -> PaymentList:
-        async with self.pool.acquire() as conn:
+        lists = self.lists if self.lists is not None else ListReads(self.pool)
+        async with lists.acquire() as conn:
             payments = PaymentRepository(conn)
             rows = await payments.page(
                 merchant_id, limit=limit, starting_after=starting_after, ending_before=ending_before

@@ -12,7 +12,13 @@ from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, ControllerRouterHandler, Guard
 
 from tessera.runtime.db import check_schema, create_pool
-from tessera.runtime.http import EXCEPTION_HANDLERS, Metrics, health_handlers, install
+from tessera.runtime.http import (
+    EXCEPTION_HANDLERS,
+    Metrics,
+    ReadinessCheck,
+    health_handlers,
+    install,
+)
 from tessera.runtime.migrations import latest_version
 from tessera.runtime.openapi import ServiceDocument
 from tessera.runtime.openapi import finish as finish_document
@@ -40,10 +46,13 @@ def build_app(
     wrap_handler: Callable[[ASGIApp], ASGIApp] | None = None,
     document: ServiceDocument | None = None,
     guards: Sequence[Guard] = (),
+    readiness_checks: dict[str, ReadinessCheck] | None = None,
 ) -> Litestar:
     """`service_lifespan` opens what only this service needs (clients, key rings), after the
     pool and Redis are up (they are on `app.state`), and closes it before them. `document` is
-    what the service adds to its OpenAPI document (security schemes, links)."""
+    what the service adds to its OpenAPI document (security schemes, links).
+    `readiness_checks`: what `/readyz` checks beyond the database and Redis (the API's read
+    replica, when one is configured)."""
     resources = Resources()
     schema_version = latest_version(migrations_package)
 
@@ -79,7 +88,10 @@ def build_app(
     metrics = Metrics(service)
     app = Litestar(
         route_handlers=[
-            *health_handlers({"database": database_ready, "redis": redis_ready}, metrics),
+            *health_handlers(
+                {"database": database_ready, "redis": redis_ready, **(readiness_checks or {})},
+                metrics,
+            ),
             *route_handlers,
         ],
         dependencies=dependencies,
