@@ -180,7 +180,8 @@ def memory(quantity: str | int) -> int:
 def test_every_resource_the_kustomization_lists_exists_and_every_manifest_is_listed() -> None:
     listed = kustomization()["resources"]
     assert all((FOLDER / name).is_file() for name in listed), listed
-    on_disk = {p.name for p in FOLDER.glob("*.yaml")} - {"kustomization.yaml"}
+    # reader.yaml is applied by hand after a run (results.yaml says how), never with the run.
+    on_disk = {p.name for p in FOLDER.glob("*.yaml")} - {"kustomization.yaml", "reader.yaml"}
     assert set(listed) == on_disk
     kinds = {(r["kind"], r["metadata"]["name"]) for r in resources()}
     assert len(kinds) == len(resources()), "two resources of one kind share a name"
@@ -246,9 +247,23 @@ def test_the_workers_dial_the_master_service_on_the_port_the_master_binds() -> N
     assert service_target(port) == master_port()
 
 
-def test_the_web_ui_is_served_where_the_service_points() -> None:
-    web_port = int(option(args(master()), "--web-port") or 8089)
-    assert service_target(8089) == web_port == container_port(master(), "web")
+def test_the_master_runs_headless_and_writes_csv_and_html_to_the_results_claim() -> None:
+    words = args(master())
+    assert "--headless" in words
+    assert "--autostart" not in words  # the web UI's mode: --expect-workers would be ignored
+    results = PurePosixPath(option(words, "--results-dir") or "")
+    csv, html = option(words, "--csv"), option(words, "--html")
+    assert csv is not None
+    assert html is not None
+    assert PurePosixPath(csv).parent == results == PurePosixPath(html).parent
+    volumes = {v["name"]: v for v in pod_spec(master())["volumes"]}
+    (mount,) = [m for m in container(master())["volumeMounts"] if m["mountPath"] == str(results)]
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert resource("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # The reader pod mounts the same claim, read-only, to copy the reports out.
+    reader = yaml.safe_load((FOLDER / "reader.yaml").read_text())
+    (volume,) = reader["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"] == {"claimName": claim, "readOnly": True}
 
 
 def test_the_worker_selector_matches_its_pods_and_not_the_master() -> None:
@@ -448,7 +463,11 @@ def test_every_path_locust_writes_is_a_volume(which: str) -> None:
         for m in container(workload)["volumeMounts"]
         if not m.get("readOnly")
     }
-    assert all("emptyDir" in volumes[name] for name in mounts.values())
+    # Scratch space is an emptyDir; the master's reports go to their claim (tested above).
+    assert all(
+        "emptyDir" in volumes[name] or "persistentVolumeClaim" in volumes[name]
+        for name in mounts.values()
+    )
     written = ["/tmp"]
     written += [v for v in [option(args(workload), "--results-dir")] if v]
     for path in written:

@@ -25,6 +25,8 @@ K8S = DEPLOY / "k8s"
 SCHEMAS = K8S / "schemas"
 #: Each kustomization that is applied on its own, by the name its output is written under.
 RENDERED = {"gke": K8S / "gke", "local": K8S / "local", "load": K8S / "load"}
+#: Manifests applied by hand beside a kustomization's output, checked with it.
+BY_HAND = {"load": [K8S / "load" / "reader.yaml"]}
 #: The Kubernetes minor version GKE's regular channel runs (kubernetes-validate's schemas).
 KUBERNETES_VERSION = "1.33"
 #: API groups of the built-in kinds (kubernetes-validate knows their schemas).
@@ -51,8 +53,11 @@ def render(check: DeployCheck) -> dict[str, list[dict[str, Any]]]:
         result = check.run(f"kustomize {name}", ["kubectl", "kustomize", str(folder)])
         if result.returncode != 0:
             continue
-        (check.out / f"{name}.yaml").write_text(result.stdout)
-        documents = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        text = result.stdout
+        for path in BY_HAND.get(name, []):
+            text += "---\n" + path.read_text()
+        (check.out / f"{name}.yaml").write_text(text)
+        documents = [doc for doc in yaml.safe_load_all(text) if doc]
         rendered[name] = documents
         check.ok(f"kustomize {name}", f"{len(documents)} objects")
     return rendered
