@@ -38,11 +38,6 @@ NOT_MERCHANT_FIRST = {
     "processor_operations": "found by the processor's reference when its notification arrives, "
     "before the merchant is known; it carries merchant_id for everything after (distributed by "
     "processor_reference, not co-located)",
-    "ledger_postings": "its primary key is a global identity `id`; per merchant it is reached by "
-    "(merchant_id, payment_id). Before distributing: PRIMARY KEY (merchant_id, id), a migration",
-    "ledger_entries": "no primary key (append-only lines of a posting); its index for balances "
-    "starts with merchant_id. Before distributing: a key (merchant_id, posting_id, …), a "
-    "migration",
 }
 
 #: Unique keys without merchant_id on merchant tables: a distributed table cannot enforce them.

@@ -62,8 +62,9 @@ class LedgerRepository:
 
     async def unbalanced_postings(self) -> list[Any]:
         rows = await self.conn.fetch(
-            "SELECT posting_id, currency, sum(amount)::bigint AS total FROM ledger_entries "
-            "GROUP BY posting_id, currency HAVING sum(amount) <> 0 ORDER BY posting_id LIMIT 100"
+            "SELECT merchant_id, posting_id, currency, sum(amount)::bigint AS total "
+            "FROM ledger_entries GROUP BY merchant_id, posting_id, currency "
+            "HAVING sum(amount) <> 0 ORDER BY merchant_id, posting_id LIMIT 100"
         )
         return list(rows)
 
@@ -86,7 +87,8 @@ class LedgerRepository:
             "    AND lp.kind = 'capture'), 0) AS captured, "
             "  coalesce(sum(e.amount) FILTER (WHERE e.account = 'merchant_balance' "
             "    AND lp.kind IN ('refund', 'refund_pending', 'refund_reversal')), 0) AS refunded "
-            "  FROM ledger_postings lp JOIN ledger_entries e ON e.posting_id = lp.id "
+            "  FROM ledger_postings lp JOIN ledger_entries e "
+            "    ON e.merchant_id = lp.merchant_id AND e.posting_id = lp.id "
             "  GROUP BY lp.merchant_id, lp.payment_id) "
             "SELECT p.merchant_id, p.id, p.status, p.amount_authorized, p.amount_captured, "
             "p.amount_refunded, coalesce(l.held, 0)::bigint AS held, "
