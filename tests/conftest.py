@@ -31,9 +31,12 @@ from tessera.dbsetup import (
     service_dsn,
 )
 from tessera.runtime.migrations import migrate
+from tests.support import shared_http
 from tests.support.echo_server import EchoServer
 from tests.support.processes import ServiceProcess, free_port
 from vault.kms.local import LocalKms
+
+shared_http.install()
 
 PG_ADMIN_URL = os.environ.get(
     "TESSERA_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
