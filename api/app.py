@@ -98,6 +98,9 @@ def create_app(settings: ApiSettings) -> Litestar:
         service_lifespan=api_lifespan,
         document=DOCUMENT,
         readiness_checks={"read_database": replica.ready} if settings.read_database_url else None,
+        # Payments go on without the cache (Postgres decides idempotency) and without the read
+        # replica (only lists use it): neither may take the API out of a load balancer.
+        optional_dependencies=frozenset({"redis", "read_database"}),
     )
 
 

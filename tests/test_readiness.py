@@ -1,5 +1,6 @@
 """`/readyz` says not ready, with the reason, when a dependency is missing; `/healthz` still
-answers, because the process itself is fine."""
+answers, because the process itself is fine. An optional dependency (the API's Redis) leaves
+the service ready but `degraded`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tessera.dbsetup import ServiceDatabase, drop_database, ensure_roles_and_databases
-from tests.conftest import PG_ADMIN_URL, dsn
+from tests.conftest import PG_ADMIN_URL, dsn, start_service
 from tests.support.processes import ServiceProcess, free_port
 
 
@@ -63,3 +64,27 @@ def test_an_unreachable_redis_makes_the_service_unready_without_leaking_its_addr
         assert httpx.get(process.url + "/healthz").status_code == 200
     finally:
         process.stop()
+
+
+def test_the_api_stays_ready_but_degraded_while_its_redis_is_down(
+    api_env: dict[str, str], vault: ServiceProcess, tmp_path: Path
+) -> None:
+    """The API's Redis is a cache (idempotency is decided in Postgres): its loss must not take
+    every API pod out of a load balancer. The vault's Redis is not optional (the test above)."""
+    closed_port = free_port()
+    env = {
+        **api_env,
+        "TESSERA_API_VAULT_URL": vault.url,
+        "TESSERA_API_REDIS_URL": f"redis://127.0.0.1:{closed_port}/0",
+    }
+    api = start_service("api", env, tmp_path)
+    try:
+        response = httpx.get(api.url + "/readyz")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["status"] == "degraded"
+        assert body["checks"]["database"] == "ok"
+        assert body["checks"]["redis"].startswith("unavailable")
+        assert str(closed_port) not in response.text
+    finally:
+        api.stop()

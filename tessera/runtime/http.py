@@ -340,14 +340,21 @@ ReadinessCheck = Callable[[], Awaitable[None]]
 
 
 class ReadinessReport(msgspec.Struct):
-    """`/readyz`'s answer: each dependency's check, `ok` or why not."""
+    """`/readyz`'s answer: each dependency's check, `ok` or why not. `degraded`: only an
+    optional dependency failed, and the service still does its work (200)."""
 
-    status: Literal["ready", "unavailable"]
+    status: Literal["ready", "degraded", "unavailable"]
     checks: dict[str, str]
 
 
-def health_handlers(checks: dict[str, ReadinessCheck], metrics: Metrics) -> list[Any]:
-    """`/healthz` (the process answers), `/readyz` (its dependencies answer), `/metrics`."""
+def health_handlers(
+    checks: dict[str, ReadinessCheck], metrics: Metrics, optional: frozenset[str] = frozenset()
+) -> list[Any]:
+    """`/healthz` (the process answers), `/readyz` (its dependencies answer), `/metrics`.
+
+    A failed check in `optional` leaves the service ready (`degraded`): a load balancer must not
+    take every pod out of service because a cache or a read replica is down when payments still
+    go through (the API decides idempotency in Postgres; lists answer 503 on their own)."""
 
     @get("/healthz", operation_id="healthz", include_in_schema=True, sync_to_thread=False)
     def healthz() -> dict[str, str]:
@@ -365,15 +372,21 @@ def health_handlers(checks: dict[str, ReadinessCheck], metrics: Metrics) -> list
     )
     async def readyz() -> Response[bytes]:
         results: dict[str, str] = {}
-        ready = True
+        ready, degraded = True, False
         for name, check in checks.items():
             try:
                 await check()
                 results[name] = "ok"
             except Exception as exc:
-                ready = False
+                if name in optional:
+                    degraded = True
+                else:
+                    ready = False
                 results[name] = _describe_failure(exc)
-        report = ReadinessReport("ready" if ready else "unavailable", results)
+        status: Literal["ready", "degraded", "unavailable"] = (
+            "unavailable" if not ready else "degraded" if degraded else "ready"
+        )
+        report = ReadinessReport(status, results)
         return Response(
             content=msgspec.json.encode(report),
             status_code=200 if ready else 503,

@@ -47,12 +47,14 @@ def build_app(
     document: ServiceDocument | None = None,
     guards: Sequence[Guard] = (),
     readiness_checks: dict[str, ReadinessCheck] | None = None,
+    optional_dependencies: frozenset[str] = frozenset(),
 ) -> Litestar:
     """`service_lifespan` opens what only this service needs (clients, key rings), after the
     pool and Redis are up (they are on `app.state`), and closes it before them. `document` is
     what the service adds to its OpenAPI document (security schemes, links).
     `readiness_checks`: what `/readyz` checks beyond the database and Redis (the API's read
-    replica, when one is configured)."""
+    replica, when one is configured); `optional_dependencies`: the checks whose failure leaves
+    the service ready but `degraded`."""
     resources = Resources()
     schema_version = latest_version(migrations_package)
 
@@ -91,6 +93,7 @@ def build_app(
             *health_handlers(
                 {"database": database_ready, "redis": redis_ready, **(readiness_checks or {})},
                 metrics,
+                optional_dependencies,
             ),
             *route_handlers,
         ],
