@@ -39,7 +39,7 @@ KMS_KEY = re.compile(r"^projects/[^/]+/locations/[^/]+/keyRings/([^/]+)/cryptoKe
 #: Kubernetes spells GKE's taint effects differently.
 TAINT_EFFECTS = {"NO_SCHEDULE": "NoSchedule", "NO_EXECUTE": "NoExecute"}
 #: Google's VIP block (restricted.googleapis.com is 199.36.153.4/30, private 199.36.153.8/30).
-GOOGLE_VIPS = ipaddress.ip_network("199.36.152.0/22")
+GOOGLE_VIPS = ipaddress.IPv4Network("199.36.152.0/22")
 #: Memorystore's port: 6378 with in-transit TLS, 6379 without.
 REDIS_PORT = {"SERVER_AUTHENTICATION": 6378, "DISABLED": 6379}
 CLOUD_SQL_PROXY_PORT = 3307
@@ -376,14 +376,14 @@ def check_google_apis(s: Sources) -> list[str]:
     vault_reaches_vip = False
     for policy in of_kind(s.docs, "NetworkPolicy"):
         for block, rule in network_cidrs(policy):
-            cidr = ipaddress.ip_network(block["cidr"])
+            cidr = ipaddress.IPv4Network(block["cidr"])
             if cidr.prefixlen == 0:
                 if vip not in (block.get("except") or []):
                     out.append(
                         f"google apis: {key(policy)} reaches the internet but not less {vip}"
                     )
                 continue
-            if cidr.subnet_of(GOOGLE_VIPS) and block["cidr"] != vip:  # type: ignore[arg-type]
+            if cidr.subnet_of(GOOGLE_VIPS) and block["cidr"] != vip:
                 out.append(f"google apis: {key(policy)} allows {block['cidr']}, the VIP is {vip}")
             if block["cidr"] == vip and rule_ports(rule) != {443}:
                 out.append(f"google apis: {key(policy)} reaches the VIP on {rule_ports(rule)}")
@@ -397,7 +397,7 @@ def check_google_apis(s: Sources) -> list[str]:
 def check_managed_service_ports(s: Sources) -> list[str]:
     out = []
     redis = s.tree["modules/memorystore"]
-    private = ipaddress.ip_network(str(variable_default(s.tree, "private_services_cidr")))
+    private = ipaddress.IPv4Network(str(variable_default(s.tree, "private_services_cidr")))
     allowed = firewall_ports(firewall(s.tree, "allow_egress_private_services"))
     expected: dict[str, int] = {}
     for env_key, instance in (("VAULT_REDIS_CIDR", "vault"), ("API_REDIS_CIDR", "api")):
@@ -413,7 +413,7 @@ def check_managed_service_ports(s: Sources) -> list[str]:
     for env_key in ("VAULT_DB_CIDR", "API_DB_CIDR"):
         expected[s.env.get(env_key, "")] = CLOUD_SQL_PROXY_PORT
     for cidr in sorted(expected):
-        if not cidr or not ipaddress.ip_network(cidr).subnet_of(private):  # type: ignore[arg-type]
+        if not cidr or not ipaddress.IPv4Network(cidr).subnet_of(private):
             out.append(f"managed services: {cidr!r} is outside Terraform's {private}")
     for port in sorted(set(expected.values())):
         if str(port) not in allowed:
