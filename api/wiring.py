@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+
 from api.connectors.base import Connector
 from api.connectors.psp_a import PspAConnector
 from api.connectors.psp_b import PspBConnector
@@ -64,7 +66,8 @@ async def open_services(
     connectors: dict[str, Connector] = {connector.name: connector, psp_b.name: psp_b}
     retention = settings.idempotency_retention_hours * 3600
     keys = IdempotencyRepository(retention, settings.idempotency_lease_seconds)
-    gate = RedisGate()  # one per process: a Redis time-out spares every caller the next ones
+    # One per process: a Redis time-out spares every caller the next ones.
+    gate = RedisGate(cluster=isinstance(redis, RedisCluster))
     replays = ReplayCache(redis, retention, gate)
     routing = RoutingRepository(pool)
     publisher = Publisher(settlement_delay_seconds=settings.settlement_delay_seconds)

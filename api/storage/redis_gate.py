@@ -9,8 +9,9 @@ skips Redis for `PAUSE_SECONDS`; the first call after that tries again. A refuse
 fails at once and costs nothing, so it does not close the gate.
 
 With a Redis Cluster, "the cluster is down" (CLUSTERDOWN, or no node serving a slot while a dead
-node's slots are re-assigned) closes it too: the cluster client retries each such call with
-pauses for 2-3 s before giving up, so without the gate a payment would wait that out six times.
+node's slots are re-assigned) closes it too, and so does a refused connection: the cluster
+client retries each such call with pauses for 2-3 s before giving up (a dead node's connection
+is refused on every retry), so without the gate a payment would wait that out six times.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ PAUSE_SECONDS = 5.0
 @dataclass
 class RedisGate:
     pause_seconds: float = PAUSE_SECONDS
+    #: The client is a cluster client, whose connection errors come after its retries.
+    cluster: bool = False
     clock: Callable[[], float] = time.monotonic
     _closed_until: float = 0.0
 
@@ -38,10 +41,12 @@ class RedisGate:
     def failed(self, exc: Exception) -> None:
         """A Redis call failed with `exc`: after a time-out (or the cluster saying it cannot
         serve), skip Redis for a while."""
-        if isinstance(
-            exc,
+        slow = (
             redis.exceptions.TimeoutError
             | redis.exceptions.ClusterDownError
-            | redis.exceptions.RedisClusterException,
+            | redis.exceptions.RedisClusterException
+        )
+        if isinstance(exc, slow) or (
+            self.cluster and isinstance(exc, redis.exceptions.ConnectionError)
         ):
             self._closed_until = self.clock() + self.pause_seconds
