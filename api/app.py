@@ -35,8 +35,9 @@ def _service(name: str) -> Provide:
 
 
 class ReadReplica:
-    """The read replica's pool (`TESSERA_API_READ_DATABASE_URL`), opened with the primary's
-    bounds and time-outs, and its readiness: reachable and migrated, like the primary."""
+    """The read replica's pool (`TESSERA_API_READ_DATABASE_URL`), opened lazily with the
+    primary's upper bound and time-outs, and its readiness: reachable and migrated (optional:
+    `degraded` when not)."""
 
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
@@ -49,9 +50,11 @@ class ReadReplica:
         if not self.settings.read_database_url:
             yield None
             return
+        # No connection at start-up (min_size 0): a replica that is down must not keep the API
+        # from starting, since only the lists need it.
         self.pool = await create_pool(
             self.settings.read_database_url,
-            min_size=self.settings.db_pool_min,
+            min_size=0,
             max_size=self.settings.db_pool_max,
             wait_seconds=self.settings.db_timeout_seconds,
         )

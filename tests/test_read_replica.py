@@ -25,6 +25,7 @@ from tessera.dbsetup import service_dsn
 from tessera.runtime.settings import SettingsError, load_settings
 from tests.support.chaos_stack import Shop, open_shop, private_env
 from tests.support.pgcluster import API_DB, VAULT_DB, PgCluster, prepare_databases, service_env
+from tests.support.processes import ServiceProcess, free_port
 from tests.support.stack import Stack, start_stack
 
 
@@ -257,6 +258,18 @@ def test_readiness_reports_the_replica_and_writes_go_on_without_it(
         assert http.get("/v1/balance", headers=shop.auth).status_code == 200
         listed = http.get("/v1/payments", headers=shop.auth)
         assert listed.status_code == 503, listed.text
+    # An API process started while the replica is down starts, ready (degraded), and pays.
+    late = ServiceProcess(
+        "api", {**stack.env, "TESSERA_API_PORT": str(port := free_port())}, port,
+        stack.processes["api"].log_path.with_name("api-late.log"),
+    ).start()  # fmt: skip
+    try:
+        with httpx.Client(base_url=late.url, timeout=15) as http:
+            assert http.get("/readyz").json()["status"] == "degraded"
+            paid = _pay(http, shop, "rr-started-without-replica", 800, capture=True)
+            assert paid.status_code == 201, paid.text
+    finally:
+        late.stop()
 
 
 def _event_ids_on_primary(dsn: str, object_id: str) -> list[str]:
