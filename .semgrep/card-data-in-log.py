@@ -9,7 +9,7 @@ logger = logging.getLogger("fixture")
 
 
 class Card:
-    number = "4242424242424242"
+    number = "<a card number>"  # the rule matches names, never values
     cvc = "123"
     last4 = "4242"
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import hypothesis
@@ -33,6 +33,7 @@ from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.types import LifeSpanScope, Receive, Scope, Send
 from schemathesis import Case
 from schemathesis.core.parameters import ParameterLocation
+from schemathesis.generation.stateful.state_machine import APIStateMachine
 from schemathesis.schemas import BaseSchema
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
@@ -196,12 +197,16 @@ def test_the_vault_answers_every_generated_request_as_its_document_says(
 def run_stateful(
     schema: BaseSchema, service: str, merchant: ApiMerchant, tokens: dict[str, str]
 ) -> None:
-    class Machine(schema.as_state_machine()):  # type: ignore[misc]  # a class made at run time
-        def get_call_kwargs(self, case: Case[Any]) -> dict[str, Any]:
-            CASES[f"{service} stateful {case.operation.label}"] += 1
-            return {"headers": headers_for(case, merchant, tokens)}
+    def get_call_kwargs(self: APIStateMachine, case: Case[Any]) -> dict[str, Any]:
+        CASES[f"{service} stateful {case.operation.label}"] += 1
+        return {"headers": headers_for(case, merchant, tokens)}
 
-    Machine.run(
+    # Schemathesis makes the machine's class at run time; ours adds the credentials to it.
+    machine = cast(
+        "type[APIStateMachine]",
+        type("Machine", (schema.as_state_machine(),), {"get_call_kwargs": get_call_kwargs}),
+    )
+    machine.run(
         settings=hypothesis.settings(
             max_examples=STATEFUL_SCENARIOS,
             stateful_step_count=8,

@@ -35,10 +35,14 @@ def card_numbers(text: str) -> Generator[str, None, None]:
             yield match.group()
 
 
+#: What detect-secrets calls a finding of this plugin (the kind, not a secret).
+FINDING_KIND = "Card number (Luhn-valid, not a documented test card)"
+
+
 class LuhnCardNumberDetector(BasePlugin):
     """detect-secrets' interface: the raw values found in one line."""
 
-    secret_type = "Card number (Luhn-valid, not a documented test card)"  # noqa: S105 - a finding kind
+    secret_type = FINDING_KIND
 
     def analyze_string(self, string: str, **_: Any) -> Generator[str, None, None]:
         # Reported as "PAN <digits>": detect-secrets drops any value without a letter in it
