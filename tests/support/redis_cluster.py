@@ -19,7 +19,6 @@ same address.)
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import redis
 from redis.crc import key_slot
+
+from tests.support.redis_server import RedisServer
 
 SLOTS = 16384
 
@@ -56,60 +57,21 @@ def _binary(name: str) -> str:
 
 
 @dataclass
-class ClusterNode:
-    port: int
-    bus_port: int
-    base: Path
-    process: subprocess.Popen[bytes] | None = None
+class ClusterNode(RedisServer):
+    """One node: a private redis-server (tests/support/redis_server.py) with its cluster options."""
+
+    bus_port: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def client(self) -> redis.Redis:
-        """A plain connection to this node only (no redirections followed)."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def start(self, timeout: float = 10) -> None:
-        self.base.mkdir(parents=True, exist_ok=True)
-        log = (self.base / "redis.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                _binary("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port),
-                "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
-                "--cluster-config-file", str(self.base / "nodes.conf"),
-                "--cluster-node-timeout", "2000", "--dir", str(self.base),
-                "--save", "", "--appendonly", "no", "--daemonize", "no",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.base / 'redis.log').read_text()}")
-            try:
-                with self.client() as client:
-                    if client.ping():
-                        return
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server on {self.port} did not answer")
-
-    def kill(self) -> None:
-        """kill -9: without persistence every key of the node is gone."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    def arguments(self) -> list[str]:
+        return [
+            "--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
+            "--cluster-config-file", str(self.base / "nodes.conf"),
+            "--cluster-node-timeout", "2000",
+        ]  # fmt: skip
 
     def command(self, *args: str | int) -> str:
         """A CLUSTER command's raw text answer, decoded."""
@@ -164,7 +126,7 @@ class LocalRedisCluster:
     def start(self, timeout: float = 30) -> LocalRedisCluster:
         ports = _free_ports(2 * self.size)
         self.nodes = [
-            ClusterNode(ports[2 * i], ports[2 * i + 1], self.base / f"node{i}")
+            ClusterNode(port=ports[2 * i], bus_port=ports[2 * i + 1], base=self.base / f"node{i}")
             for i in range(self.size)
         ]
         for node in self.nodes:

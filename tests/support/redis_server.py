@@ -26,15 +26,20 @@ class RedisServer:
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
+    def arguments(self) -> list[str]:
+        """What this server adds to the command line (a cluster node: its cluster options)."""
+        return []
+
     def start(self, timeout: float = 10) -> RedisServer:
         server = shutil.which("redis-server")
         if server is None:
             raise RuntimeError("redis-server not found (Debian: apt-get install redis-server)")
+        self.base.mkdir(parents=True, exist_ok=True)
         log = (self.base / "redis.log").open("ab")
         self.process = subprocess.Popen(
             [
                 server, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.base),
-                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--save", "", "--appendonly", "no", "--daemonize", "no", *self.arguments(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -48,7 +53,7 @@ class RedisServer:
                     return self
             except redis.exceptions.ConnectionError:
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not answer")
+        raise RuntimeError(f"redis-server on {self.port} did not answer")
 
     def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=5)
@@ -56,7 +61,8 @@ class RedisServer:
     def kill(self) -> None:
         """kill -9: without persistence every key is gone."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
     def flushall(self) -> None:
