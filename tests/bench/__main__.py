@@ -521,19 +521,10 @@ def main() -> None:
     started = datetime.datetime.now(datetime.UTC)
     results: dict[str, Any] = {"core": core_rows()}
     config = StackConfig.from_env()
-    env = service_env(config)
-    env.update(
-        {
-            "TESSERA_API_LOG_LEVEL": "warning",
-            "TESSERA_VAULT_LOG_LEVEL": "warning",
-            "TESSERA_API_REDIS_URL": config.redis_db(12),
-            "TESSERA_VAULT_REDIS_URL": config.redis_db(13),
-        }
-    )
-    token_secret = env.get("TESSERA_VAULT_SERVICE_TOKEN") or secrets.token_urlsafe(32)
-    env["TESSERA_API_VAULT_SERVICE_TOKEN"] = env["TESSERA_VAULT_SERVICE_TOKEN"] = token_secret
     print("\nfresh bench databases (tessera_api_bench, tessera_vault_bench) ...", flush=True)
-    env.update(database.prepare_databases(config.pg_admin_url))
+    env = database.bench_env(
+        service_env(config), config.pg_admin_url, config.redis_db(12), config.redis_db(13)
+    )
     for db in (12, 13):
         client = redis.Redis.from_url(config.redis_db(db))
         client.flushdb()

@@ -221,20 +221,9 @@ def main() -> None:
         source = str(args.bench)
 
     config = StackConfig.from_env()
-    env = service_env(config)
     server = RedisServer().start()
     redis_url = server.url(0)
-    env.update(
-        {
-            "TESSERA_API_LOG_LEVEL": "warning",
-            "TESSERA_VAULT_LOG_LEVEL": "warning",
-            "TESSERA_API_REDIS_URL": redis_url,
-            "TESSERA_VAULT_REDIS_URL": server.url(1),
-        }
-    )
-    token = env.get("TESSERA_VAULT_SERVICE_TOKEN") or secrets.token_urlsafe(32)
-    env["TESSERA_API_VAULT_SERVICE_TOKEN"] = env["TESSERA_VAULT_SERVICE_TOKEN"] = token
-    env.update(database.prepare_databases(config.pg_admin_url))
+    env = database.bench_env(service_env(config), config.pg_admin_url, redis_url, server.url(1))
     with tempfile.TemporaryDirectory() as tmp:
         stack = start_stack(env, Path(tmp))
         try:

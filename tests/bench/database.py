@@ -13,6 +13,7 @@ import datetime
 import glob
 import json
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -307,3 +308,20 @@ def seed_payments(admin_dsn: str, filler_merchant: str, rows: int) -> int:
             await conn.close()
 
     return asyncio.run(seed())
+
+
+def bench_env(
+    base: dict[str, str], admin_dsn: str, api_redis: str, vault_redis: str
+) -> dict[str, str]:
+    """The stack's environment on fresh bench databases: quiet logs, one shared service token."""
+    env = {
+        **base,
+        "TESSERA_API_LOG_LEVEL": "warning",
+        "TESSERA_VAULT_LOG_LEVEL": "warning",
+        "TESSERA_API_REDIS_URL": api_redis,
+        "TESSERA_VAULT_REDIS_URL": vault_redis,
+    }
+    token = env.get("TESSERA_VAULT_SERVICE_TOKEN") or secrets.token_urlsafe(32)
+    env["TESSERA_API_VAULT_SERVICE_TOKEN"] = env["TESSERA_VAULT_SERVICE_TOKEN"] = token
+    env.update(prepare_databases(admin_dsn))
+    return env
