@@ -291,13 +291,11 @@ def check_cloud_sql(s: Sources) -> list[str]:
     sql = s.tree["modules/cloudsql"]
     instances = {
         body.get("name"): instance
-        for (rtype, instance), body in sql.resources.items()
-        if rtype == "google_sql_database_instance"
+        for instance, body in terraform.instances(sql, "google_sql_database_instance").items()
     }
     databases = {
         instance: body.get("name")
-        for (rtype, instance), body in sql.resources.items()
-        if rtype == "google_sql_database"
+        for instance, body in terraform.instances(sql, "google_sql_database").items()
     }
     users = {(u["instance"], u["gsa"]) for u in sql.locals.get("iam_users", {}).values()}
     for pod, _, spec in pods(s.docs):
@@ -335,12 +333,10 @@ def check_cloud_sql(s: Sources) -> list[str]:
 
 def check_cde_pool(s: Sources) -> list[str]:
     gke = s.tree["modules/gke"]
-    node = terraform.first(
-        gke.resources.get(("google_container_node_pool", "cde"), {}).get("node_config", {})
-    )
-    labels = node.get("labels", {})
-    if isinstance(labels, str):
-        labels = gke.locals.get(labels.removeprefix("${local.").removesuffix("}"), {})
+    pool = terraform.instances(gke, "google_container_node_pool").get("cde", {})
+    node = terraform.first(pool.get("node_config", {}))
+    labels = node.get("labels")
+    labels = labels if isinstance(labels, dict) else {}
     taint = terraform.first(node.get("taint", {}))
     toleration = {
         "key": taint.get("key"),
@@ -396,12 +392,12 @@ def check_google_apis(s: Sources) -> list[str]:
 
 def check_managed_service_ports(s: Sources) -> list[str]:
     out = []
-    redis = s.tree["modules/memorystore"]
+    redis = terraform.instances(s.tree["modules/memorystore"], "google_redis_instance")
     private = ipaddress.IPv4Network(str(variable_default(s.tree, "private_services_cidr")))
     allowed = firewall_ports(firewall(s.tree, "allow_egress_private_services"))
     expected: dict[str, int] = {}
     for env_key, instance in (("VAULT_REDIS_CIDR", "vault"), ("API_REDIS_CIDR", "api")):
-        body = redis.resources.get(("google_redis_instance", instance), {})
+        body = redis.get(instance, {})
         port = REDIS_PORT.get(str(body.get("transit_encryption_mode")))
         if port is None:
             out.append(f"memorystore: tessera-{instance}'s transit_encryption_mode is unknown")
@@ -460,12 +456,9 @@ def check_edge_load_balancer(s: Sources) -> list[str]:
             )
     if s.tree["."].calls.get("network", {}).get("edge_node_tag") != "${local.node_tags.general}":
         out.append("edge: the firewall does not target the general pool the gateway runs on")
-    general = terraform.first(
-        s.tree["modules/gke"]
-        .resources.get(("google_container_node_pool", "general"), {})
-        .get("node_config", {})
-    )
-    if general.get("tags") != ["${var.node_tags.general}"] or not tags.get("general"):
+    pools = terraform.instances(s.tree["modules/gke"], "google_container_node_pool")
+    general = terraform.first(pools.get("general", {}).get("node_config", {}))
+    if general.get("tags") != ['${var.node_tags["general"]}'] or not tags.get("general"):
         out.append("edge: the general pool's nodes do not carry the firewall's target tag")
     for pod, _, spec in pods(s.docs):
         if pod == "tessera-edge/tessera-ingressgateway" and spec.get("tolerations"):
@@ -542,8 +535,7 @@ def annotate_unknown_gsa(s: Sources) -> None:
 
 
 def change_taint(s: Sources) -> None:
-    pool = s.tree["modules/gke"].resources[("google_container_node_pool", "cde")]
-    pool["node_config"][0]["taint"][0]["value"] = "yes"
+    s.tree["modules/gke"].locals["node_pools"]["cde"]["taints"][0]["value"] = "yes"
 
 
 def vault_on_any_node(s: Sources) -> None:
@@ -611,7 +603,7 @@ def admin_logs_in_as_api(s: Sources) -> None:
 
 
 def database_renamed(s: Sources) -> None:
-    s.tree["modules/cloudsql"].resources[("google_sql_database", "vault")]["name"] = "vault"
+    s.tree["modules/cloudsql"].locals["instances"]["vault"]["database"] = "vault"
 
 
 def vip_moved(s: Sources) -> None:
@@ -619,7 +611,7 @@ def vip_moved(s: Sources) -> None:
 
 
 def redis_without_tls(s: Sources) -> None:
-    redis = s.tree["modules/memorystore"].resources[("google_redis_instance", "vault")]
+    redis = s.tree["modules/memorystore"].resources[("google_redis_instance", "this")]
     redis["transit_encryption_mode"] = "DISABLED"
 
 

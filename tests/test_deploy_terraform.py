@@ -46,6 +46,101 @@ def test_the_kek_output_is_the_full_key_name_the_vault_wants(parsed: Tree) -> No
     assert kek_output == "${google_kms_crypto_key.vault_kek.id}"
 
 
+def test_each_instance_provisions_what_its_own_resource_did(parsed: Tree) -> None:
+    """The for_each instances say, key by key, what the resources written out one by one said
+    (the values differing between them; the shared ones are checked by `problems`)."""
+    sql = terraform.instances(parsed[SQL], "google_sql_database_instance")
+    said = {
+        key: (
+            body["name"],
+            body["settings"][0]["tier"],
+            body["settings"][0]["backup_configuration"][0]["start_time"],
+            body["settings"][0]["maintenance_window"][0]["hour"],
+            body["settings"][0]["user_labels"],
+            {k: v for k, v in terraform.flags(body).items() if k.startswith("pgaudit.")},
+            len(body["settings"][0]["database_flags"]),
+        )
+        for key, body in sql.items()
+    }
+    assert said == {
+        "api": (
+            "tessera-api",
+            "${var.api_tier}",
+            "02:00",
+            3,
+            {"app": "tessera", "pci-scope": "connected"},
+            {"pgaudit.log": "ddl,role"},
+            17,
+        ),
+        "vault": (
+            "tessera-vault",
+            "${var.vault_tier}",
+            "02:30",
+            4,
+            {"app": "tessera", "pci-scope": "cde"},
+            {"pgaudit.log": "all", "pgaudit.log_parameter": "off", "pgaudit.log_relation": "on"},
+            19,
+        ),
+    }
+    databases = terraform.instances(parsed[SQL], "google_sql_database")
+    assert {k: b["name"] for k, b in databases.items()} == {
+        "api": "tessera_api",
+        "vault": "tessera_vault",
+    }
+    redis = terraform.instances(parsed[REDIS], "google_redis_instance")
+    assert {
+        key: (
+            body["name"],
+            body["memory_size_gb"],
+            body["redis_configs"]["maxmemory-policy"],
+            body["maintenance_policy"][0]["weekly_maintenance_window"][0]["start_time"][0],
+            body["labels"]["pci-scope"],
+        )
+        for key, body in redis.items()
+    } == {
+        "api": (
+            "tessera-api",
+            "${var.api_memory_size_gb}",
+            "volatile-lru",
+            {"hours": 3, "minutes": 0},
+            "connected",
+        ),
+        "vault": (
+            "tessera-vault",
+            "${var.vault_memory_size_gb}",
+            "noeviction",
+            {"hours": 4, "minutes": 0},
+            "cde",
+        ),
+    }
+    pools = terraform.instances(parsed[GKE], "google_container_node_pool")
+    assert {
+        key: (
+            body["name"],
+            body["node_config"][0]["labels"],
+            body["node_config"][0]["tags"],
+            body["node_config"][0].get("taint", []),
+            body["node_config"][0]["resource_labels"]["pci-scope"],
+        )
+        for key, body in pools.items()
+    } == {
+        "cde": (
+            "cde",
+            {"tessera.dev/pool": "cde"},
+            ['${var.node_tags["cde"]}'],
+            [{"key": "tessera.dev/cde", "value": "true", "effect": "NO_SCHEDULE"}],
+            "cde",
+        ),
+        "general": (
+            "general",
+            {"tessera.dev/pool": "general"},
+            ['${var.node_tags["general"]}'],
+            [],
+            "connected",
+        ),
+    }
+
+
 # --- each check bites: a mutated copy of the parsed tree is reported ---------------------------
 
 
@@ -55,16 +150,45 @@ def res(tree: Tree, where: str, rtype: str, name: str) -> dict[str, object]:
 
 
 def sql_flags_without(name: str) -> Callable[[Tree], None]:
+    """Drops a flag wherever it is written: the instances' shared blocks, the vault's own."""
+
     def mutate(tree: Tree) -> None:
-        settings = res(tree, "modules/cloudsql", "google_sql_database_instance", "vault")[
-            "settings"
-        ]
+        settings = res(tree, "modules/cloudsql", "google_sql_database_instance", "this")["settings"]
         assert isinstance(settings, list)
-        settings[0]["database_flags"] = [
-            f for f in settings[0]["database_flags"] if f["name"] != name
-        ]
+        shared = settings[0]["database_flags"]
+        settings[0]["database_flags"] = [f for f in shared if f["name"] != name]
+        vault = tree["modules/cloudsql"].locals["instances"]["vault"]
+        vault["pgaudit_flags"] = [f for f in vault["pgaudit_flags"] if f["name"] != name]
+        assert len(settings[0]["database_flags"]) < len(shared) or name.startswith("pgaudit.")
 
     return mutate
+
+
+def set_local(where: str, *path: str, value: object) -> Callable[[Tree], None]:
+    """A mutation that sets one entry of a module's locals (what one for_each instance says)."""
+
+    def mutate(tree: Tree) -> None:
+        entry: object = tree[where].locals
+        for key in path[:-1]:
+            assert isinstance(entry, dict)
+            entry = entry[key]
+        assert isinstance(entry, dict)
+        assert path[-1] in entry
+        entry[path[-1]] = value
+
+    return mutate
+
+
+def drop_move(where: str, former: str) -> Callable[[Tree], None]:
+    def mutate(tree: Tree) -> None:
+        del tree[where].moved[former]
+
+    return mutate
+
+
+def rename_general_pool(tree: Tree) -> None:
+    pools = tree["modules/gke"].locals["node_pools"]
+    pools["default"] = pools.pop("general")
 
 
 def set_path(
@@ -215,7 +339,7 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
         set_path(
             SQL,
             "google_sql_database_instance",
-            "vault",
+            "this",
             "settings",
             "ip_configuration",
             "ipv4_enabled",
@@ -227,7 +351,7 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
         set_path(
             SQL,
             "google_sql_database_instance",
-            "api",
+            "this",
             "settings",
             "availability_type",
             value="ZONAL",
@@ -238,7 +362,7 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
         set_path(
             SQL,
             "google_sql_database_instance",
-            "vault",
+            "this",
             "settings",
             "backup_configuration",
             "point_in_time_recovery_enabled",
@@ -247,14 +371,14 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
         "point-in-time recovery",
     ),
     "cloud sql without CMEK": (
-        set_path(SQL, "google_sql_database_instance", "api", "encryption_key_name", value=None),
+        set_path(SQL, "google_sql_database_instance", "this", "encryption_key_name", value=None),
         "tessera-api is encrypted with CMEK",
     ),
     "cloud sql without TLS": (
         set_path(
             SQL,
             "google_sql_database_instance",
-            "vault",
+            "this",
             "settings",
             "ip_configuration",
             "ssl_mode",
@@ -268,16 +392,16 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
         "IAM database authentication",
     ),
     "redis basic tier": (
-        set_path(REDIS, "google_redis_instance", "api", "tier", value="BASIC"),
+        set_path(REDIS, "google_redis_instance", "this", "tier", value="BASIC"),
         "tessera-api is STANDARD_HA",
     ),
     "redis without AUTH": (
-        set_path(REDIS, "google_redis_instance", "vault", "auth_enabled", value=False),
+        set_path(REDIS, "google_redis_instance", "this", "auth_enabled", value=False),
         "tessera-vault has AUTH enabled",
     ),
     "redis without TLS": (
         set_path(
-            REDIS, "google_redis_instance", "vault", "transit_encryption_mode", value="DISABLED"
+            REDIS, "google_redis_instance", "this", "transit_encryption_mode", value="DISABLED"
         ),
         "in-transit TLS",
     ),
@@ -285,7 +409,7 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
         set_path(
             REDIS,
             "google_redis_instance",
-            "vault",
+            "this",
             "persistence_config",
             "persistence_mode",
             value="RDB",
@@ -349,8 +473,42 @@ MUTATIONS: dict[str, tuple[Callable[[Tree], None], str]] = {
         "PROJECT_SINGLETON_POLICY_ENFORCE",
     ),
     "cde pool untainted": (
-        set_path(GKE, "google_container_node_pool", "cde", "node_config", "taint", value=[]),
+        set_local(GKE, "node_pools", "cde", "taints", value=[]),
         "tainted tessera.dev/cde=true:NoSchedule",
+    ),
+    "cde pool labelled general": (
+        set_local(GKE, "node_pools", "cde", "labels", value={"tessera.dev/pool": "general"}),
+        "the CDE pool is labelled tessera.dev/pool=cde",
+    ),
+    "the vault's pgaudit logs nothing": (
+        set_local(
+            SQL, "instances", "vault", "pgaudit_flags", value=[{"name": "pgaudit.log", "value": ""}]
+        ),
+        "tessera-vault has pgaudit on",
+    ),
+    "the vault's database renamed": (
+        set_local(SQL, "instances", "vault", "database", value="vault"),
+        "tessera-vault has the database tessera_vault",
+    ),
+    "the API's Cloud SQL instance dropped": (
+        lambda tree: tree[SQL].locals["instances"].pop("api"),
+        "instance tessera-api exists",
+    ),
+    "the vault's Redis dropped": (
+        lambda tree: tree[REDIS].locals["instances"].pop("vault"),
+        "instance tessera-vault exists",
+    ),
+    "the vault's database would be replaced": (
+        drop_move(SQL, "google_sql_database_instance.vault"),
+        "moves google_sql_database_instance.vault to",
+    ),
+    "the vault's Redis would be replaced": (
+        drop_move(REDIS, "google_redis_instance.vault"),
+        "moves google_redis_instance.vault to",
+    ),
+    "a node pool renamed without a move": (
+        rename_general_pool,
+        'google_container_node_pool.this["general"] is not an instance',
     ),
     "admin reads a PSP key": (admin_reads_psp_key, "the admin GSA reads only the admin token"),
     "a secret value in Terraform": (

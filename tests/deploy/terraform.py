@@ -3,10 +3,14 @@
 `load_tree` parses every .tf file with python-hcl2; `problems` reads the parsed tree and lists
 every property of issue 11 it does not hold (tests/test_deploy_terraform.py shows each check
 bites by mutating a copy). `check` runs the parse, `terraform fmt -check`, checkov and `problems`.
+A resource written once with `for_each` over a local map is read per instance (`instances`), so
+every property is still checked for each Cloud SQL instance, Redis instance and node pool.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -57,6 +61,27 @@ PERIMETER_SERVICES = {
     "sqladmin.googleapis.com",
     "secretmanager.googleapis.com",
 }
+#: Former address -> for_each instance, by module: what the `moved` blocks must say.
+FORMER_ADDRESSES = {
+    "modules/cloudsql": {
+        **{
+            f"google_sql_database_instance.{key}": f'google_sql_database_instance.this["{key}"]'
+            for key in ("api", "vault")
+        },
+        **{
+            f"google_sql_database.{key}": f'google_sql_database.this["{key}"]'
+            for key in ("api", "vault")
+        },
+    },
+    "modules/memorystore": {
+        f"google_redis_instance.{key}": f'google_redis_instance.this["{key}"]'
+        for key in ("api", "vault")
+    },
+    "modules/gke": {
+        f"google_container_node_pool.{key}": f'google_container_node_pool.this["{key}"]'
+        for key in ("cde", "general")
+    },
+}
 NINETY_DAYS = 90 * 24 * 3600
 MIN_LOG_DAYS = 365
 CRYPTO_ROLES = re.compile(r"roles/cloudkms\.(cryptoKey\w*(Encrypter|Decrypter)\w*|.*[Dd]ecrypt.*)")
@@ -74,6 +99,8 @@ class Module:
     outputs: dict[str, Block] = field(default_factory=dict)
     locals: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, Block] = field(default_factory=dict)
+    #: `moved` blocks: former address -> current address.
+    moved: dict[str, str] = field(default_factory=dict)
 
 
 #: Directory relative to deploy/terraform ("." is the root module) -> its module.
@@ -105,6 +132,8 @@ def load_tree(root: Path = TERRAFORM_DIR) -> Tree:
             module.locals.update(entry)
         for entry in parsed.get("module", []):
             module.calls.update(entry)
+        for entry in parsed.get("moved", []):
+            module.moved[unwrap(entry["from"])] = unwrap(entry["to"])
     return tree
 
 
@@ -125,6 +154,158 @@ def get(body: Block, *path: str) -> Any:
         if value is None:
             return None
     return value
+
+
+# --- for_each and dynamic blocks, resolved as far as the module's own locals allow -------------
+# Enough of Terraform's expressions for what deploy/terraform writes: references into
+# each/local/a dynamic block's iterator, try(), concat(), null and []. Anything else (var.*,
+# other functions) stays as its text, so a check comparing it to an expected text still works.
+
+
+class _Unknown:
+    """An expression this reader does not evaluate (a variable, a function it lacks)."""
+
+
+UNKNOWN = _Unknown()
+_STEP = re.compile(r'\.([A-Za-z_][\w-]*)|\["([^"]*)"\]|\[each\.key\]')
+_ROOT = re.compile(r"[A-Za-z_][\w-]*")
+_EACH = re.compile(r"\beach\.(?:key|value(?:\.[A-Za-z_][\w-]*)*)")
+
+
+def unwrap(text: Any) -> str:
+    """`${x}` -> `x`: python-hcl2 wraps a bare expression in an interpolation."""
+    value = str(text)
+    return value[2:-1] if value.startswith("${") and value.endswith("}") else value
+
+
+def _split_arguments(text: str) -> list[str]:
+    args, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            args.append(text[start:i].strip())
+            start = i + 1
+    tail = text[start:].strip()
+    return [*args, tail] if tail else args
+
+
+def _reference(expr: str, scope: dict[str, Any]) -> Any:
+    root = _ROOT.match(expr)
+    if root is None or root.group(0) not in scope:
+        return UNKNOWN
+    value, at = scope[root.group(0)], root.end()
+    while at < len(expr):
+        step = _STEP.match(expr, at)
+        if step is None:
+            return UNKNOWN
+        if step.group(0) == "[each.key]":
+            name = scope.get("each", {}).get("key")
+        else:
+            name = step.group(1) if step.group(1) is not None else step.group(2)
+        if not isinstance(value, dict) or name not in value:
+            return UNKNOWN
+        value, at = value[name], step.end()
+    return value
+
+
+def evaluate(expr: str, scope: dict[str, Any]) -> Any:
+    """The value of one expression, or UNKNOWN."""
+    expr = expr.strip()
+    if expr == "null":
+        return None
+    if expr == "[]":
+        return []
+    call = re.fullmatch(r"(try|concat)\((.*)\)", expr, re.DOTALL)
+    if call is not None:
+        args = [evaluate(arg, scope) for arg in _split_arguments(call.group(2))]
+        if call.group(1) == "try":
+            return next((arg for arg in args if arg is not UNKNOWN), UNKNOWN)
+        if all(isinstance(arg, list) for arg in args):
+            return [item for arg in args for item in arg]
+        return UNKNOWN
+    value = _reference(expr, scope)
+    return UNKNOWN if value is UNKNOWN else render(value, scope)
+
+
+def _literal_each(expr: str, scope: dict[str, Any]) -> str:
+    """each.key in an expression left unevaluated, as the literal it stands for."""
+
+    def literal(match: re.Match[str]) -> str:
+        value = _reference(match.group(0), scope)
+        return json.dumps(value) if isinstance(value, str | int | float) else match.group(0)
+
+    return _EACH.sub(literal, expr) if "each" in scope else expr
+
+
+def _render_text(text: str, scope: dict[str, Any]) -> Any:
+    whole = re.fullmatch(r"\$\{(.*)\}", text, re.DOTALL)
+    if whole is not None and "${" not in whole.group(1):
+        value = evaluate(whole.group(1), scope)
+        return "${" + _literal_each(whole.group(1), scope) + "}" if value is UNKNOWN else value
+
+    def part(match: re.Match[str]) -> str:
+        value = evaluate(match.group(1), scope)
+        if value is UNKNOWN or not isinstance(value, str | int | float):
+            return "${" + _literal_each(match.group(1), scope) + "}"
+        return str(value)
+
+    return re.sub(r"\$\{([^{}]*)\}", part, text)
+
+
+def _iterate(collection: Any) -> list[tuple[Any, Any]]:
+    if isinstance(collection, dict):
+        return list(collection.items())
+    return list(enumerate(collection))
+
+
+def render(value: Any, scope: dict[str, Any]) -> Any:
+    """value with every expression this reader can evaluate replaced by its value; a dynamic
+    block it can expand becomes blocks of its type (after the static ones: the checks read
+    blocks as a set)."""
+    if isinstance(value, str):
+        return _render_text(value, scope)
+    if isinstance(value, list):
+        return [render(item, scope) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key != "dynamic":
+            out[key] = render(item, scope)
+    for entry in value.get("dynamic", []):
+        for block, spec in entry.items():
+            collection = evaluate(unwrap(spec.get("for_each")), scope)
+            if not isinstance(collection, dict | list):
+                out.setdefault("dynamic", []).append(entry)
+                continue
+            blocks = out.setdefault(block, [])
+            for each_key, each_value in _iterate(collection):
+                iterator = {block: {"key": each_key, "value": each_value}}
+                blocks.append(render(first(spec.get("content", {})), scope | iterator))
+    return out
+
+
+def instances(module: Module, rtype: str) -> dict[str, Block]:
+    """Every resource of rtype in the module, rendered: one per for_each key (by that key) for a
+    for_each over a local map or set, or the resource itself (by its name)."""
+    out: dict[str, Block] = {}
+    scope: dict[str, Any] = {"local": module.locals}
+    for (kind, name), body in module.resources.items():
+        if kind != rtype:
+            continue
+        template = {k: v for k, v in body.items() if k != "for_each"}
+        keys = evaluate(unwrap(body["for_each"]), scope) if "for_each" in body else UNKNOWN
+        if not isinstance(keys, dict | list):
+            out[name] = render(body, scope)
+            continue
+        pairs = keys.items() if isinstance(keys, dict) else ((k, k) for k in keys)
+        for each_key, each_value in pairs:
+            each = {"each": {"key": each_key, "value": copy.deepcopy(each_value)}}
+            out[str(each_key)] = render(template, scope | each)
+    return out
 
 
 def flags(instance: Block) -> dict[str, str]:
@@ -231,11 +412,13 @@ def check_kms_iam(tree: Tree) -> list[str]:
 def check_cloudsql(tree: Tree) -> list[str]:
     sql = tree["modules/cloudsql"]
     out = []
+    found = instances(sql, "google_sql_database_instance")
+    databases = instances(sql, "google_sql_database")
     for key, name, database in (
         ("api", "tessera-api", "tessera_api"),
         ("vault", "tessera-vault", "tessera_vault"),
     ):
-        body = sql.resources.get(("google_sql_database_instance", key))
+        body = found.get(key)
         if body is None or body.get("name") != name:
             out.append(f"cloudsql: instance {name} exists")
             continue
@@ -274,7 +457,7 @@ def check_cloudsql(tree: Tree) -> list[str]:
             out.append(
                 "cloudsql: tessera-vault has pgaudit on (cloudsql.enable_pgaudit, pgaudit.log)"
             )
-        db = sql.resources.get(("google_sql_database", key), {})
+        db = databases.get(key, {})
         if db.get("name") != database:
             out.append(f"cloudsql: {name} has the database {database}")
     users = sql.locals.get("iam_users", {})
@@ -300,8 +483,9 @@ def check_cloudsql(tree: Tree) -> list[str]:
 def check_memorystore(tree: Tree) -> list[str]:
     redis = tree["modules/memorystore"]
     out = []
+    found = instances(redis, "google_redis_instance")
     for key in ("api", "vault"):
-        body = redis.resources.get(("google_redis_instance", key), {})
+        body = found.get(key, {})
         name = f"tessera-{key}"
         if body.get("name") != name:
             out.append(f"memorystore: instance {name} exists")
@@ -316,8 +500,7 @@ def check_memorystore(tree: Tree) -> list[str]:
             out.append(f"memorystore: {name} is reached by private services access")
         if not body.get("customer_managed_key"):
             out.append(f"memorystore: {name} is encrypted with CMEK")
-    vault = redis.resources.get(("google_redis_instance", "vault"), {})
-    if get(vault, "persistence_config", "persistence_mode") != "DISABLED":
+    if get(found.get("vault", {}), "persistence_config", "persistence_mode") != "DISABLED":
         out.append("memorystore: the vault's Redis (CVCs) never persists to disk")
     return out
 
@@ -446,11 +629,10 @@ def check_gke(tree: Tree) -> list[str]:
         out.append(
             "gke: disable_l4_lb_firewall_reconciliation (GKE's own rules would open every node)"
         )
-    cde = gke.resources.get(("google_container_node_pool", "cde"), {})
+    cde = instances(gke, "google_container_node_pool").get("cde", {})
     node = first(cde.get("node_config", {}))
-    labels = node.get("labels", {})
-    if isinstance(labels, str):
-        labels = gke.locals.get("node_labels", {}) if "local.node_labels" in labels else {}
+    labels = node.get("labels")
+    labels = labels if isinstance(labels, dict) else {}
     taint = first(node.get("taint", {}))
     if labels.get("tessera.dev/pool") != "cde":
         out.append("gke: the CDE pool is labelled tessera.dev/pool=cde")
@@ -540,6 +722,23 @@ def check_network(tree: Tree) -> list[str]:
     return out
 
 
+def check_moves(tree: Tree) -> list[str]:
+    """Resources once written out one by one and now one for_each: each former address is moved
+    to its instance, or Terraform would destroy the instance (a database, its data) and create
+    an empty one."""
+    out = []
+    for where, moves in FORMER_ADDRESSES.items():
+        module = tree.get(where, Module())
+        for former, current in moves.items():
+            if module.moved.get(former) != current:
+                out.append(f"moves: {where} moves {former} to {current} (else it is replaced)")
+            rtype, _, rest = current.partition(".")
+            key = rest.partition("[")[2].strip('"]')
+            if key not in instances(module, rtype):
+                out.append(f"moves: {where} {current} is not an instance of its resource")
+    return out
+
+
 def check_documentation(tree: Tree) -> list[str]:
     out = []
     for where, module in tree.items():
@@ -561,6 +760,7 @@ CHECKS: list[Callable[[Tree], list[str]]] = [
     check_gke,
     check_secrets,
     check_network,
+    check_moves,
     check_documentation,
 ]
 

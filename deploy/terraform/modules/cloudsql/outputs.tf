@@ -1,17 +1,11 @@
 output "connection_names" {
   description = "PROJECT:REGION:INSTANCE of tessera-api and tessera-vault, for the Cloud SQL Auth Proxy."
-  value = {
-    api   = google_sql_database_instance.api.connection_name
-    vault = google_sql_database_instance.vault.connection_name
-  }
+  value       = { for key, instance in google_sql_database_instance.this : key => instance.connection_name }
 }
 
 output "private_ips" {
   description = "Private IPs of the instances (inside the private services range)."
-  value = {
-    api   = google_sql_database_instance.api.private_ip_address
-    vault = google_sql_database_instance.vault.private_ip_address
-  }
+  value       = { for key, instance in google_sql_database_instance.this : key => instance.private_ip_address }
 }
 
 output "iam_users" {

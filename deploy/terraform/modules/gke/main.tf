@@ -1,6 +1,26 @@
 locals {
   cluster_name = "tessera"
-  node_labels  = { "tessera.dev/pool" = "cde" }
+  # What the two node pools do not share; the pool resource states the rest once. Each pool's
+  # network tag is var.node_tags[POOL] (the edge's firewall rules target the general pool's).
+  node_pools = {
+    # The vault only: label + taint, and only the vault's Pods tolerate the taint.
+    cde = {
+      labels    = { "tessera.dev/pool" = "cde" }
+      taints    = [{ key = "tessera.dev/cde", value = "true", effect = "NO_SCHEDULE" }]
+      pci_scope = "cde"
+    }
+    # API, worker, Locust, cluster add-ons.
+    general = {
+      labels    = { "tessera.dev/pool" = "general" }
+      taints    = []
+      pci_scope = "connected"
+    }
+  }
+  # Module variables, apart: checkov expands a for_each only over values it can resolve.
+  pool_sizes = {
+    cde     = var.cde_pool
+    general = var.general_pool
+  }
 }
 
 resource "google_container_cluster" "tessera" {
@@ -160,17 +180,18 @@ resource "google_container_cluster" "tessera" {
   }
 }
 
-# --- The CDE pool: the vault only (label + taint; only the vault's Pods tolerate the taint) ----
+# --- Node pools: the CDE pool for the vault alone, the general pool for the rest -------------
 
-resource "google_container_node_pool" "cde" {
+resource "google_container_node_pool" "this" {
+  for_each = local.node_pools
   project  = var.project_id
-  name     = "cde"
+  name     = each.key
   cluster  = google_container_cluster.tessera.id
   location = var.region
 
   autoscaling {
-    min_node_count = var.cde_pool.min_per_zone
-    max_node_count = var.cde_pool.max_per_zone
+    min_node_count = local.pool_sizes[each.key].min_per_zone
+    max_node_count = local.pool_sizes[each.key].max_per_zone
   }
 
   management {
@@ -184,7 +205,7 @@ resource "google_container_node_pool" "cde" {
   }
 
   node_config {
-    machine_type      = var.cde_pool.machine_type
+    machine_type      = local.pool_sizes[each.key].machine_type
     image_type        = "COS_CONTAINERD"
     disk_type         = "pd-balanced"
     disk_size_gb      = 50
@@ -192,13 +213,16 @@ resource "google_container_node_pool" "cde" {
     service_account   = var.node_service_account_email
     oauth_scopes      = ["https://www.googleapis.com/auth/cloud-platform"]
 
-    labels = local.node_labels
-    tags   = [var.node_tags.cde]
+    labels = each.value.labels
+    tags   = [var.node_tags[each.key]]
 
-    taint {
-      key    = "tessera.dev/cde"
-      value  = "true"
-      effect = "NO_SCHEDULE"
+    dynamic "taint" {
+      for_each = each.value.taints
+      content {
+        key    = taint.value.key
+        value  = taint.value.value
+        effect = taint.value.effect
+      }
     }
 
     metadata = {
@@ -216,66 +240,21 @@ resource "google_container_node_pool" "cde" {
 
     resource_labels = {
       app       = "tessera"
-      pci-scope = "cde"
+      pci-scope = each.value.pci_scope
     }
   }
 }
 
-# --- The general pool: API, worker, Locust, cluster add-ons ------------------------------------
+# Each pool was a resource of its own before: Terraform moves it in an existing state instead
+# of replacing it (which would drain and recreate every node).
+moved {
+  from = google_container_node_pool.cde
+  to   = google_container_node_pool.this["cde"]
+}
 
-resource "google_container_node_pool" "general" {
-  project  = var.project_id
-  name     = "general"
-  cluster  = google_container_cluster.tessera.id
-  location = var.region
-
-  autoscaling {
-    min_node_count = var.general_pool.min_per_zone
-    max_node_count = var.general_pool.max_per_zone
-  }
-
-  management {
-    auto_repair  = true
-    auto_upgrade = true
-  }
-
-  upgrade_settings {
-    max_surge       = 1
-    max_unavailable = 0
-  }
-
-  node_config {
-    machine_type      = var.general_pool.machine_type
-    image_type        = "COS_CONTAINERD"
-    disk_type         = "pd-balanced"
-    disk_size_gb      = 50
-    boot_disk_kms_key = var.boot_disk_kms_key_name
-    service_account   = var.node_service_account_email
-    oauth_scopes      = ["https://www.googleapis.com/auth/cloud-platform"]
-
-    labels = {
-      "tessera.dev/pool" = "general"
-    }
-    tags = [var.node_tags.general]
-
-    metadata = {
-      disable-legacy-endpoints = "true"
-    }
-
-    workload_metadata_config {
-      mode = "GKE_METADATA"
-    }
-
-    shielded_instance_config {
-      enable_secure_boot          = true
-      enable_integrity_monitoring = true
-    }
-
-    resource_labels = {
-      app       = "tessera"
-      pci-scope = "connected"
-    }
-  }
+moved {
+  from = google_container_node_pool.general
+  to   = google_container_node_pool.this["general"]
 }
 
 # --- Binary Authorization ------------------------------------------------------------------------
