@@ -18,6 +18,7 @@ USAGE = """usage: tessera COMMAND ...
   routing simulate --traffic FILE      the router against always-A / always-B (needs make up)
   worker                      reconciler, completer, expiry, webhooks (make run/up start one)
   ledger check                prove the ledger balances and matches the payments table
+  pci evidence --out DIR      the assessor's kit: PCI DSS evidence (exit 1 if a control fails)
   api ...                     any `python -m api` command
   vault ...                   any `python -m vault` command
 """
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         if target in ("api", "vault"):
             _service(target, [command, *extra])
             return
+    if command == "pci":
+        from tessera.pci.evidence import main as pci_main
+
+        raise SystemExit(pci_main(rest))
     if command in ("merchants", "routing", "worker", "ledger"):
         _service("api", [command, *rest])
         return

@@ -9,10 +9,14 @@ the other's database. In production the same roles are made by the platform (see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
 SERVICES = ("api", "vault")
+#: The assessor's kit (`tessera pci evidence`) reads both databases as this role and can write
+#: neither: member of `pg_read_all_data`, CONNECT on both, nothing else.
+AUDITOR_ROLE = "tessera_auditor"
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ async def ensure_roles_and_databases(admin_dsn: str, databases: list[ServiceData
             await admin.execute(
                 f"GRANT CONNECT ON DATABASE {_ident(db.database)} TO {_ident(db.runtime)}"
             )
+        await _ensure_auditor(admin, databases)
         await admin.execute("SELECT pg_advisory_unlock(hashtextextended('tessera_dbsetup', 0))")
     finally:
         await admin.close()
@@ -76,6 +81,19 @@ async def ensure_roles_and_databases(admin_dsn: str, databases: list[ServiceData
             await conn.execute(f"GRANT USAGE ON SCHEMA public TO {_ident(db.runtime)}")
         finally:
             await conn.close()
+
+
+async def _ensure_auditor(admin: asyncpg.Connection[Any], databases: list[ServiceDatabase]) -> None:
+    if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", AUDITOR_ROLE):
+        await admin.execute(
+            f"CREATE ROLE {_ident(AUDITOR_ROLE)} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+            "NOREPLICATION NOBYPASSRLS"
+        )
+    await admin.execute(f"GRANT pg_read_all_data TO {_ident(AUDITOR_ROLE)}")
+    for db in databases:
+        await admin.execute(
+            f"GRANT CONNECT ON DATABASE {_ident(db.database)} TO {_ident(AUDITOR_ROLE)}"
+        )
 
 
 async def drop_database(admin_dsn: str, database: str) -> None:

@@ -1,0 +1,252 @@
+"""`tessera pci evidence --out DIR`: run every check, write report.md and report.json.
+
+Exit status: 1 when any control fails, 0 otherwise ("not checked" is listed first in the report,
+with its reason, and is never counted as a pass). A check that cannot reach what it looks at
+(a connection refused, a time-out) is "not checked"; a check that breaks in any other way fails,
+with the error: the kit cannot vouch for what it could not see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import asyncpg
+import httpx
+import redis.exceptions
+
+from core.redaction import redact
+from tessera.pci.checks import CHECKS
+from tessera.pci.context import EvidenceContext, EvidenceSettings
+from tessera.pci.model import Control, ControlResult, Status
+from tessera.runtime.commands import load_or_exit
+
+#: Errors that mean "could not look", not "looked and found something wrong".
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    httpx.TransportError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+#: One check may take this long before it is reported as not checked.
+CHECK_TIMEOUT_SECONDS = 600.0
+
+
+class CheckModule(Protocol):
+    CONTROL: Control
+
+    async def run(self, ctx: EvidenceContext) -> ControlResult: ...
+
+
+def load_check(name: str) -> CheckModule:
+    return cast(CheckModule, importlib.import_module(f"tessera.pci.checks.{name}"))
+
+
+async def run_check(module: CheckModule, ctx: EvidenceContext) -> ControlResult:
+    started = time.monotonic()
+    control = module.CONTROL
+    try:
+        result = await asyncio.wait_for(module.run(ctx), CHECK_TIMEOUT_SECONDS)
+    except UNREACHABLE as exc:
+        result = control.not_checked(f"could not reach what it checks: {_error(exc)}")
+    except Exception as exc:  # a broken check must show, not vanish
+        result = control.failed(f"the check itself broke: {_error(exc)}")
+    return dataclasses.replace(result, seconds=time.monotonic() - started)
+
+
+def _error(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {exc}")[:500]
+
+
+async def gather(ctx: EvidenceContext, only: Sequence[str] = ()) -> list[ControlResult]:
+    results = []
+    for name in CHECKS:
+        module = load_check(name)
+        if only and module.CONTROL.id not in only:
+            continue
+        results.append(await run_check(module, ctx))
+    return results
+
+
+def _commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def report(ctx: EvidenceContext, results: list[ControlResult]) -> dict[str, Any]:
+    counts = {str(s): sum(r.status == s for r in results) for s in Status}
+    return {
+        "title": "Tessera PCI DSS v4.0.1 evidence",
+        "generated_at": ctx.now.isoformat(),
+        "date": ctx.now.date().isoformat(),
+        "host": socket.gethostname(),
+        "commit": _commit(ctx.root),
+        "targets": {
+            "api": ctx.settings.api_url,
+            "vault": ctx.settings.vault_url,
+            "vault_service": ctx.settings.service_url,
+            "vault_admin": ctx.settings.admin_url,
+        },
+        "verdict": "fail" if counts["fail"] else "pass",
+        "counts": counts,
+        "not_checked": [
+            {"control": r.control.id, "reason": r.summary}
+            for r in results
+            if r.status == Status.NOT_CHECKED
+        ],
+        "controls": [r.to_dict() for r in results],
+    }
+
+
+_MARK = {"pass": "PASS", "fail": "**FAIL**", "not_checked": "NOT CHECKED"}
+_MAX_EVIDENCE_CHARS = 12_000
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = [
+        f"# {data['title']}: {data['date']}",
+        "",
+        f"Generated {data['generated_at']} on `{data['host']}` at commit `{data['commit']}`.",
+        f"Verdict: **{data['verdict'].upper()}** — "
+        + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in data["counts"].items())
+        + ".",
+        "",
+    ]
+    if data["not_checked"]:
+        lines += ["## Not checked (these are not passes)", ""]
+        lines += [f"- `{n['control']}`: {n['reason']}" for n in data["not_checked"]]
+        lines.append("")
+    lines += [
+        "## Summary",
+        "",
+        "| Control | Requirements | Result | Summary |",
+        "|---|---|---|---|",
+    ]
+    for c in data["controls"]:
+        summary = c["summary"].replace("|", "\\|").replace("\n", " ")
+        lines.append(
+            f"| `{c['control']}` {c['title']} | {', '.join(c['requirements'])} "
+            f"| {_MARK[c['status']]} | {summary} |"
+        )
+    lines.append("")
+    for c in data["controls"]:
+        lines += [
+            f"## `{c['control']}`: {c['title']}",
+            "",
+            f"Requirements {', '.join(c['requirements'])}. Result: {_MARK[c['status']]} "
+            f"({c['seconds']} s).",
+            "",
+            c["summary"],
+            "",
+        ]
+        lines += [f"- {d}" for d in c["details"]]
+        if c["details"]:
+            lines.append("")
+        raw = json.dumps(c["evidence"], indent=2, default=str)
+        if len(raw) > _MAX_EVIDENCE_CHARS:
+            raw = raw[:_MAX_EVIDENCE_CHARS] + "\n… (cut here; report.json holds all of it)"
+        lines += [
+            "<details><summary>Evidence</summary>",
+            "",
+            "```json",
+            raw,
+            "```",
+            "",
+            "</details>",
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(out: Path, data: dict[str, Any]) -> tuple[Path, Path]:
+    """Both files, with every Luhn-valid digit run masked once more (a safety net)."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "report.json", out / "report.md"
+    json_path.write_text(redact(json.dumps(data, indent=2, default=str)) + "\n")
+    md_path.write_text(redact(markdown(data)) + "\n")
+    return json_path, md_path
+
+
+async def evidence(
+    settings: EvidenceSettings,
+    out: Path,
+    *,
+    now: datetime.datetime | None = None,
+    only: Sequence[str] = (),
+    run_segmentation: bool = False,
+    root: Path | None = None,
+) -> dict[str, Any]:
+    ctx = EvidenceContext(
+        settings=settings,
+        now=now or datetime.datetime.now(datetime.UTC),
+        root=root or Path(os.environ.get("TESSERA_ROOT") or Path.cwd()),
+        out=out,
+        run_segmentation=run_segmentation,
+    )
+    try:
+        results = await gather(ctx, only)
+    finally:
+        await ctx.close()
+    data = report(ctx, results)
+    write(out, data)
+    return data
+
+
+def _timestamp(value: str) -> datetime.datetime:
+    parsed = datetime.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tessera pci", description="The assessor's kit.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("evidence", help="gather the evidence; exit 1 if a control fails")
+    run.add_argument("--out", required=True, type=Path, help="directory for report.md/.json")
+    run.add_argument("--only", default="", help="comma-separated control ids (default: all)")
+    run.add_argument("--now", type=_timestamp, help="judge as of this ISO time (default: now)")
+    run.add_argument(
+        "--run-segmentation",
+        action="store_true",
+        help="run `make segmentation` now (root, minutes) instead of reading the last result",
+    )
+    args = parser.parse_args(argv)
+    settings = load_or_exit(EvidenceSettings, "pci")
+    only = [c for c in args.only.split(",") if c]
+    data = asyncio.run(
+        evidence(
+            settings, args.out, now=args.now, only=only, run_segmentation=args.run_segmentation
+        )
+    )
+    for c in data["controls"]:
+        print(f"{_MARK[c['status']]:<12} {c['control']:<22} {redact(c['summary'])[:160]}")
+    print(f"report: {args.out / 'report.md'} and report.json; verdict {data['verdict']}")
+    return 1 if data["verdict"] == "fail" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
