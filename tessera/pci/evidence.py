@@ -28,6 +28,7 @@ import httpx
 import redis.exceptions
 
 from core.redaction import redact
+from tessera.devstack import StackConfig
 from tessera.pci.checks import CHECKS
 from tessera.pci.context import EvidenceContext, EvidenceSettings
 from tessera.pci.model import Control, ControlResult, Status
@@ -217,6 +218,26 @@ async def evidence(
     return data
 
 
+def dev_stack_environment(run: Path | None = None) -> dict[str, str]:
+    """The kit's settings for `make up`'s stack: its admin token and the demo merchant's
+    publishable key and origin, which `tessera dev` keeps under .run/."""
+    run = run or Path(os.environ.get("TESSERA_ROOT") or Path.cwd()) / ".run"
+    env: dict[str, str] = {}
+    dev_env = run / "dev.env"
+    if dev_env.exists():
+        for line in dev_env.read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name == "TESSERA_VAULT_ADMIN_TOKEN":
+                env[name] = value.strip()
+    demo = run / "demo.json"
+    if demo.exists():
+        data = json.loads(demo.read_text())
+        env["TESSERA_PCI_PUBLISHABLE_KEY"] = str(data.get("publishable_key", ""))
+        env["TESSERA_PCI_CHECKOUT_ORIGIN"] = StackConfig.from_env().demo_origin
+    env["TESSERA_PCI_LOG_PATHS"] = str(run / "logs")
+    return env
+
+
 def _timestamp(value: str) -> datetime.datetime:
     parsed = datetime.datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
@@ -234,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run `make segmentation` now (root, minutes) instead of reading the last result",
     )
+    run.add_argument(
+        "--dev-stack",
+        action="store_true",
+        help="take unset settings from `make up`'s stack (.run/dev.env, .run/demo.json)",
+    )
     args = parser.parse_args(argv)
+    if args.dev_stack:
+        os.environ.update({k: v for k, v in dev_stack_environment().items() if k not in os.environ})
     settings = load_or_exit(EvidenceSettings, "pci")
     only = [c for c in args.only.split(",") if c]
     data = asyncio.run(
