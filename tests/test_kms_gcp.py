@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -203,6 +204,53 @@ async def test_a_disabled_version_refuses_to_unwrap(kms: CloudKms, fake: FakeKms
         await kms.unwrap(old, aad=AAD)
 
 
+async def test_versions_list_every_version_with_create_time_state_and_primary(
+    kms: CloudKms, fake: FakeKms
+) -> None:
+    first = fake.primary_of(KEY)
+    made = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    fake.set_created(first, made)
+    second = await kms.rotate()
+    third = await kms.rotate()
+    await disable_through_the_api(fake, first)
+    fake.max_page_size = 2  # three versions: two pages
+    calls_before = kms.calls
+
+    versions = await kms.versions()
+
+    assert [(v.name, v.state, v.primary) for v in versions] == [
+        (first, "disabled", False),
+        (second, "enabled", False),
+        (third, "enabled", True),
+    ]
+    assert versions[0].created == made
+    assert type(versions[0].created) is datetime.datetime
+    assert versions[1].created > made
+    assert versions[2].created.tzinfo is not None
+    assert [r.page_token for r in fake.requests["ListCryptoKeyVersions"]] == ["", "2"]
+    assert all(r.parent == KEY for r in fake.requests["ListCryptoKeyVersions"])
+    # GetCryptoKey for the primary, then one call per page.
+    assert kms.calls - calls_before == 3
+
+
+async def test_a_version_list_naming_another_key_is_not_trusted(
+    kms: CloudKms, fake: FakeKms
+) -> None:
+    fake.answer_key_name = OTHER_KEY
+    with pytest.raises(KmsIntegrityError, match="names another key"):
+        await kms.versions()
+
+
+async def test_a_failing_version_list_is_retried_then_fails_with_the_status_only(
+    kms: CloudKms, fake: FakeKms
+) -> None:
+    fake.fail_next(1, grpc.StatusCode.UNAVAILABLE, method="ListCryptoKeyVersions")
+    assert len(await kms.versions()) == 1
+    fake.fail_next(1, grpc.StatusCode.PERMISSION_DENIED, method="ListCryptoKeyVersions")
+    with pytest.raises(KmsError, match="ListCryptoKeyVersions failed: PERMISSION_DENIED"):
+        await kms.versions()
+
+
 async def test_the_primary_version_is_cached_briefly(fake: FakeKms) -> None:
     cached = await CloudKms.connect(KEY, endpoint=fake.address, retry=FAST)
     uncached = await CloudKms.connect(KEY, endpoint=fake.address, retry=FAST, primary_ttl=0.0)
@@ -255,6 +303,18 @@ async def test_every_kms_binds_the_aad(provider: KeyManagementService) -> None:
         await provider.unwrap(wrapped, aad=AAD + b"x")
     with pytest.raises(KmsError):
         await provider.unwrap(WrappedKey(wrapped.ciphertext[:-1], wrapped.key_version), aad=AAD)
+
+
+async def test_every_kms_lists_its_versions_with_the_names_wraps_carry(
+    provider: KeyManagementService,
+) -> None:
+    old = await provider.wrap(DEK, aad=AAD)
+    rotated = await provider.rotate()
+    versions = await provider.versions()
+    assert [v.name for v in versions] == [old.key_version, rotated]
+    assert [v.primary for v in versions] == [False, True]
+    assert {v.state for v in versions} == {"enabled"}
+    assert versions[0].created <= versions[1].created
 
 
 async def test_every_kms_keeps_old_wraps_readable_after_rotation(

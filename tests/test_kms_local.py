@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -185,3 +187,67 @@ async def test_a_keyring_path_may_be_given_as_a_string(keyring: Path) -> None:
     kms = LocalKms.open(str(keyring))
     assert kms.path == keyring
     assert not LocalKms.create_keyring(str(keyring))
+
+
+# --- the versions (the key inventory) --------------------------------------------------------
+
+
+async def test_versions_list_each_with_its_creation_time_state_and_primary(
+    kms: LocalKms, keyring: Path
+) -> None:
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    await kms.rotate()
+    await kms.rotate()
+    await kms.disable_version("1")
+    after = datetime.datetime.now(datetime.UTC)
+
+    versions = await LocalKms.open(keyring).versions()
+
+    assert [(v.name, v.state, v.primary) for v in versions] == [
+        ("1", "disabled", False),
+        ("2", "enabled", False),
+        ("3", "enabled", True),
+    ]
+    assert all(v.created.tzinfo is not None for v in versions)
+    assert versions[0].created <= versions[1].created <= versions[2].created
+    assert before - datetime.timedelta(seconds=5) <= versions[0].created
+    assert versions[2].created <= after
+    recorded = json.loads(keyring.read_text())["created"]
+    assert set(recorded) == {"1", "2", "3"}
+    assert recorded["3"] == versions[2].created.isoformat().replace("+00:00", "Z")
+
+
+async def test_a_keyring_written_before_creation_times_loads_and_keeps_a_stable_time(
+    tmp_path: Path,
+) -> None:
+    """An old keyring (no "created") is dated by its file's modification time, and the first
+    rewrite records that time, so it does not move on to the rewrite's own time."""
+    path = tmp_path / "old-keyring.json"
+    assert LocalKms.create_keyring(path)
+    document = json.loads(path.read_text())
+    del document["created"]
+    path.write_text(json.dumps(document))
+    written = datetime.datetime(2024, 3, 1, 12, 0, tzinfo=datetime.UTC)
+    os.utime(path, (written.timestamp(), written.timestamp()))
+
+    kms = LocalKms.open(path)
+    wrapped = await kms.wrap(DEK, aad=AAD)
+    [only] = await kms.versions()
+    assert (only.name, only.created, only.state, only.primary) == ("1", written, "enabled", True)
+
+    await kms.rotate()
+    first, second = await LocalKms.open(path).versions()
+    assert first.created == written
+    assert second.created > written
+    assert json.loads(path.read_text())["created"]["1"] == "2024-03-01T12:00:00Z"
+    assert await kms.unwrap(wrapped, aad=AAD) == DEK
+
+
+def test_a_creation_time_without_a_zone_or_for_an_unknown_version_is_refused(
+    keyring: Path,
+) -> None:
+    document = json.loads(keyring.read_text())
+    for created in ({"1": "2024-03-01T12:00:00"}, {"7": "2024-03-01T12:00:00Z"}, ["x"]):
+        keyring.write_text(json.dumps({**document, "created": created}))
+        with pytest.raises(KmsError, match="malformed"):
+            LocalKms.open(keyring)

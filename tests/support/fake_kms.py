@@ -9,7 +9,9 @@ where the vault depends on it:
   number (4 bytes), so Decrypt finds the version like the real service does;
 - AAD is enforced; a request checksum that does not match its data is INVALID_ARGUMENT, and the
   `verified_*` flags are true only when the request sent a checksum (that matched);
-- a disabled version makes Decrypt (and Encrypt, if primary) FAILED_PRECONDITION.
+- a disabled version makes Decrypt (and Encrypt, if primary) FAILED_PRECONDITION;
+- every version has a `create_time` (settable, to age a version), and ListCryptoKeyVersions
+  pages through them with `page_token`s like the real service.
 
 Faults a test can inject: the next N calls fail with a status, checksums in answers are
 corrupted, answers name another key, every call is slowed down, new versions stay
@@ -24,6 +26,7 @@ loop (the suite shares one loop per session).
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 from collections import Counter
@@ -59,6 +62,7 @@ class _Version:
     state: int
     #: GetCryptoKeyVersion answers PENDING_GENERATION this many more times.
     pending_polls: int = 0
+    created: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
 @dataclass
@@ -98,6 +102,9 @@ class FakeKms:
         self.latency = 0.0
         #: Faults: new versions stay PENDING_GENERATION for this many GetCryptoKeyVersion calls.
         self.pending_polls = 0
+        #: ListCryptoKeyVersions answers at most this many versions per page (tests make it
+        #: small to walk several pages).
+        self.max_page_size = 1000
         self._server: Any = None
         self.address = ""
 
@@ -149,6 +156,12 @@ class FakeKms:
         with self._lock:
             key, number = self._find_version(version_name)
             key.versions[number].state = state
+
+    def set_created(self, version_name: str, created: datetime.datetime) -> None:
+        """Back-date (or move) a version's create_time, as if it had been made then."""
+        with self._lock:
+            key, number = self._find_version(version_name)
+            key.versions[number].created = created
 
     def primary_of(self, key_name: str) -> str:
         with self._lock:
@@ -203,6 +216,12 @@ class FakeKms:
                 self._update_primary,
                 service.UpdateCryptoKeyPrimaryVersionRequest,
                 resources.CryptoKey,
+            ),
+            "ListCryptoKeyVersions": self._unary(
+                "ListCryptoKeyVersions",
+                self._list_crypto_key_versions,
+                service.ListCryptoKeyVersionsRequest,
+                service.ListCryptoKeyVersionsResponse,
             ),
             "UpdateCryptoKeyVersion": self._unary(
                 "UpdateCryptoKeyVersion",
@@ -280,6 +299,7 @@ class FakeKms:
         return resources.CryptoKeyVersion(
             name=self._answer_name(key.version_name(number)),
             state=version.state,
+            create_time=version.created,
             protection_level=resources.ProtectionLevel.SOFTWARE,
             algorithm=resources.CryptoKeyVersion.CryptoKeyVersionAlgorithm.GOOGLE_SYMMETRIC_ENCRYPTION,
         )
@@ -385,6 +405,26 @@ class FakeKms:
                 if not version.pending_polls:
                     version.state = State.ENABLED
             return self._version_resource(key, number)
+
+    def _list_crypto_key_versions(
+        self, request: service.ListCryptoKeyVersionsRequest, context: Any
+    ) -> service.ListCryptoKeyVersionsResponse:
+        """In version order; the page token is the offset of the next page (opaque to clients)."""
+        with self._lock:
+            key = self._key(request.parent, context)
+            numbers = sorted(key.versions)
+            token = request.page_token
+            if token and not token.isdigit():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token.")
+            start = int(token or 0)
+            size = min(request.page_size or self.max_page_size, self.max_page_size)
+            page = numbers[start : start + size]
+            following = start + size if start + size < len(numbers) else None
+            return service.ListCryptoKeyVersionsResponse(
+                crypto_key_versions=[self._version_resource(key, n) for n in page],
+                next_page_token=str(following) if following is not None else "",
+                total_size=len(numbers),
+            )
 
     def _create_crypto_key_version(
         self, request: service.CreateCryptoKeyVersionRequest, context: Any

@@ -7,6 +7,7 @@ still wrapped under an old version and `rewrap` them.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,6 +40,21 @@ class WrappedKey:
     key_version: str
 
 
+@dataclass(frozen=True)
+class KekVersion:
+    """One version of the KEK as the KMS describes it (the key inventory, PCI DSS 3.6.1)."""
+
+    #: As `WrappedKey.key_version` names it, so data keys can be counted per version.
+    name: str
+    #: When the KMS made it (timezone-aware): its age is what its cryptoperiod is judged on.
+    created: datetime.datetime
+    #: The KMS's state, lower-case: "enabled", "disabled", "destroyed", "destroy_scheduled",
+    #: "pending_generation", … Only an enabled version unwraps.
+    state: str
+    #: Whether new wraps use it.
+    primary: bool
+
+
 class KeyManagementService(Protocol):
     async def wrap(self, plaintext: bytes, *, aad: bytes) -> WrappedKey:
         """Encrypt `plaintext` (a data key) under the primary KEK version, bound to `aad`."""
@@ -54,6 +70,10 @@ class KeyManagementService(Protocol):
 
     async def rotate(self) -> str:
         """Make a new KEK version primary; older versions keep decrypting. Returns it."""
+        ...
+
+    async def versions(self) -> list[KekVersion]:
+        """Every version of the KEK, oldest first, with its creation time and state."""
         ...
 
     async def close(self) -> None: ...

@@ -21,6 +21,7 @@ What this layer adds to the client, and why:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import random
 import re
@@ -39,7 +40,7 @@ from google.cloud.kms_v1.services.key_management_service.transports.grpc_asyncio
 )
 from google.cloud.kms_v1.types import resources, service
 
-from vault.kms.base import KmsError, KmsIntegrityError, KmsUnavailable, WrappedKey
+from vault.kms.base import KekVersion, KmsError, KmsIntegrityError, KmsUnavailable, WrappedKey
 
 __all__ = ["CloudKms", "RetryPolicy"]
 
@@ -49,6 +50,8 @@ _KEY_NAME = re.compile(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKey
 _RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
 _ENABLED = resources.CryptoKeyVersion.CryptoKeyVersionState.ENABLED
 _PENDING = resources.CryptoKeyVersion.CryptoKeyVersionState.PENDING_GENERATION
+#: Versions per ListCryptoKeyVersions page (the service allows up to 1,000).
+_LIST_PAGE_SIZE = 200
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,45 @@ class CloudKms:
         if self._remember_primary(key, "UpdateCryptoKeyPrimaryVersion") != version:
             raise KmsIntegrityError("Cloud KMS: the new version did not become primary")
         return version
+
+    async def versions(self) -> list[KekVersion]:
+        """Every version of the key (ListCryptoKeyVersions, page by page), oldest first.
+
+        Needs `cloudkms.cryptoKeyVersions.list` and `cloudkms.cryptoKeys.get` (e.g.
+        roles/cloudkms.viewer) besides encrypt/decrypt. The primary is asked for afresh
+        (GetCryptoKey), not taken from the cache `primary_version()` keeps.
+        """
+        key = await self._rpc(
+            "GetCryptoKey",
+            self._client.get_crypto_key,
+            service.GetCryptoKeyRequest(name=self._key_name),
+        )
+        primary = self._remember_primary(key, "GetCryptoKey")
+        found: list[KekVersion] = []
+        page_token = ""
+        while True:
+            request = service.ListCryptoKeyVersionsRequest(
+                parent=self._key_name, page_size=_LIST_PAGE_SIZE, page_token=page_token
+            )
+            # The pager's attributes are the first page's; the pages are walked here, each
+            # through `_rpc` (counted, retried), not by the pager behind our back.
+            page = await self._rpc(
+                "ListCryptoKeyVersions", self._client.list_crypto_key_versions, request
+            )
+            for version in page.crypto_key_versions:
+                name = self._pinned(version.name, "ListCryptoKeyVersions")
+                created = version.create_time
+                if not isinstance(created, datetime.datetime) or created.tzinfo is None:
+                    raise KmsIntegrityError(f"Cloud KMS: version {name} has no create_time")
+                # A plain datetime (the client's DatetimeWithNanoseconds is a subclass).
+                created = datetime.datetime.fromtimestamp(created.timestamp(), datetime.UTC)
+                state = resources.CryptoKeyVersion.CryptoKeyVersionState(version.state)
+                found.append(KekVersion(name, created, state.name.lower(), name == primary))
+            page_token = page.next_page_token
+            if not page_token:
+                break
+        found.sort(key=lambda v: int(v.name.rsplit("/", 1)[1]))
+        return found
 
     async def close(self) -> None:
         close: Callable[[], Awaitable[None]] = self._client.transport.close

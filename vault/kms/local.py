@@ -11,6 +11,12 @@ production. It is not a KMS: the KEKs sit in a plain file readable by the user.
   reports `TESSERA_VAULT_KMS_PROVIDER=local`, so production needs Cloud KMS (`vault.kms.gcp`).
 - Writes are atomic (temporary file + `os.replace`, mode 0600) and serialised with a lock file,
   so a rotation from a CLI and a running vault cannot overwrite each other's new version.
+- Each version's creation time is kept in `"created"` (ISO 8601, UTC), for the key inventory.
+  Keyrings written before it existed still load (the format name is unchanged; older code
+  ignores the member): a version without a recorded time is given the keyring file's last
+  modification time, and the next write (rotation, disable) records that value for good. It is
+  exact for a keyring never rotated; for older versions of a keyring rotated before, it is the
+  time of the last change, so their age is understated. New versions always record their own.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import datetime
 import fcntl
 import json
 import os
@@ -30,7 +37,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from vault.kms.base import KmsError, WrappedKey
+from vault.kms.base import KekVersion, KmsError, WrappedKey
 
 __all__ = ["LocalKms", "default_keyring_path"]
 
@@ -67,11 +74,17 @@ def _refuse_inside_source_tree(path: Path) -> None:
         )
 
 
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
 @dataclass
 class _Keyring:
     primary: str
     versions: dict[str, bytes]
     disabled: set[str] = field(default_factory=set)
+    #: When each version was made (every version has one once loaded).
+    created: dict[str, datetime.datetime] = field(default_factory=dict)
 
     def to_json(self) -> str:
         document = {
@@ -79,11 +92,17 @@ class _Keyring:
             "primary": self.primary,
             "versions": {v: base64.b64encode(k).decode("ascii") for v, k in self.versions.items()},
             "disabled": sorted(self.disabled, key=int),
+            "created": {
+                v: self.created[v].astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+                for v in self.versions
+            },
         }
         return json.dumps(document, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, path: Path) -> _Keyring:
+    def from_json(cls, text: str, path: Path, modified: datetime.datetime) -> _Keyring:
+        """`modified` (the file's modification time) stands in for creation times not recorded."""
+
         def malformed(why: str) -> KmsError:
             return KmsError(f"local KMS keyring {path} is malformed: {why}")
 
@@ -117,7 +136,19 @@ class _Keyring:
             raise malformed("disabled names an unknown version")
         if primary in disabled:
             raise malformed("the primary version is disabled")
-        return cls(primary=primary, versions=versions, disabled=set(disabled))
+        raw_created = document.get("created", {})
+        if not isinstance(raw_created, dict) or not set(raw_created) <= set(versions):
+            raise malformed("created names an unknown version")
+        created = dict.fromkeys(versions, modified)
+        for version, stamp in raw_created.items():
+            try:
+                when = datetime.datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+            except ValueError:
+                when = None
+            if when is None or when.tzinfo is None:
+                raise malformed(f"version {version}'s creation time is not an ISO time with zone")
+            created[version] = when
+        return cls(primary=primary, versions=versions, disabled=set(disabled), created=created)
 
 
 def _write_temp(path: Path, text: str) -> Path:
@@ -193,7 +224,11 @@ class LocalKms:
         if path.exists():
             return False
         _make_private_dirs(path.parent)
-        keyring = _Keyring(primary="1", versions={"1": AESGCM.generate_key(bit_length=256)})
+        keyring = _Keyring(
+            primary="1",
+            versions={"1": AESGCM.generate_key(bit_length=256)},
+            created={"1": _utc_now()},
+        )
         tmp = _write_temp(path, keyring.to_json())
         try:
             # link() fails if the path appeared meanwhile: a concurrent set-up is never clobbered.
@@ -227,7 +262,9 @@ class LocalKms:
             ) from None
         stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if stamp != self._stamp:
-            self._keyring = _Keyring.from_json(self._path.read_text(encoding="utf-8"), self._path)
+            modified = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.UTC)
+            text = self._path.read_text(encoding="utf-8")
+            self._keyring = _Keyring.from_json(text, self._path, modified.replace(microsecond=0))
             self._stamp = stamp
         return self._keyring
 
@@ -282,9 +319,23 @@ class LocalKms:
                 primary=version,
                 versions={**current.versions, version: AESGCM.generate_key(bit_length=256)},
                 disabled=set(current.disabled),
+                created={**current.created, version: _utc_now()},
             )
             _write_atomically(self._path, keyring.to_json())
         return version
+
+    async def versions(self) -> list[KekVersion]:
+        """Every version in the keyring, oldest first (no call counted: nothing is decrypted)."""
+        keyring = self._current()
+        return [
+            KekVersion(
+                name=version,
+                created=keyring.created[version],
+                state="disabled" if version in keyring.disabled else "enabled",
+                primary=version == keyring.primary,
+            )
+            for version in sorted(keyring.versions, key=int)
+        ]
 
     async def disable_version(self, version: str) -> None:
         """Stop a version from unwrapping (after its data keys were rewrapped). Not the primary."""
@@ -294,7 +345,9 @@ class LocalKms:
                 raise KmsError(f"local KMS: unknown key version {version!r}")
             if version == current.primary:
                 raise KmsError(f"local KMS: refusing to disable the primary version {version}")
-            keyring = _Keyring(current.primary, current.versions, current.disabled | {version})
+            keyring = _Keyring(
+                current.primary, current.versions, current.disabled | {version}, current.created
+            )
             _write_atomically(self._path, keyring.to_json())
 
     async def close(self) -> None:
