@@ -24,11 +24,11 @@ from vault.listeners import listener_guard
 from vault.merchants import MerchantDirectory, MerchantRepository
 from vault.openapi import DOCUMENT
 from vault.routes import AdminController, ForwardController, TokenController
-from vault.settings import MAX_BODY_BYTES, VaultSettings
+from vault.settings import MAX_BODY_BYTES, VaultSettings, VaultWorkerSettings
 from vault.tokens import CvcStore, TokenRepository, TokenService
 
 
-async def open_kms(settings: VaultSettings) -> KeyManagementService:
+async def open_kms(settings: VaultSettings | VaultWorkerSettings) -> KeyManagementService:
     if settings.kms_provider == "gcp":
         from vault.kms.gcp import CloudKms
 

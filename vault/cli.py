@@ -1,4 +1,4 @@
-"""`python -m vault serve|migrate|init-kms|rotate-keys|rewrap|audit-verify`.
+"""`python -m vault serve|migrate|worker|init-kms|rotate-keys|rewrap|audit-verify`.
 
 Also reachable as `tessera vault ...` (and `tessera serve vault`, `tessera migrate vault`). The
 key and audit commands run the same code as the admin endpoints, in-process, as the vault's
@@ -67,11 +67,31 @@ async def _admin_task(command: str) -> dict[str, Any]:
         await pool.close()
 
 
+def _worker(once: list[str]) -> None:
+    from tessera.runtime.logging import configure_logging
+    from vault import worker
+    from vault.settings import VaultWorkerSettings
+
+    settings = load_or_exit(VaultWorkerSettings, "vault worker")
+    configure_logging("vault-worker", settings.log_level)
+    if once:
+        results = asyncio.run(worker.run_once(settings, once))
+        print(json.dumps(results, indent=2, default=str))
+        if any(result is None for result in results.values()):
+            raise SystemExit(1)
+    else:
+        worker.main(settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tessera vault", description="The tokenization vault.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="serve HTTP (settings from TESSERA_VAULT_* variables)")
     commands.add_parser("migrate", help="apply migrations as the owner role")
+    worker = commands.add_parser("worker", help="the periodic jobs (retention); several may run")
+    worker.add_argument(
+        "--once", default="", help="comma-separated jobs to run now, once, then exit"
+    )
     commands.add_parser("init-kms", help="create the local development KMS keyring")
     commands.add_parser("rotate-keys", help="make a new KEK version primary")
     commands.add_parser("rewrap", help="re-wrap every data key under the primary KEK version")
@@ -84,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         serve_service(VaultSettings, create_app, "vault", factory="vault.app:app_from_environment")
     elif args.command == "migrate":
         migrate_service("vault", "vault.migrations", DEFAULT_MIGRATION_URL)
+    elif args.command == "worker":
+        _worker([name for name in args.once.split(",") if name])
     elif args.command == "init-kms":
         init_kms()
     else:

@@ -6,8 +6,16 @@ import hmac
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
+from tessera.runtime import redis_client
 from tessera.runtime.redis_client import is_tls_url
-from tessera.runtime.settings import ServiceSettings, check_secret, is_loopback_url
+from tessera.runtime.settings import (
+    BaseSettings,
+    LogLevel,
+    ServiceSettings,
+    check_secret,
+    is_loopback_url,
+    validate_url,
+)
 from vault.forward import Destination
 
 #: The vault's listeners: `public` faces browsers (through the ingress), `service` the payment
@@ -125,3 +133,67 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
 
 #: The largest request body the vault reads; a card never needs more.
 MAX_BODY_BYTES = 8 * 1024
+
+
+#: A merchant's own card retention (`card_retention_days`), in days. At least a week: a forward
+#: refreshes a token's `last_used_at` at most once a day, so a shorter period could shred a card
+#: used the day before; at most ten years.
+RETENTION_DAYS_MIN = 7
+RETENTION_DAYS_MAX = 3650
+
+
+class VaultWorkerSettings(BaseSettings, frozen=True, kw_only=True):
+    """`python -m vault worker`: the vault's own variables, only those the worker needs.
+
+    It serves nothing, so it holds neither the service nor the admin credential.
+    """
+
+    env_prefix: ClassVar[str] = "TESSERA_VAULT_"
+
+    database_url: str = "postgresql://tessera_vault@127.0.0.1:5432/tessera_vault"
+    redis_url: str = "redis://127.0.0.1:6379/1"
+    db_timeout_seconds: float = 5.0
+    log_level: LogLevel = "info"
+    kms_provider: Literal["local", "gcp"] = "local"
+    local_kms_path: str = ""
+    gcp_kms_key_name: str = ""
+    gcp_kms_endpoint: str = ""
+    #: A live token unused for this many days is crypto-shredded (PCI DSS 3.2.1), unless its
+    #: merchant registered a period of its own. 400: a card kept for a yearly renewal is used
+    #: every 365 days, and the rest is a month of retries and late renewals.
+    card_retention_days: int = 400
+    #: How often the retention sweep runs (across all workers: one of them runs it).
+    retention_interval_seconds: float = 3600.0
+    #: How often the worker looks for a job that is due.
+    worker_poll_seconds: float = 5.0
+    #: A file the worker touches after every poll and every batch, for a liveness check.
+    worker_heartbeat_path: str = ""
+
+    def __post_init__(self) -> None:
+        validate_url(self.database_url, ("postgresql", "postgres"), self.env_name("database_url"))
+        validate_url(self.redis_url, redis_client.SCHEMES, self.env_name("redis_url"))
+        if problem := redis_client.cluster_url_problem(self.redis_url):
+            raise ValueError(f"{self.env_name('redis_url')}: {problem}")
+        if not RETENTION_DAYS_MIN <= self.card_retention_days <= RETENTION_DAYS_MAX:
+            raise ValueError(
+                f"{self.env_name('card_retention_days')}: "
+                f"{RETENTION_DAYS_MIN} to {RETENTION_DAYS_MAX} days"
+            )
+        if not 60 <= self.retention_interval_seconds <= 86400:
+            raise ValueError(f"{self.env_name('retention_interval_seconds')}: 60 to 86400")
+        if not 0.05 <= self.worker_poll_seconds <= 300:
+            raise ValueError(f"{self.env_name('worker_poll_seconds')}: 0.05 to 300 seconds")
+        if self.db_timeout_seconds <= 0:
+            raise ValueError(f"{self.env_name('db_timeout_seconds')}: must be positive")
+        if self.kms_provider == "gcp" and not self.gcp_kms_key_name.startswith("projects/"):
+            raise ValueError(f"{self.env_name('gcp_kms_key_name')}: a full Cloud KMS key name")
+
+    def production_problems(self) -> list[str]:
+        problems = []
+        if self.kms_provider == "local":
+            problems.append("TESSERA_VAULT_KMS_PROVIDER=local (use gcp)")
+        if self.gcp_kms_endpoint:
+            problems.append("TESSERA_VAULT_GCP_KMS_ENDPOINT (a plaintext KMS endpoint)")
+        if not is_tls_url(self.redis_url):
+            problems.append("TESSERA_VAULT_REDIS_URL must use TLS (rediss:// or rediss+cluster://)")
+        return problems

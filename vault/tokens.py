@@ -130,6 +130,7 @@ class TokenRepository:
         )
 
     async def shred(self, token_id: str, merchant_id: str) -> bool:
+        # vault/retention.py shreds with the same SET.
         status: str = await self.pool.execute(
             "UPDATE tokens SET ciphertext = NULL, nonce = NULL, data_key_id = NULL, "
             "deleted_at = now() WHERE id = $1 AND merchant_id = $2 AND deleted_at IS NULL",
