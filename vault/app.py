@@ -18,6 +18,7 @@ from vault.audit import AuditLog
 from vault.cors import TokenPreflight
 from vault.elements.routes import ElementsController
 from vault.forward import Forwarder
+from vault.key_inventory import KeyInventoryController
 from vault.keys import KeyRepository, KeyService
 from vault.kms.base import KeyManagementService
 from vault.listeners import listener_guard
@@ -107,7 +108,13 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         title="Tessera vault",
         settings=settings,
         migrations_package="vault.migrations",
-        route_handlers=[TokenController, ForwardController, AdminController, ElementsController],
+        route_handlers=[
+            TokenController,
+            ForwardController,
+            AdminController,
+            KeyInventoryController,
+            ElementsController,
+        ],
         dependencies=dependencies,
         max_body_bytes=MAX_BODY_BYTES,
         service_lifespan=vault_lifespan,

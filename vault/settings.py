@@ -63,6 +63,10 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
     #: The vault's origin as browsers reach it (https://vault.example), for the hosted card
     #: fields; empty: the origin of each request (its scheme and Host header).
     public_origin: str = ""
+    #: How long a KEK version may stay primary, in days: Terraform's `rotation_period` (90 days,
+    #: deploy/terraform/modules/kms). The key inventory reports it; the assessor's kit fails a
+    #: primary version older than it.
+    kek_cryptoperiod_days: int = 90
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,6 +91,8 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
                 f"{self.env_name('trust_forwarded_client_cert')} needs "
                 f"{self.env_name('service_identities')}"
             )
+        if not 1 <= self.kek_cryptoperiod_days <= 3650:
+            raise ValueError(f"{self.env_name('kek_cryptoperiod_days')}: 1 to 3650 days")
         if self.public_origin:
             parts = urlsplit(self.public_origin)
             # Compared with browsers' Origin headers, which are lower-case and have no slash.
