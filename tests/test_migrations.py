@@ -39,6 +39,7 @@ EXPECTED_TABLES = {
         "tokens",
         "audit_log",
         "audit_chain_heads",
+        "worker_jobs",
     },
 }
 

@@ -12,18 +12,25 @@ import msgspec
 from cachetools import TTLCache
 
 from core.errors import InvalidRequest, StateConflict
+from vault.settings import RETENTION_DAYS_MAX, RETENTION_DAYS_MIN
 
 
 class RegisterMerchant(msgspec.Struct, forbid_unknown_fields=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^mer_[0-9A-Za-z]{16,40}$")]
     publishable_key: Annotated[str, msgspec.Meta(pattern=r"^pk_[0-9A-Za-z_]{24,100}$")]
     allowed_origins: Annotated[list[str], msgspec.Meta(max_length=20)] = []
+    #: How long this merchant's cards are kept unused before the vault shreds them (PCI DSS
+    #: 3.2.1); omitted: the vault's default (TESSERA_VAULT_CARD_RETENTION_DAYS).
+    card_retention_days: (
+        Annotated[int, msgspec.Meta(ge=RETENTION_DAYS_MIN, le=RETENTION_DAYS_MAX)] | None
+    ) = None
 
 
 class MerchantView(msgspec.Struct):
     id: str
     allowed_origins: list[str]
     created: int
+    card_retention_days: int | None = None
     object: str = "merchant"
 
 
@@ -66,14 +73,21 @@ class MerchantRepository:
     def __init__(self, pool: Any) -> None:
         self.pool = pool
 
-    async def insert(self, merchant_id: str, pk_hash: bytes, origins: list[str]) -> datetime:
+    async def insert(
+        self,
+        merchant_id: str,
+        pk_hash: bytes,
+        origins: list[str],
+        card_retention_days: int | None = None,
+    ) -> datetime:
         try:
             created: datetime = await self.pool.fetchval(
-                "INSERT INTO merchants (id, publishable_key_sha256, allowed_origins) "
-                "VALUES ($1, $2, $3) RETURNING created_at",
+                "INSERT INTO merchants (id, publishable_key_sha256, allowed_origins, "
+                "card_retention_days) VALUES ($1, $2, $3, $4) RETURNING created_at",
                 merchant_id,
                 pk_hash,
                 origins,
+                card_retention_days,
             )
         except asyncpg.UniqueViolationError:
             raise StateConflict(

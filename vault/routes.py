@@ -218,7 +218,7 @@ class ForwardController(Controller):
             audit, request, SERVICE, "forward", "started", token_id=token_id, detail=detail
         )
         try:
-            card = await tokens.reveal(token_id, merchant, take_cvc=True)
+            card = await tokens.reveal(token_id, merchant, take_cvc=True, use=True)
             answer = await forwarder.send(destination, data, card)
             del card
         except Exception as exc:
@@ -294,6 +294,9 @@ class AdminController(Controller):
         if redact(data.id) != data.id:
             raise InvalidRequest("A merchant id must not look like a card number.", param="id")
         origins = sorted({normalize_origin(o) for o in data.allowed_origins})
+        detail: dict[str, str | int | bool] = {"merchant": data.id}
+        if data.card_retention_days is not None:
+            detail["card_retention_days"] = data.card_retention_days
         await record(
             audit,
             request,
@@ -301,11 +304,18 @@ class AdminController(Controller):
             "merchant.register",
             "requested",
             token_id=None,
-            detail={"merchant": data.id},
+            detail=detail,
         )
-        created = await merchants.insert(data.id, key_hash(data.publishable_key), origins)
+        created = await merchants.insert(
+            data.id, key_hash(data.publishable_key), origins, data.card_retention_days
+        )
         state.merchant_directory.forget()
-        return MerchantView(id=data.id, allowed_origins=origins, created=int(created.timestamp()))
+        return MerchantView(
+            id=data.id,
+            allowed_origins=origins,
+            created=int(created.timestamp()),
+            card_retention_days=data.card_retention_days,
+        )
 
     @post(
         "/detokenize",

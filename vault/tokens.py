@@ -12,16 +12,21 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import asyncpg
 import msgspec
 
 from core.cards import bin6, last4, validate_cvc, validate_expiry, validate_pan
 from core.errors import InvalidRequest, NotFound
 from core.ids import new_random_id
+from tessera.runtime.logging import get_logger
 from tessera.runtime.redis_client import RedisClient
 from vault.crypto import EnvelopeCipher, card_aad, cvc_aad
 from vault.keys import KeyService
 
+log = get_logger("tessera.vault.tokens")
 _TOKEN_ID = re.compile(r"tok_[0-9a-z]{26}")
+#: A token's `last_used_at` is refreshed at most this often (the SQL in `mark_used` says it too).
+USE_GRANULARITY = datetime.timedelta(days=1)
 
 
 def _described(pattern: str) -> msgspec.Meta:
@@ -129,6 +134,16 @@ class TokenRepository:
             merchant_id,
         )
 
+    async def mark_used(self, token_id: str) -> bool:
+        """Refresh a live token's last use, if it is more than a day old (retention counts
+        from it): a token forwarded all day long is written once a day, not once a forward."""
+        status: str = await self.pool.execute(
+            "UPDATE tokens SET last_used_at = now() WHERE id = $1 AND deleted_at IS NULL "
+            "AND last_used_at < now() - interval '1 day'",
+            token_id,
+        )
+        return status == "UPDATE 1"
+
     async def shred(self, token_id: str, merchant_id: str) -> bool:
         # vault/retention.py shreds with the same SET.
         status: str = await self.pool.execute(
@@ -225,12 +240,23 @@ class TokenService:
             raise NotFound("No such token.", param="id")
         await self.cvcs.discard(token_id)
 
-    async def reveal(self, token_id: str, merchant_id: str | None, *, take_cvc: bool) -> Card:
+    async def reveal(
+        self, token_id: str, merchant_id: str | None, *, take_cvc: bool, use: bool = False
+    ) -> Card:
         """Decrypt a card for one use (forward, break-glass). The CVC, if asked for, is taken:
-        whatever happens next, it is gone."""
+        whatever happens next, it is gone. `use` (a forward, not a break-glass look) keeps the
+        card from the retention sweep for another period."""
         row = await self.tokens.live(token_id, merchant_id)
         if row is None:
             raise NotFound("No such token.", param="token")
+        if use and row["last_used_at"] < datetime.datetime.now(datetime.UTC) - USE_GRANULARITY:
+            # The row just read tells whether a write is due: no round trip on most forwards.
+            # A failed write is tried again by the next forward; it does not stop this one
+            # (an error here would reach the API as "the card may have left").
+            try:
+                await self.tokens.mark_used(token_id)
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("last_use_not_recorded", error=type(exc).__name__)
         key = await self.keys.ring.key(row["data_key_id"])
         plaintext = EnvelopeCipher.open(
             key,
