@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 import pytest
-from playwright.sync_api import Browser, FrameLocator, Page, Playwright, sync_playwright
+from playwright.sync_api import Browser, FrameLocator, Page, Playwright, Route, sync_playwright
 
 from tests.conftest import ApiMerchant, create_merchant, dsn
 from tests.support.processes import ServiceProcess, free_port
@@ -330,3 +330,25 @@ def test_the_vault_serves_the_fields_with_a_strict_policy_and_the_library_with_i
         refused = httpx.get(vault.url + "/elements/v1/card.html", params=params)
         assert refused.status_code == 403
         assert "frame-ancestors 'none'" in refused.headers["content-security-policy"]
+
+
+def test_the_browser_refuses_a_card_script_altered_on_the_way(
+    page: tuple[Page, list[Sent]], shop: Shop
+) -> None:
+    """card.html carries card.js's integrity (PCI DSS 6.4.3): a copy changed anywhere between
+    the vault and the shopper (an edge, a CDN) is not run, so the fields stay inert."""
+    browser_page, _ = page
+
+    def tamper(route: Route) -> None:
+        original = route.fetch()
+        route.fulfill(response=original, body=original.body() + b"\n;void 0;\n")
+
+    browser_page.route("**/elements/v1/card.js", tamper)
+    with browser_page.expect_console_message(
+        lambda m: "integrity" in m.text.lower(), timeout=20_000
+    ) as refusal:
+        browser_page.goto(shop.url)
+    assert "card.js" in refusal.value.text
+    number = fields(browser_page).locator("#number")
+    number.press_sequentially("4242424242424242")  # the page itself arrived...
+    assert number.input_value() == "4242424242424242"  # ...but no script formats it
