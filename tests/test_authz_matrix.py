@@ -347,6 +347,10 @@ def detokenize(w: World) -> Call:
     return Call("POST", "/v1/detokenize", {"token": w.token(), "reason": "authorization matrix"})
 
 
+def lookup_fingerprints(w: World) -> Call:
+    return Call("POST", "/v1/fingerprints/lookup", {"numbers": [CARD]})
+
+
 def register_merchant(w: World) -> Call:
     key = f"pk_test_{secrets.token_hex(24)}"
     body = {"id": new_id("mer"), "publishable_key": key, "allowed_origins": []}
@@ -410,6 +414,7 @@ PREPARE: dict[tuple[str, str], Prepare] = {
     ("vault", "POST /v1/forward"): forward,
     ("vault", "POST /v1/detokenize"): detokenize,
     ("vault", "POST /v1/merchants"): register_merchant,
+    ("vault", "POST /v1/fingerprints/lookup"): lookup_fingerprints,
     ("vault", "POST /v1/keys/rotate"): rotate,
 }
 

@@ -17,6 +17,7 @@ from tessera.runtime.service import build_app
 from vault.audit import AuditLog
 from vault.cors import TokenPreflight
 from vault.elements.routes import ElementsController
+from vault.fingerprints import FingerprintController
 from vault.forward import Forwarder
 from vault.key_inventory import KeyInventoryController
 from vault.keys import KeyRepository, KeyService
@@ -112,6 +113,7 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
             TokenController,
             ForwardController,
             AdminController,
+            FingerprintController,
             KeyInventoryController,
             ElementsController,
         ],
