@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     Conn: TypeAlias = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
 
 __all__ = [
+    "AUDITED_ACTIONS",
     "CHAINS",
     "GENESIS_HASH",
     "AuditLog",
@@ -80,6 +81,25 @@ __all__ = [
 #: Chains created by migration 0003; an append starts looking for a free one at a random chain.
 CHAINS: Final = 16
 GENESIS_HASH: Final = bytes(32)
+#: Every action the vault records (vault/routes.py, cli.py, retention.py, fingerprints.py,
+#: key_inventory.py), in the order a card's life meets them. The assessor's kit (`tessera pci
+#: evidence`, control `audit-log`) shows the latest record of each; tests/test_pci_checks_core.py
+#: keeps this list equal to what the code writes. Tokenization itself is not recorded: the card
+#: arrives, nothing of it leaves.
+AUDITED_ACTIONS: Final = (
+    "merchant.register",
+    "token.read",
+    "forward",
+    "token.delete",
+    "retention.sweep",
+    "token.shred",
+    "detokenize",
+    "fingerprint.lookup",
+    "keys.rotate",
+    "keys.rewrap",
+    "keys.inventory",
+    "audit.verify",
+)
 PAYLOAD_VERSION: Final = 1
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)

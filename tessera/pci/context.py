@@ -39,6 +39,13 @@ class EvidenceSettings(BaseSettings, frozen=True, kw_only=True):
     #: Read access to the two databases (a role that can SELECT everything and change nothing).
     api_database_url: str = "postgresql://tessera_auditor@127.0.0.1:5432/tessera_api"
     vault_database_url: str = "postgresql://tessera_auditor@127.0.0.1:5432/tessera_vault"
+    #: The services' Postgres roles (tessera/dbsetup.py names them; the platform does in
+    #: production): the runtime roles the services log in as, and the owners that run migrations.
+    #: The kit reads their privileges from the catalog; it never logs in as them.
+    vault_runtime_role: str = "tessera_vault"
+    vault_owner_role: str = "tessera_vault_owner"
+    api_runtime_role: str = "tessera_api"
+    api_owner_role: str = "tessera_api_owner"
     #: The two Redis databases: the API's (idempotency, routing) and the vault's (CVCs).
     api_redis_url: str = "redis://127.0.0.1:6379/0"
     vault_redis_url: str = "redis://127.0.0.1:6379/1"

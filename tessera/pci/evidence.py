@@ -78,7 +78,13 @@ def _error(exc: BaseException) -> str:
 async def gather(ctx: EvidenceContext, only: Sequence[str] = ()) -> list[ControlResult]:
     results = []
     for name in CHECKS:
-        module = load_check(name)
+        try:
+            module = load_check(name)
+        except ImportError as exc:  # a check that cannot load is a broken check: it fails
+            control = Control(name.replace("_", "-"), name.replace("_", " "), ())
+            if not only or control.id in only:
+                results.append(control.failed(f"the check itself broke: {_error(exc)}"))
+            continue
         if only and module.CONTROL.id not in only:
             continue
         results.append(await run_check(module, ctx))

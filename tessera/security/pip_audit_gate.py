@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,14 @@ def judge(report: dict[str, Any]) -> Verdict:
     return Verdict("PASS", 0, [f"pip-audit: PASS - no known vulnerabilities ({counts})"])
 
 
-def run(timeout_seconds: float = 300) -> Verdict:
+def run(timeout_seconds: float = 300, arguments: Sequence[str] = ()) -> Verdict:
+    """pip-audit with `arguments` added (default: the installed environment; the assessor's
+    kit passes `-r <the lock's runtime requirements> --disable-pip`)."""
     with tempfile.TemporaryDirectory() as directory:
         out = Path(directory) / "audit.json"
         try:
             completed = subprocess.run(
-                [*PIP_AUDIT, "--output", str(out)],
+                [*PIP_AUDIT, *arguments, "--output", str(out)],
                 capture_output=True,
                 timeout=timeout_seconds,
                 check=False,

@@ -24,6 +24,7 @@ services in their segments, checked by a probe matrix, end-to-end payments and a
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -938,6 +939,66 @@ def run_campaign(
     return report
 
 
+#: Where `make segmentation` leaves its result for the assessor's kit (`tessera pci evidence`,
+#: control `segmentation`, setting TESSERA_PCI_SEGMENTATION_RESULT); git-ignored like all .run/.
+RESULT_PATH = ROOT / ".run" / "segmentation" / "latest.json"
+
+
+def result_record(
+    report: Report, finished: datetime.datetime, commit: str | None
+) -> dict[str, Any]:
+    """What the kit judges a run on: when, at which commit, the probe counts and the verdict."""
+    model = report.model
+    checked = report.rounds.get("policy")
+    opened = report.rounds.get("open")
+    record: dict[str, Any] = {
+        "kind": "tessera-segmentation-result",
+        "version": 1,
+        "date": finished.isoformat(),
+        "commit": commit,
+        "flows": len(model.flows),
+        "segments": len(model.segments),
+        "passed": not report.failures and checked is not None and opened is not None,
+        "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in report.checks],
+        "failed_checks": [c.name for c in report.failures],
+        "timings_seconds": {k: round(v, 1) for k, v in report.timings.items()},
+    }
+    if checked is not None:
+        allowed = [p for p in checked.results if model.allows(p)]
+        denied = [p for p in checked.results if not model.allows(p)]
+        record["probes"] = len(checked.results)
+        record["allowed"] = len(allowed)
+        record["allowed_reachable"] = sum(checked.results[p] == OPEN for p in allowed)
+        record["denied"] = len(denied)
+        record["denied_blocked"] = sum(checked.results[p] == FILTERED for p in denied)
+        record["mismatches"] = [
+            f"{probe} is {status}" for probe, status in checked.mismatches(model)
+        ]
+    if opened is not None:
+        denied = [p for p in opened.results if not model.allows(p)]
+        record["negative_control"] = {
+            "denied_probes": len(denied),
+            "through_with_policy_off": sum(opened.reachable(p) for p in denied),
+        }
+    return record
+
+
+def _commit() -> str | None:
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or None
+
+
+def write_result(report: Report, path: Path = RESULT_PATH) -> Path:
+    record = result_record(report, datetime.datetime.now(datetime.UTC), _commit())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)  # a reader never sees half a file
+    return path
+
+
 def main() -> int:
     # A plain `kill` ends the run through its clean-up, like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -947,4 +1008,5 @@ def main() -> int:
         print(f"segmentation: {exc}", file=sys.stderr)
         return 2
     print(render_report(report))
+    print(f"segmentation: result written to {write_result(report)}")
     return 1 if report.failures else 0
