@@ -37,6 +37,8 @@ class Flow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     port: int
     protocol: Protocol
     why: str
+    #: What the flow carries (pan, tokens, ...): the cardholder-data view, tessera/pci/dataflow.py.
+    data: tuple[str, ...] = ()
 
     @property
     def service(self) -> Service:
