@@ -20,6 +20,9 @@ import httpx
 import pytest
 
 from tessera.dbsetup import ServiceDatabase, drop_database, ensure_roles_and_databases
+from tessera.pci.checks import keys as keys_check
+from tessera.pci.context import EvidenceContext, EvidenceSettings
+from tessera.pci.model import Status
 from tessera.runtime.migrations import migrate
 from tessera.runtime.settings import load_settings
 from tests.conftest import PG_ADMIN_URL, VaultMerchant, dsn, register_vault_merchant, start_service
@@ -219,10 +222,12 @@ async def test_a_data_key_under_a_version_the_kms_does_not_list_is_counted_apart
 ) -> None:
     admin = tokens["admin"]
     merchant = merchant_with_cards(own_vault, admin, 1)
-    key_id, version = await owner.fetchrow(
+    row = await owner.fetchrow(
         "SELECT id, kek_version FROM data_keys WHERE purpose = 'fingerprint' AND merchant_id = $1",
         merchant.id,
     )
+    assert row is not None
+    key_id, version = row["id"], row["kek_version"]
     await owner.execute("UPDATE data_keys SET kek_version = '999' WHERE id = $1", key_id)
     try:
         body = inventory(own_vault, admin)
@@ -244,3 +249,51 @@ def test_the_default_kek_cryptoperiod_is_terraforms_rotation_period() -> None:
         {"TESSERA_VAULT_SERVICE_TOKEN": secret, "TESSERA_VAULT_ADMIN_TOKEN": secret + "!"},
     )
     assert periods == {settings.kek_cryptoperiod_days * 86400} == {90 * 86400}
+
+
+async def test_the_keys_control_passes_now_and_fails_once_the_kek_outlives_its_cryptoperiod(
+    own_vault: ServiceProcess, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    """The assessor's kit against this vault: the same inventory judged today and 91 days on."""
+    merchant_with_cards(own_vault, tokens["admin"], 1)
+    settings = EvidenceSettings(vault_url=own_vault.url, vault_admin_token=tokens["admin"])
+    now = datetime.datetime.now(datetime.UTC)
+    results = []
+    for moment in (now, now + datetime.timedelta(days=91)):
+        ctx = EvidenceContext(settings, moment, ROOT, tmp_path)
+        try:
+            results.append(await keys_check.run(ctx))
+        finally:
+            await ctx.close()
+    today, later = results
+
+    assert today.status == Status.PASSED, today.summary
+    primary = next(v for v in today.evidence["kek"]["versions"] if v["primary"])
+    assert primary["age_days"] < 1
+    assert later.status == Status.FAILED
+    aged = next(v for v in later.evidence["kek"]["versions"] if v["primary"])
+    assert aged["name"] == primary["name"]
+    assert 91 <= aged["age_days"] < 92
+    assert later.summary == (
+        f"the primary KEK version {primary['name']} is {aged['age_days']} days old, past its "
+        "cryptoperiod of 90 days: the KEK was not rotated in time"
+    )
+    assert [line for line in later.evidence["judged"] if line.startswith("fail")] == [
+        f"fail: {later.summary}"
+    ]
+
+
+async def test_the_keys_control_without_the_admin_credential_is_not_checked(
+    own_vault: ServiceProcess, tmp_path: Path
+) -> None:
+    for token in ("", "not-the-admin-token-" + "x" * 20):
+        settings = EvidenceSettings(vault_url=own_vault.url, vault_admin_token=token)
+        ctx = EvidenceContext(settings, datetime.datetime.now(datetime.UTC), ROOT, tmp_path)
+        try:
+            result = await keys_check.run(ctx)
+        finally:
+            await ctx.close()
+        assert result.status == Status.NOT_CHECKED
+        assert ("no vault administrator credential" if not token else "answered 401") in (
+            result.summary
+        )
