@@ -12,10 +12,12 @@ import datetime
 import re
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import httpx
 import pytest
 
@@ -26,6 +28,7 @@ from tessera.pci.model import Status
 from tessera.runtime.migrations import migrate
 from tessera.runtime.settings import load_settings
 from tests.conftest import PG_ADMIN_URL, VaultMerchant, dsn, register_vault_merchant, start_service
+from tests.support.fake_kms import FakeKms, State
 from tests.support.processes import ROOT, ServiceProcess
 from tests.support.vault_helpers import bearer, tokenize
 from vault.kms.local import LocalKms
@@ -34,15 +37,21 @@ from vault.settings import VaultSettings
 CARDS = ("4242424242424242", "5555555555554444", "378282246310005")
 
 
-@pytest.fixture(scope="module")
-async def inventory_db() -> AsyncIterator[ServiceDatabase]:
-    db = ServiceDatabase("vault", f"tessera_vault_inventory_{secrets.token_hex(4)}")
+@asynccontextmanager
+async def throwaway_database(label: str) -> AsyncIterator[ServiceDatabase]:
+    db = ServiceDatabase("vault", f"tessera_vault_{label}_{secrets.token_hex(4)}")
     await ensure_roles_and_databases(PG_ADMIN_URL, [db])
     await migrate(dsn(db.owner, db.database), "vault.migrations")
     try:
         yield db
     finally:
         await drop_database(PG_ADMIN_URL, db.database)
+
+
+@pytest.fixture(scope="module")
+async def inventory_db() -> AsyncIterator[ServiceDatabase]:
+    async with throwaway_database("inventory") as db:
+        yield db
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +306,65 @@ async def test_the_keys_control_without_the_admin_credential_is_not_checked(
         assert ("no vault administrator credential" if not token else "answered 401") in (
             result.summary
         )
+
+
+async def test_on_cloud_kms_the_inventory_names_full_versions_and_the_control_sees_a_disabled_one(
+    vault_env: dict[str, str], tokens: dict[str, str], tmp_path: Path
+) -> None:
+    """The same inventory through the real Cloud KMS client (the suite's gRPC fake): versions by
+    their full resource names with Cloud KMS's create_time; a KMS that refuses to list them; and
+    an old version disabled before its keys were rewrapped, which the control fails."""
+    admin = tokens["admin"]
+    key_name = "projects/p/locations/l/keyRings/r/cryptoKeys/inventory"
+    with FakeKms.start(key_name) as fake:
+        first = fake.primary_of(key_name)
+        made = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+        fake.set_created(first, made)
+        async with throwaway_database("inventory_gcp") as db:
+            env = {
+                **vault_env,
+                "TESSERA_VAULT_DATABASE_URL": dsn(db.runtime, db.database),
+                "TESSERA_VAULT_MIGRATION_URL": dsn(db.owner, db.database),
+                "TESSERA_VAULT_KMS_PROVIDER": "gcp",
+                "TESSERA_VAULT_GCP_KMS_KEY_NAME": key_name,
+                "TESSERA_VAULT_GCP_KMS_ENDPOINT": fake.address,
+            }
+            gcp = start_service("vault", env, tmp_path)
+            try:
+                merchant_with_cards(gcp, admin, 2)
+                body = inventory(gcp, admin)
+                [listed] = body["kek"]["versions"]
+                assert (listed["name"], listed["state"], listed["primary"]) == (
+                    first,
+                    "enabled",
+                    True,
+                )
+                assert listed["created"] == int(made.timestamp())
+                assert listed["data_keys"] == {"audit": 1, "card": 1, "fingerprint": 1}
+                assert body["kek"]["provider"] == "gcp"
+                unwrapped = body["unwrap"]
+                assert (unwrapped["checked"], unwrapped["ok"], unwrapped["failed"]) == (3, 3, 0)
+
+                fake.fail_next(1, grpc.StatusCode.PERMISSION_DENIED, method="ListCryptoKeyVersions")
+                refused = inventory(gcp, admin)
+                assert refused["kek"]["versions"] == []
+                assert refused["kek"]["versions_error"] == "kms_error"
+                assert refused["unwrap"]["ok"] == 3  # the rest of the inventory still stands
+
+                admin_post(gcp, admin, "/v1/keys/rotate")
+                fake.set_state(first, State.DISABLED)  # too early: nothing was rewrapped
+                settings = EvidenceSettings(vault_url=gcp.url, vault_admin_token=admin)
+                ctx = EvidenceContext(settings, datetime.datetime.now(datetime.UTC), ROOT, tmp_path)
+                try:
+                    result = await keys_check.run(ctx)
+                finally:
+                    await ctx.close()
+            finally:
+                gcp.stop()
+    assert result.status == Status.FAILED
+    assert result.summary.startswith(
+        f"3 data key(s) wrapped under KEK version {first}, which is disabled; "
+        "3 of 3 data keys do not unwrap under the KMS (kms_error: 3)"
+    )
+    ages = {v["name"]: v["age_days"] for v in result.evidence["kek"]["versions"]}
+    assert 30 <= ages[first] < 31
