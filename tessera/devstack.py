@@ -370,6 +370,7 @@ def services(config: StackConfig) -> list[Service]:
         Service("psp-b", [py, "-m", "sandbox.psp_b"], f"{base}:{config.psp_b_port}", "/healthz"),
         Service("api", [py, "-m", "api", "serve"], f"{base}:{config.api_port}", "/readyz"),
         Service("worker", [py, "-m", "api", "worker"], "", ""),
+        Service("vault-worker", [py, "-m", "vault", "worker"], "", ""),
     ]
 
 
@@ -387,7 +388,7 @@ def wait_until_ready(service: Service, process: subprocess.Popen[bytes], timeout
             raise StackError(
                 f"{service.name} exited with code {process.returncode}; see {service.log_file}"
             )
-        if not service.probe:  # no HTTP port (the worker): alive for a second is ready
+        if not service.probe:  # no HTTP port (the workers): alive for a second is ready
             if time.monotonic() > deadline - timeout + 1:
                 return
         elif _answers(service.url + service.probe):
@@ -564,6 +565,7 @@ def banner(config: StackConfig, demo: dict[str, str]) -> str:
             f"  PSP simulators http://{host}:{config.psp_a_port}   (psp_a)",
             f"                 http://{host}:{config.psp_b_port}   (psp_b)",
             "  worker         reconciler, completer, expiry, webhooks (no port)",
+            "  vault worker   card retention sweep (no port)",
             f"  demo checkout  {config.demo_origin}/   <- open this first "
             "(test card 4242 4242 4242 4242)",
             f"  logs           {LOGS}/",

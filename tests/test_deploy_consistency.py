@@ -348,7 +348,7 @@ def check_cde_pool(s: Sources) -> list[str]:
     for pod, _, spec in pods(s.docs):
         tolerates = toleration in (spec.get("tolerations") or [])
         selects = labels and labels.items() <= (spec.get("nodeSelector") or {}).items()
-        vault = pod in ("tessera-cde/tessera-vault", "tessera-cde/tessera-vault-migrate")
+        vault = pod.startswith("tessera-cde/")  # the vault, its worker and its migration
         if vault and not (tolerates and selects):
             out.append(
                 f"cde pool: {pod} must select {labels} and tolerate {toleration} (Terraform's pool)"
@@ -494,7 +494,7 @@ def test_the_checks_see_what_they_compare() -> None:
     s = sources()
     assert len([gsa for gsa in ksa_gsas(s.docs).values() if gsa]) == 7
     assert len(tf_readers(s.tree)) == 11
-    assert len(list(of_kind(s.docs, "SecretProviderClass"))) == 4
+    assert len(list(of_kind(s.docs, "SecretProviderClass"))) == 5
     assert sum(1 for _, _, spec in pods(s.docs) if spec.get("initContainers")) >= 6
 
 

@@ -27,7 +27,7 @@ import yaml
 from api.settings import ApiSettings, OperatorSettings
 from tessera.runtime.settings import BaseSettings, SettingsError, load_settings
 from tests.segmentation import model
-from vault.settings import VaultSettings
+from vault.settings import VaultSettings, VaultWorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -64,6 +64,8 @@ GSA_NAMES = {
 }
 WORKLOAD_SERVICE_ACCOUNT = {
     ("tessera-cde", "tessera-vault"): "tessera-vault",
+    # The vault's own jobs, with the vault's database role and KMS key (and nothing more).
+    ("tessera-cde", "tessera-vault-worker"): "tessera-vault",
     ("tessera-cde", "tessera-vault-migrate"): "tessera-vault-migrate",
     ("tessera-app", "tessera-api"): "tessera-api",
     ("tessera-app", "tessera-worker"): "tessera-worker",
@@ -105,6 +107,7 @@ SECRET_SETTINGS = {
 #: Which settings class each workload's container reads (migration Jobs read one variable).
 SETTINGS_OF: dict[str, type[BaseSettings]] = {
     "tessera-vault": VaultSettings,
+    "tessera-vault-worker": VaultWorkerSettings,
     "tessera-api": ApiSettings,
     "tessera-worker": ApiSettings,
     # Operators' commands in the toolbox read only what onboarding needs.
@@ -755,6 +758,47 @@ def check_hosts(docs: list[Doc]) -> Iterator[str]:
         yield f"the API's PSP URLs {sorted(map(str, api_hosts))} are not psp-api's hosts"
 
 
+#: What the vault worker's pods may mount from Secret Manager: the vault's Redis, nothing else.
+VAULT_WORKER_FILES = {"vault-redis-url", "redis-server-ca.pem"}
+
+
+def check_vault_worker(docs: list[Doc]) -> Iterator[str]:
+    """The vault worker serves nothing and calls no processor: finer than its segment (cde),
+    whose flows are the vault's."""
+    labels = {NAME: "tessera-vault-worker"}
+    if not any(
+        w["kind"] == "Deployment" and pod_labels(w).get(NAME) == labels[NAME]
+        for w in workloads(docs)
+    ):
+        yield "no tessera-vault-worker Deployment"
+    for doc in docs:
+        if namespace_of(doc) != "tessera-cde":
+            continue
+        spec = doc.get("spec") or {}
+        if (
+            doc["kind"] == "NetworkPolicy"
+            and selects(spec["podSelector"], labels)
+            and spec.get("ingress")
+        ):
+            yield f"{where(doc)}: admits traffic to the vault worker"
+        if doc["kind"] == "FQDNNetworkPolicy" and selects(spec["podSelector"], labels):
+            yield f"{where(doc)}: opens host names to the vault worker"
+        if doc["kind"] == "Service" and selects({"matchLabels": spec.get("selector", {})}, labels):
+            yield f"{where(doc)}: serves the vault worker's pods"
+        if (
+            doc["kind"] == "AuthorizationPolicy"
+            and spec.get("action", "ALLOW") == "ALLOW"
+            and spec.get("rules")
+            and selects(spec.get("selector", {}), labels)
+        ):
+            yield f"{where(doc)}: admits callers to the vault worker"
+        if doc["kind"] == "SecretProviderClass" and doc["metadata"]["name"] == labels[NAME]:
+            listed = yaml.safe_load(str(spec.get("parameters", {}).get("secrets", ""))) or []
+            extra = {str(entry.get("path")) for entry in listed} - VAULT_WORKER_FILES
+            if extra:
+                yield f"{where(doc)}: mounts {sorted(extra)} into the vault worker"
+
+
 CHECKS: dict[str, Callable[[list[Doc]], Iterable[str]]] = {
     "default deny": check_default_deny,
     "flows": check_flows,
@@ -766,6 +810,7 @@ CHECKS: dict[str, Callable[[list[Doc]], Iterable[str]]] = {
     "service accounts": check_service_accounts,
     "secrets": check_secrets,
     "hosts": check_hosts,
+    "vault worker": check_vault_worker,
 }
 
 
@@ -1040,6 +1085,31 @@ def forward_to_a_host_the_policy_does_not_open(docs: list[Doc]) -> None:
     )
 
 
+def admit_the_api_to_the_vault_worker(docs: list[Doc]) -> None:
+    policy = find(docs, "NetworkPolicy", "tessera-cde", "tessera-vault-worker")
+    policy["spec"]["ingress"] = copy.deepcopy(vault_policy(docs)["spec"]["ingress"][1:2])
+
+
+def let_the_vault_worker_call_a_processor(docs: list[Doc]) -> None:
+    policy = find(docs, "FQDNNetworkPolicy", "tessera-cde", "tessera-vault-psp-card")
+    policy["spec"]["podSelector"] = {
+        "matchExpressions": [
+            {"key": NAME, "operator": "In", "values": ["tessera-vault", "tessera-vault-worker"]}
+        ]
+    }
+
+
+def give_the_vault_worker_the_admin_token(docs: list[Doc]) -> None:
+    spc = find(docs, "SecretProviderClass", "tessera-cde", "tessera-vault-worker")
+    vault = find(docs, "SecretProviderClass", "tessera-cde", "tessera-vault")
+    spc["spec"]["parameters"]["secrets"] = vault["spec"]["parameters"]["secrets"]
+
+
+def drop_the_vault_worker_liveness_probe(docs: list[Doc]) -> None:
+    box = pod_spec(find(docs, "Deployment", "tessera-cde", "tessera-vault-worker"))
+    del box["containers"][0]["livenessProbe"]
+
+
 MUTATIONS: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
     "widen the service port to the whole app namespace": (
         widen_the_service_port_to_the_whole_app_namespace,
@@ -1139,6 +1209,22 @@ MUTATIONS: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
     "forward to a host the policy does not open": (
         forward_to_a_host_the_policy_does_not_open,
         "are not psp-card's hosts",
+    ),
+    "admit the API to the vault worker": (
+        admit_the_api_to_the_vault_worker,
+        "tessera-cde/tessera-vault-worker: admits traffic to the vault worker",
+    ),
+    "let the vault worker call a processor": (
+        let_the_vault_worker_call_a_processor,
+        "opens host names to the vault worker",
+    ),
+    "give the vault worker the admin token": (
+        give_the_vault_worker_the_admin_token,
+        "mounts ['vault-admin-token', 'vault-service-token'] into the vault worker",
+    ),
+    "drop the vault worker's liveness probe": (
+        drop_the_vault_worker_liveness_probe,
+        "container vault-worker: no livenessProbe",
     ),
 }
 

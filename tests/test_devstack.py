@@ -114,12 +114,14 @@ def test_dev_up_starts_every_service_and_dev_down_stops_them(tmp_path: Path) -> 
         assert checkout.status_code == 200
         assert demo["publishable_key"] in checkout.text  # the shop runs with the demo's keys
         assert (tmp_path / ".run" / "logs" / "api.log").exists()
+        vault_worker = (tmp_path / ".run" / "logs" / "vault-worker.log").read_text()
+        assert '"message": "worker_started"' in vault_worker, vault_worker
     finally:
         down = subprocess.run(
             [*tessera, "dev", "down"], env=env, capture_output=True, text=True, timeout=120
         )
     assert down.returncode == 0, down.stderr
-    assert "stopped 6 service process(es)" in down.stdout
+    assert "stopped 7 service process(es)" in down.stdout
     for port in ports.values():
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
