@@ -23,7 +23,10 @@ import httpx
 import pytest
 import redis
 
-from tessera.dbsetup import ServiceDatabase
+from tessera.dbsetup import AUDITOR_ROLE, ServiceDatabase
+from tessera.pci.context import EvidenceContext, EvidenceSettings
+from tessera.pci.evidence import load_check, run_check
+from tessera.pci.model import ControlResult, Status
 from tessera.runtime.settings import SettingsError, load_settings
 from tests.conftest import dsn
 from tests.support.echo_server import EchoServer
@@ -295,6 +298,7 @@ def worker_env(
     redis_urls: dict[str, str],
     kms_path: str,
     heartbeat: Path,
+    port: int,
 ) -> dict[str, str]:
     db = databases["vault"]
     return {
@@ -304,6 +308,7 @@ def worker_env(
         "TESSERA_VAULT_LOCAL_KMS_PATH": kms_path,
         "TESSERA_VAULT_WORKER_POLL_SECONDS": "0.1",
         "TESSERA_VAULT_WORKER_HEARTBEAT_PATH": str(heartbeat),
+        "TESSERA_VAULT_PORT": str(port),
     }
 
 
@@ -328,7 +333,7 @@ async def test_two_worker_processes_run_the_sweep_once_per_interval_and_stop_on_
     workers = [
         ServiceProcess(
             "vault",
-            worker_env(databases, redis_urls, local_kms_path, tmp_path / f"beat-{n}"),
+            worker_env(databases, redis_urls, local_kms_path, tmp_path / f"beat-{n}", vault.port),
             0,
             tmp_path / f"worker-{n}.log",
             args=["worker"],
@@ -366,9 +371,11 @@ async def test_two_worker_processes_run_the_sweep_once_per_interval_and_stop_on_
     assert job is not None
     assert job["last_outcome"] == "ok"
     assert job["next_run_at"] - job["last_started_at"] == datetime.timedelta(hours=1)
-    logs = "".join(worker.output() for worker in workers)
-    assert '"message": "worker_stopped"' in logs
-    assert "Traceback" not in logs
+    lines = [json.loads(line) for w in workers for line in w.output().splitlines()]
+    assert sum(line["message"] == "worker_stopped" for line in lines) == 2
+    assert [
+        line for line in lines if line.get("job") == "retention" and line["level"] != "info"
+    ] == []
 
 
 # --- a forward keeps a card ------------------------------------------------------------------
@@ -486,3 +493,72 @@ def test_production_refuses_the_workers_development_parts() -> None:
         load_settings(VaultWorkerSettings, env)
     assert "TESSERA_VAULT_KMS_PROVIDER=local" in str(refused.value)
     assert "TESSERA_VAULT_REDIS_URL must use TLS" in str(refused.value)
+
+
+# --- the assessor's kit: control `retention` -------------------------------------------------
+
+
+async def judge(
+    databases: dict[str, ServiceDatabase], now: datetime.datetime, tmp_path: Path
+) -> ControlResult:
+    db = databases["vault"]
+    settings = EvidenceSettings(vault_database_url=dsn(AUDITOR_ROLE, db.database))
+    ctx = EvidenceContext(settings, now, tmp_path, tmp_path / "out")
+    try:
+        return await run_check(load_check("retention"), ctx)
+    finally:
+        await ctx.close()
+
+
+async def test_the_control_fails_a_token_past_retention_until_one_sweep_shreds_it(
+    vault: ServiceProcess,
+    tokens: dict[str, str],
+    databases: dict[str, ServiceDatabase],
+    ctx: WorkerContext,
+    tmp_path: Path,
+) -> None:
+    await sweep(ctx)  # whatever earlier tests left, and a fresh retention.sweep record
+    merchant_id, publishable = register(vault, tokens["admin"], 30)
+    token_id = tokenize(vault, publishable)
+    await age(databases, [token_id], 45)
+
+    result = await judge(databases, datetime.datetime.now(datetime.UTC), tmp_path)
+
+    assert result.status == Status.FAILED, result.summary
+    assert "1 live token(s) of 1 merchant(s)" in result.summary
+    assert "overdue for shredding" in result.summary
+    (entry,) = result.evidence["overdue"]["by_merchant"]
+    assert (entry["merchant_id"], entry["retention_days"], entry["overdue"]) == (
+        merchant_id,
+        30,
+        1,
+    )
+    assert "tok_" not in json.dumps(result.evidence), "no token id in the evidence"
+    assert {"merchant_id": merchant_id, "retention_days": 30} in result.evidence["policy"][
+        "own_periods"
+    ]
+
+    await sweep(ctx)
+    result = await judge(databases, datetime.datetime.now(datetime.UTC), tmp_path)
+
+    assert result.status == Status.PASSED, result.summary
+    assert result.evidence["overdue"]["tokens"] == 0
+    assert result.evidence["last_sweep"]["outcome"] == "ok"
+    assert result.evidence["last_30_days"]["retention_shreds"] >= 1
+
+
+async def test_the_control_fails_when_the_sweep_has_not_run_for_two_intervals(
+    databases: dict[str, ServiceDatabase], ctx: WorkerContext, tmp_path: Path
+) -> None:
+    await sweep(ctx)
+    now = datetime.datetime.now(datetime.UTC)
+
+    assert (await judge(databases, now + datetime.timedelta(hours=1), tmp_path)).status == (
+        Status.PASSED
+    )
+    late = await judge(databases, now + datetime.timedelta(hours=2, minutes=1), tmp_path)
+
+    assert late.status == Status.FAILED
+    assert late.summary.startswith("the sweep is not running: the last retention.sweep was")
+    before = await judge(databases, now - datetime.timedelta(days=31), tmp_path)
+    assert "no retention.sweep record in the last 30 days" in before.summary

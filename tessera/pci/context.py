@@ -53,6 +53,11 @@ class EvidenceSettings(BaseSettings, frozen=True, kw_only=True):
     log_paths: tuple[str, ...] = (".run/logs",)
     #: The vault's CVC time-to-live (TESSERA_VAULT_CVC_TTL_SECONDS): no entry may be older.
     cvc_ttl_seconds: int = 0
+    #: The card retention policy (PCI DSS 3.2.1): the vault's default period in days
+    #: (TESSERA_VAULT_CARD_RETENTION_DAYS) and how often its worker sweeps
+    #: (TESSERA_VAULT_RETENTION_INTERVAL_SECONDS); a sweep older than two intervals fails.
+    card_retention_days: int = 400
+    retention_interval_seconds: float = 3600.0
     #: Where `make segmentation` writes its latest result.
     segmentation_result: str = ".run/segmentation/latest.json"
     #: A merchant's publishable key and one of its registered origins, to fetch the card-fields
