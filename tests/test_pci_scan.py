@@ -12,7 +12,7 @@ import pytest
 
 from core.cards import detect_brand, luhn_valid
 from sandbox.cards import TEST_CARDS
-from tessera.pci.scan import Finding, iter_blocks, line_of, mask, scan, scan_block
+from tessera.pci.scan import Finding, iter_blocks, line_of, mask, safe_name, scan, scan_block
 
 CARDS = sorted(TEST_CARDS)
 
@@ -193,3 +193,13 @@ def test_many_megabytes_of_logs_hold_exactly_the_planted_numbers(
     rate = len(data) / 1e6 / seconds
     with capsys.disabled():
         print(f"\nscan: {len(data) / 1e6:.1f} MB of JSON log lines at {rate:.0f} MB/s")
+
+
+def test_a_name_that_holds_a_card_number_is_never_repeated_in_the_evidence() -> None:
+    pan = CARDS[0]
+    assert safe_name(b"idem:mer_1:order-17") == "idem:mer_1:order-17"
+    for name in (f"cache:{pan}", f"cache:{b64(pan.encode())}", f"x/{pan.encode().hex()}.log"):
+        said = safe_name(name)
+        assert said.startswith(f"<a name holding {mask(pan)} (")
+        assert pan not in said
+        assert name not in said

@@ -34,8 +34,20 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from core.cards import IIN_RANGES, Brand, detect_brand, luhn_valid
+from core.redaction import redact
 
-__all__ = ["BLOCK_BYTES", "Finding", "Hit", "iter_blocks", "line_of", "mask", "scan", "scan_block"]
+__all__ = [
+    "BLOCK_BYTES",
+    "Finding",
+    "Hit",
+    "LineBlocks",
+    "iter_blocks",
+    "line_of",
+    "mask",
+    "safe_name",
+    "scan",
+    "scan_block",
+]
 
 _MIN_DIGITS: Final = 13
 _MAX_DIGITS: Final = 19
@@ -271,22 +283,51 @@ def scan(data: bytes | str, location: str, source: str = "") -> list[Finding]:
     return [Finding(h.pan, h.brand, h.encoding, location, source) for h in scan_block(raw)]
 
 
+class LineBlocks:
+    """Cuts a byte stream into blocks that end at line ends, so a number never straddles two
+    blocks (a line longer than `size` is cut where it must be), each with its first line's
+    number. `feed` what arrives, `close` at the end; both return the blocks ready to scan."""
+
+    def __init__(self, size: int = BLOCK_BYTES) -> None:
+        self.size = size
+        self.line = 1
+        self.pending = bytearray()
+
+    def feed(self, chunk: bytes) -> list[tuple[int, bytes]]:
+        self.pending += chunk
+        if len(self.pending) < self.size:
+            return []
+        cut = self.pending.rfind(b"\n") + 1 or len(self.pending)
+        return [self._take(cut)]
+
+    def close(self) -> list[tuple[int, bytes]]:
+        return [self._take(len(self.pending))] if self.pending else []
+
+    def _take(self, cut: int) -> tuple[int, bytes]:
+        block = bytes(self.pending[:cut])
+        del self.pending[:cut]
+        first = self.line
+        self.line += block.count(b"\n")
+        return first, block
+
+
 def iter_blocks(chunks: Iterable[bytes], size: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
-    """(number of the block's first line, block) from a byte stream, blocks cut at line ends so
-    a number never straddles two blocks (a line longer than `size` is cut where it must be)."""
-    line = 1
-    pending = bytearray()
+    """(number of the block's first line, block) from a byte stream (see `LineBlocks`)."""
+    blocks = LineBlocks(size)
     for chunk in chunks:
-        pending += chunk
-        if len(pending) < size:
-            continue
-        cut = pending.rfind(b"\n") + 1 or len(pending)
-        block = bytes(pending[:cut])
-        del pending[:cut]
-        yield line, block
-        line += block.count(b"\n")
-    if pending:
-        yield line, bytes(pending)
+        yield from blocks.feed(chunk)
+    yield from blocks.close()
+
+
+def safe_name(raw: bytes | str, limit: int = 200) -> str:
+    """A name for the evidence (a Redis key, a file, a table): as it is, unless it holds a card
+    number in any encoding, which is then all that is said of it, masked."""
+    data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    hits = scan_block(data)
+    if hits:
+        numbers = ", ".join(f"{mask(h.pan)} ({h.encoding})" for h in hits)
+        return f"<a name holding {numbers}>"
+    return redact(data.decode("utf-8", "backslashreplace"))[:limit]
 
 
 def line_of(block: bytes, first_line: int, offset: int) -> int:
