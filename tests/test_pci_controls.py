@@ -102,6 +102,18 @@ def test_a_stale_generated_file_is_named_with_how_to_fix_it(tmp_path: Path) -> N
     ]
 
 
+def test_the_check_command_exits_1_on_a_stale_file_and_0_when_current(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The matrix's own checks are the tests above; this is the command's wiring.
+    monkeypatch.setattr(controls, "check", lambda document: None)
+    monkeypatch.setattr(controls, "stale", lambda: [])
+    assert controls.main(["--check"]) == 0
+    monkeypatch.setattr(controls, "stale", lambda: ["docs/pci/controls.md"])
+    assert controls.main(["--check"]) == 1
+    assert "stale: docs/pci/controls.md: run `make pci-docs`" in capsys.readouterr().err
+
+
 # --- what the matrix names exists -----------------------------------------------------------
 
 
@@ -276,10 +288,10 @@ def test_the_structure_guards_bite() -> None:
     ids=["unknown-field", "coverage", "missing-operator", "standard"],
 )
 def test_the_file_shape_is_strict(edit: Any, message: str) -> None:
-    raw = yaml.safe_load(controls.CONTROLS_YAML.read_text())
+    raw = yaml.load(controls.CONTROLS_YAML.read_text(), Loader=yaml.CSafeLoader)
     edit(raw)
     with pytest.raises(ControlsError, match=re.escape(message)):
-        controls.parse(yaml.safe_dump(raw))
+        controls.parse(yaml.dump(raw, Dumper=yaml.CSafeDumper))
 
 
 def test_a_key_given_twice_is_refused() -> None:
@@ -341,15 +353,11 @@ def test_account_data_flows_only_to_or_from_the_vault() -> None:
         "cde -> vault-redis 6379/tcp",
         "cde -> psp-card 8201/tcp",
         "cde -> psp-card 8202/tcp",
-    }
-    assert [name for name in [*model.segments, "edge"] if model.in_cde(name)] == [
-        "cde",
-        "vault-db",
-        "vault-redis",
-        "kms",
-        "admin",
-        "edge",
-    ]
+    }, "the flows that carry account data changed: review docs/pci/scope.md"
+    in_scope = [name for name in [*model.segments, "edge"] if model.in_cde(name)]
+    assert in_scope == ["cde", "vault-db", "vault-redis", "kms", "admin", "edge"], (
+        "the CDE's components changed: review docs/pci/scope.md"
+    )
 
 
 @pytest.mark.parametrize(
