@@ -107,6 +107,14 @@ chaos: setup ## about 13 min: 5 of traffic through PSP faults and killed process
 		$(BIN)/pytest tests/test_chaos_network.py -q -s -p no:cacheprovider || rc=1; \
 	exit $$rc
 
+.PHONY: evidence pci-docs
+evidence: venv ## the assessor's kit against `make up`'s stack: report.md/.json in evidence/DATE/ (OUT=dir; docs/pci/assessor-guide.md)
+	$(BIN)/tessera pci evidence --dev-stack --out $${OUT:-evidence/$$(date -u +%Y-%m-%d)}
+
+pci-docs: venv ## regenerate docs/pci/controls.md and the cardholder-data flow diagram (Graphviz, installed with apt-get as root if missing)
+	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null; } || { echo "install Graphviz (apt-get install graphviz)"; exit 1; }
+	$(BIN)/python -m tessera.pci.controls
+
 .PHONY: segmentation
 segmentation: venv ## network segmentation (PCI DSS 11.4.5): flows.yaml as nftables rules between network namespaces, the real services inside, the probe matrix (root; installs nftables and socat if missing)
 	@missing=""; for tool in nft socat; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
