@@ -24,6 +24,7 @@ from vault.keys import KeyRepository, KeyService
 from vault.kms.base import KeyManagementService
 from vault.listeners import listener_guard
 from vault.merchants import MerchantDirectory, MerchantRepository
+from vault.monitoring import AlarmedAuditLog, Alarms, MonitoredKms, following
 from vault.openapi import DOCUMENT
 from vault.routes import AdminController, ForwardController, TokenController
 from vault.settings import MAX_BODY_BYTES, VaultSettings, VaultWorkerSettings
@@ -50,7 +51,8 @@ async def _audit_log(state: State) -> AuditLog:
     if state.audit is None:
         async with state.audit_lock:
             if state.audit is None:
-                state.audit = AuditLog(state.pool, await state.key_service.audit_key())
+                key = await state.key_service.audit_key()
+                state.audit = AlarmedAuditLog(state.pool, key, state.alarms)
     audit: AuditLog = state.audit
     return audit
 
@@ -63,7 +65,8 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
     @asynccontextmanager
     async def vault_lifespan(app: Litestar) -> AsyncIterator[None]:
         state = app.state
-        state.kms = kms or await open_kms(settings)
+        state.alarms = Alarms(state.metrics.registry)  # PCI DSS 10.7.2: vault/monitoring.py
+        state.kms = MonitoredKms(kms or await open_kms(settings), state.alarms)
         state.key_service = KeyService(state.kms, KeyRepository(state.pool))
         kms_calls = Gauge(
             "vault_kms_calls",
@@ -85,7 +88,8 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
             public_only=settings.production,
         )
         try:
-            yield
+            async with following(state.alarms, state.redis, settings.monitor_refresh_seconds):
+                yield
         finally:
             await state.forwarder.close()
             if kms is None:

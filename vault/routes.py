@@ -36,6 +36,7 @@ from vault.merchants import (
     key_hash,
     normalize_origin,
 )
+from vault.monitoring import chain_verified
 from vault.openapi import ADMIN_TOKEN, PUBLISHABLE_KEY, SERVICE_TOKEN
 from vault.tokens import CreateToken, TokenService, TokenView, parse_token_id
 
@@ -376,8 +377,13 @@ class AdminController(Controller):
         return await keys.rewrap()
 
     @get("/audit/verify", operation_id="verifyAudit")
-    async def verify_audit(self, request: Request[Any, Any, Any], audit: AuditLog) -> VerifyReport:
+    async def verify_audit(
+        self, request: Request[Any, Any, Any], audit: AuditLog, state: State
+    ) -> VerifyReport:
         report = await audit.verify()
+        # A break is an alert (the gauge and audit.chain_broken), whoever found it.
+        now = datetime.datetime.now(datetime.UTC).timestamp()
+        await chain_verified(report, by="admin", now=now, redis=state.redis, alarms=state.alarms)
         await record(
             audit, request, ADMIN, "audit.verify", "ok" if report.ok else "broken", token_id=None
         )

@@ -67,9 +67,14 @@ class VaultSettings(ServiceSettings, frozen=True, kw_only=True):
     #: deploy/terraform/modules/kms). The key inventory reports it; the assessor's kit fails a
     #: primary version older than it.
     kek_cryptoperiod_days: int = 90
+    #: How often this process copies the latest verifications (the worker's audit chain and
+    #: payment-page checks) from Redis into its /metrics gauges (vault/monitoring.py).
+    monitor_refresh_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0.05 <= self.monitor_refresh_seconds <= 300:
+            raise ValueError(f"{self.env_name('monitor_refresh_seconds')}: 0.05 to 300 seconds")
         check_secret(self.service_token, self.env_name("service_token"))
         check_secret(self.admin_token, self.env_name("admin_token"))
         if hmac.compare_digest(self.service_token, self.admin_token):
@@ -174,6 +179,24 @@ class VaultWorkerSettings(BaseSettings, frozen=True, kw_only=True):
     worker_poll_seconds: float = 5.0
     #: A file the worker touches after every poll and every batch, for a liveness check.
     worker_heartbeat_path: str = ""
+    #: The vault's origin as browsers reach it (the server's variable too): the payment-page
+    #: check (vault/watchdog.py) fetches the card fields from there, through the edge, as a
+    #: browser does. Empty (development): http://127.0.0.1 on the vault's port.
+    public_origin: str = ""
+    port: int = 8100
+    #: How often the served payment page is compared with the script inventory (PCI DSS 11.6.1).
+    scripts_check_interval_seconds: float = 300.0
+    #: A merchant's publishable key and one of its registered origins (a merchant registered for
+    #: monitoring), to fetch card.html as a checkout page does; empty: that part is not checked.
+    scripts_check_publishable_key: str = ""
+    scripts_check_origin: str = ""
+    #: How often every audit chain is verified (PCI DSS 10.3.4, 10.7.2).
+    audit_verify_interval_seconds: float = 3600.0
+
+    @property
+    def public_url(self) -> str:
+        """Where the worker fetches the payment page from."""
+        return (self.public_origin or f"http://127.0.0.1:{self.port}").rstrip("/")
 
     def __post_init__(self) -> None:
         validate_url(self.database_url, ("postgresql", "postgres"), self.env_name("database_url"))
@@ -193,6 +216,20 @@ class VaultWorkerSettings(BaseSettings, frozen=True, kw_only=True):
             raise ValueError(f"{self.env_name('db_timeout_seconds')}: must be positive")
         if self.kms_provider == "gcp" and not self.gcp_kms_key_name.startswith("projects/"):
             raise ValueError(f"{self.env_name('gcp_kms_key_name')}: a full Cloud KMS key name")
+        for name in ("scripts_check_interval_seconds", "audit_verify_interval_seconds"):
+            if not 60 <= getattr(self, name) <= 86400:
+                raise ValueError(f"{self.env_name(name)}: 60 to 86400 seconds")
+        if self.public_origin:
+            parts = urlsplit(self.public_origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(
+                    f"{self.env_name('public_origin')}: scheme://host[:port], nothing more"
+                )
+        if bool(self.scripts_check_publishable_key) != bool(self.scripts_check_origin):
+            raise ValueError(
+                f"{self.env_name('scripts_check_publishable_key')} and "
+                f"{self.env_name('scripts_check_origin')}: both, or neither"
+            )
 
     def production_problems(self) -> list[str]:
         problems = []
@@ -202,4 +239,9 @@ class VaultWorkerSettings(BaseSettings, frozen=True, kw_only=True):
             problems.append("TESSERA_VAULT_GCP_KMS_ENDPOINT (a plaintext KMS endpoint)")
         if not is_tls_url(self.redis_url):
             problems.append("TESSERA_VAULT_REDIS_URL must use TLS (rediss:// or rediss+cluster://)")
+        if not self.public_origin.startswith("https://"):
+            problems.append(
+                "TESSERA_VAULT_PUBLIC_ORIGIN (https): the payment-page check fetches the card "
+                "fields where browsers do"
+            )
         return problems

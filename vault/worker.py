@@ -95,9 +95,19 @@ class Job:
 
 def jobs(settings: VaultWorkerSettings) -> tuple[Job, ...]:
     """Every job, registered here, one line each."""
-    from vault import retention
+    from vault import retention, watchdog
 
-    return (Job("retention", settings.retention_interval_seconds, retention.sweep),)
+    # The watch over the payment page and the audit chains first: quick, and what alerts hang on.
+    return (
+        Job("scripts", settings.scripts_check_interval_seconds, watchdog.check_scripts),
+        Job(
+            "audit_verify",
+            settings.audit_verify_interval_seconds,
+            watchdog.verify_audit_chain,
+            lease_seconds=3600.0,  # a long log takes a while to walk
+        ),
+        Job("retention", settings.retention_interval_seconds, retention.sweep),
+    )
 
 
 #: A worker that fails a job tries again after this long (or its interval, if shorter).
