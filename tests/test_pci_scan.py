@@ -105,6 +105,7 @@ def test_what_only_looks_like_a_card_number_is_not_reported() -> None:
     assert len(wrong_length) == 17
     assert detect_brand(wrong_length).value == "mastercard"
     hex_reference = "5f3c2a" + luhn_complete("400000000001") + "abc"  # a PSP id: all hex
+    decimals = luhn_complete("352967447700012")  # a JCB number's shape and check digit
     negatives = [
         epoch_millis,
         f'{{"ts": {epoch_millis}, "amount": 259900, "currency": "EUR"}}',
@@ -118,6 +119,8 @@ def test_what_only_looks_like_a_card_number_is_not_reported() -> None:
         "amount=1999 refunded=250 balance=1749 2026-11-26T12:00:00.123456Z",
         "+44 20 7946 0958, +1-202-555-0173",  # phone numbers
         "1712345678901 1712345678902 1712345678903",
+        f"http_request_duration_seconds_sum 0.{decimals}",  # a float's decimals
+        f'"created": 1.{decimals}e+09',
         b64(no_brand.encode()),
         no_brand.encode().hex(),
     ]

@@ -12,8 +12,10 @@ Unlike `core.redaction` (a safety net that masks every Luhn-valid window, glued 
 reports what it is sure of: a digit run is a candidate only as whole groups, never a window
 cut out of a longer run of digits, and a run glued to letters is skipped when those letters
 are hex digits (PSP references and hashes are hex: one in a few hundred holds a Luhn-valid
-13-digit run; the hex decoder looks at those strings instead). A run glued to other letters
-("pan4242…") is reported.
+13-digit run; the hex decoder looks at those strings instead), and the decimals of a number
+are not a card number either ("0.3529…", "1.7956745915868537e+09": floats print 16 or 17
+decimals, and a tenth of those that start like a brand pass the Luhn check; the metrics pages
+are full of them). A run glued to other letters ("pan4242…") is reported.
 
 Encoded copies are found by decoding every even-length run of at least 26 hex characters (a
 13-digit number in hex) and every run of at least 20 base64 characters (standard or URL-safe,
@@ -59,6 +61,8 @@ _ISSUED_FIRST_BYTES: Final = frozenset(ord(d) for d in _ISSUED_FIRST_DIGITS)
 #: optional separator at a time, is 2.5 times slower).
 _RUN: Final = re.compile(rb"[0-9][0-9 -]{11,}[0-9]")
 _GROUP: Final = re.compile(rb"[0-9]+")
+_DOT: Final = ord(".")
+_DIGIT_BYTES: Final = frozenset(b"0123456789")
 _HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 _HEX_CHARS: Final = frozenset(_HEX_DIGITS)
 _ALNUM: Final = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -133,6 +137,15 @@ def _brand_of(pan: str) -> Brand | None:
     return brand
 
 
+def _not_standalone(data: bytes, start: int, end: int) -> bool:
+    """Whether the digits at start..end are part of something else: the decimals of a number
+    ("0.3529…", "1.7956745915868537e+09": the metrics pages and logs are full of them, and
+    their 16-19 decimals pass the Luhn check one time in ten) or a token of hex characters."""
+    if start >= 2 and data[start - 1] == _DOT and data[start - 2] in _DIGIT_BYTES:
+        return True
+    return _hex_glued(data, start, end)
+
+
 def _hex_glued(data: bytes, start: int, end: int) -> bool:
     """Whether the digits at start..end sit inside a longer token of hex characters (an id or
     a hash), as opposed to standing alone or next to other letters ("pan4242…")."""
@@ -176,7 +189,7 @@ def _clear(data: bytes) -> Iterator[tuple[int, str, Brand]]:
                 continue
             pan = text.decode()
             brand = _brand_of(pan)
-            if brand is not None and not _hex_glued(data, run.start(), run.end()):
+            if brand is not None and not _not_standalone(data, run.start(), run.end()):
                 yield run.start(), pan, brand
             continue
         for groups in _segments(data, *run.span()):
@@ -196,7 +209,7 @@ def _clear(data: bytes) -> Iterator[tuple[int, str, Brand]]:
                     brand = _brand_of(pan)
                     if brand is not None:
                         start, end = groups[index][0], groups[last][1]
-                        if not _hex_glued(data, start, end):
+                        if not _not_standalone(data, start, end):
                             found = (last, start, pan, brand)
                         break
                 if found is None:
