@@ -370,8 +370,24 @@ def services(config: StackConfig) -> list[Service]:
         Service("psp-b", [py, "-m", "sandbox.psp_b"], f"{base}:{config.psp_b_port}", "/healthz"),
         Service("api", [py, "-m", "api", "serve"], f"{base}:{config.api_port}", "/readyz"),
         Service("worker", [py, "-m", "api", "worker"], "", ""),
-        Service("vault-worker", [py, "-m", "vault", "worker"], "", ""),
     ]
+
+
+def vault_worker() -> Service:
+    """The vault's worker, started once the demo merchant exists (`vault_worker_env`)."""
+    return Service("vault-worker", [sys.executable, "-m", "vault", "worker"], "", "")
+
+
+def vault_worker_env(
+    config: StackConfig, env: dict[str, str], demo: dict[str, str]
+) -> dict[str, str]:
+    """Its payment-page check (vault/watchdog.py) fetches the card fields as the demo checkout
+    does: with the demo merchant's publishable key and origin."""
+    return {
+        **env,
+        "TESSERA_VAULT_SCRIPTS_CHECK_PUBLISHABLE_KEY": demo["publishable_key"],
+        "TESSERA_VAULT_SCRIPTS_CHECK_ORIGIN": config.demo_origin,
+    }
 
 
 def _answers(url: str) -> bool:
@@ -588,6 +604,8 @@ def run(*, detach: bool) -> int:
         running = start_services(config, env, detach=detach)
         try:
             demo = seed_demo_merchant(env, config.demo_origin)
+            worker_env = vault_worker_env(config, env, demo)
+            start_one(vault_worker(), worker_env, running, detach=detach)
             start_one(demo_shop(config), demo_shop_env(config, env, demo), running, detach=detach)
         except (subprocess.CalledProcessError, StackError):
             stop_processes(running)
