@@ -42,7 +42,8 @@ def test_every_test_card_is_found_in_clear_as_people_and_programs_write_it(pan: 
         grouped(pan, "-"),
         f"2026-11-26 12:00:01 card={pan} cvc=123",  # a date before, a CVC after
         f"{pan} 123",
-        f"pan{pan}",  # glued to letters that are not hex
+        f"pan{pan}",  # glued to a word
+        f"card{pan}",  # ... even one that ends in a hex letter
         f"tok_{pan}",
         f"{pan}\t2599\tEUR",  # a COPY row of pg_dump
         f"/v1/cards/{pan}/verify?x=1",
@@ -106,6 +107,8 @@ def test_what_only_looks_like_a_card_number_is_not_reported() -> None:
     assert detect_brand(wrong_length).value == "mastercard"
     hex_reference = "5f3c2a" + luhn_complete("400000000001") + "abc"  # a PSP id: all hex
     decimals = luhn_complete("352967447700012")  # a JCB number's shape and check digit
+    # A bytea value in a dump: hex of a JSON body, whose hex holds a Diners-shaped digit run
+    bytea = "\\\\x7b226964223a22706179" + luhn_complete("386238747331303") + "7a6271396838"
     negatives = [
         epoch_millis,
         f'{{"ts": {epoch_millis}, "amount": 259900, "currency": "EUR"}}',
@@ -121,6 +124,7 @@ def test_what_only_looks_like_a_card_number_is_not_reported() -> None:
         "1712345678901 1712345678902 1712345678903",
         f"http_request_duration_seconds_sum 0.{decimals}",  # a float's decimals
         f'"created": 1.{decimals}e+09',
+        bytea,
         b64(no_brand.encode()),
         no_brand.encode().hex(),
     ]

@@ -10,9 +10,10 @@ be is the same breach of the boundary as a real one, so nothing is exempted.
 
 Unlike `core.redaction` (a safety net that masks every Luhn-valid window, glued or not), this
 reports what it is sure of: a digit run is a candidate only as whole groups, never a window
-cut out of a longer run of digits, and a run glued to letters is skipped when those letters
-are hex digits (PSP references and hashes are hex: one in a few hundred holds a Luhn-valid
-13-digit run; the hex decoder looks at those strings instead), and the decimals of a number
+cut out of a longer run of digits, and a run inside a string of 20 or more hex characters is
+skipped (PSP references, hashes and a dump's bytea values are hex: one PSP A id in a few
+hundred holds a Luhn-valid 13-digit run; the hex decoder looks at those strings instead), and
+the decimals of a number
 are not a card number either ("0.3529…", "1.7956745915868537e+09": floats print 16 or 17
 decimals, and a tenth of those that start like a brand pass the Luhn check; the metrics pages
 are full of them). A run glued to other letters ("pan4242…") is reported.
@@ -65,6 +66,8 @@ _DOT: Final = ord(".")
 _DIGIT_BYTES: Final = frozenset(b"0123456789")
 _HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 _HEX_CHARS: Final = frozenset(_HEX_DIGITS)
+#: Digits glued into this many hex characters or more are part of a hex string.
+_HEX_STRING: Final = 20
 _ALNUM: Final = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 #: Hex characters become "x", everything else ".": runs are then found with `bytes.find`.
 _HEX_MARKS: Final = bytes(ord("x") if c in _HEX_CHARS else ord(".") for c in range(256))
@@ -147,24 +150,16 @@ def _not_standalone(data: bytes, start: int, end: int) -> bool:
 
 
 def _hex_glued(data: bytes, start: int, end: int) -> bool:
-    """Whether the digits at start..end sit inside a longer token of hex characters (an id or
-    a hash), as opposed to standing alone or next to other letters ("pan4242…")."""
-    before = start - 1
+    """Whether the digits at start..end sit inside a string of hex characters (an id, a hash, a
+    bytea value) rather than standing alone or next to a word ("card4242…", "pan4242…"): glued
+    to a hex letter, with at least `_HEX_STRING` hex characters in all (looked at no further)."""
+    before = start
+    while before > 0 and start - before < _HEX_STRING and data[before - 1] in _HEX_CHARS:
+        before -= 1
     after = end
-    glued = False
-    if before >= 0 and data[before] in _ALNUM:
-        glued = True
-        while before >= 0 and data[before] in _ALNUM:
-            if data[before] not in _HEX_CHARS:
-                return False
-            before -= 1
-    if after < len(data) and data[after] in _ALNUM:
-        glued = True
-        while after < len(data) and data[after] in _ALNUM:
-            if data[after] not in _HEX_CHARS:
-                return False
-            after += 1
-    return glued
+    while after < len(data) and after - end < _HEX_STRING and data[after] in _HEX_CHARS:
+        after += 1
+    return (before < start or after > end) and after - before >= _HEX_STRING
 
 
 def _segments(data: bytes, start: int, end: int) -> Iterator[list[tuple[int, int]]]:
