@@ -24,9 +24,9 @@ from api.settings import ApiSettings
 from tessera import dbsetup, devstack
 from tessera.dbsetup import default_databases
 from tessera.runtime import commands
-from tessera.runtime.settings import ServiceSettings, load_settings
+from tessera.runtime.settings import BaseSettings, ServiceSettings, load_settings
 from tests.support.processes import free_port
-from vault.settings import VaultSettings
+from vault.settings import VaultSettings, VaultWorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -43,11 +43,12 @@ SERVICES = {
     "vault",
     "api",
     "worker",
+    "vault-worker",
     "psp-a",
     "psp-b",
 }
-LONG_RUNNING = ["postgres", "redis", "vault", "psp-a", "psp-b", "api", "worker"]
-APPLICATIONS = ["api", "worker", "vault", "psp-a", "psp-b"]
+LONG_RUNNING = ["postgres", "redis", "vault", "psp-a", "psp-b", "api", "worker", "vault-worker"]
+APPLICATIONS = ["api", "worker", "vault", "vault-worker", "psp-a", "psp-b"]
 HTTP_SERVICES = ["api", "vault", "psp-a", "psp-b"]
 
 #: The variable compose passes to Postgres for each role's password (read by the init script).
@@ -137,7 +138,13 @@ MIGRATION_VARIABLE = {
 }
 
 
+#: Services with no listener, and the settings they read.
+WORKER_SETTINGS: dict[str, type[BaseSettings]] = {"vault-worker": VaultWorkerSettings}
+
+
 def variables_read_by(name: str) -> set[str]:
+    if name in WORKER_SETTINGS:
+        return set(WORKER_SETTINGS[name].env_names().values())
     if name in SETTINGS:
         return set(SETTINGS[name].env_names().values())
     if name in MIGRATION_VARIABLE:
@@ -177,6 +184,7 @@ def test_the_stack_runs_exactly_the_expected_services() -> None:
         ("vault", "Dockerfile.vault", ["python", "-m", "vault", "serve"]),
         ("migrate-vault", "Dockerfile.vault", ["python", "-m", "vault", "migrate"]),
         ("worker", "Dockerfile.api", ["python", "-m", "api", "worker"]),
+        ("vault-worker", "Dockerfile.vault", ["python", "-m", "vault", "worker"]),
         ("psp-a", "deploy/Dockerfile.sandbox", ["python", "-m", "sandbox.psp_a"]),
         ("psp-b", "deploy/Dockerfile.sandbox", ["python", "-m", "sandbox.psp_b"]),
     ],
@@ -197,6 +205,7 @@ def test_services_built_from_one_dockerfile_share_one_image_so_compose_builds_it
     assert service("api")["image"] == service("worker")["image"]
     assert service("psp-a")["image"] == service("psp-b")["image"]
     assert service("vault")["image"] == service("migrate-vault")["image"]
+    assert service("vault")["image"] == service("vault-worker")["image"]
     assert service("api")["image"] != service("vault")["image"]
 
 
@@ -287,6 +296,25 @@ def test_the_worker_healthcheck_watches_the_heartbeat_file_it_is_told_to_touch()
     assert f"os.stat('{path}')" in test[3]
 
 
+def test_the_vault_worker_reads_the_vaults_database_redis_and_keyring_and_no_credential() -> None:
+    """It shreds the vault's cards and audits it under the vault's audit key."""
+    worker, vault = raw_environment("vault-worker"), raw_environment("vault")
+    shared = ("database_url", "redis_url", "kms_provider", "local_kms_path")
+    for name in shared:
+        variable = VaultWorkerSettings.env_name(name)
+        assert worker[variable] == vault[variable], variable
+    assert "kms:/var/lib/tessera/kms" in service("vault-worker")["volumes"]
+    for credential in ("service_token", "admin_token"):
+        assert VaultSettings.env_name(credential) not in worker
+    settings = load_settings(VaultWorkerSettings, environment("vault-worker"))
+    assert settings.mode == "development"
+    path = settings.worker_heartbeat_path
+    assert path.startswith("/tmp/"), "the containers are read-only but for /tmp"
+    test = service("vault-worker")["healthcheck"]["test"]
+    compile(test[3], "vault-worker healthcheck", "exec")
+    assert f"os.stat('{path}')" in test[3]
+
+
 @pytest.mark.parametrize(("processor", "name"), [("psp_a", "psp-a"), ("psp_b", "psp-b")])
 def test_the_api_and_the_vault_reach_each_processor_by_its_service_name_and_port(
     processor: str, name: str
@@ -318,7 +346,9 @@ def test_the_published_port_is_the_port_the_service_listens_on_and_only_on_loopb
     assert int(container_port) == listening_port(name)
 
 
-@pytest.mark.parametrize("name", ["postgres", "redis", "migrate-api", "migrate-vault", "worker"])
+@pytest.mark.parametrize(
+    "name", ["postgres", "redis", "migrate-api", "migrate-vault", "worker", "vault-worker"]
+)
 def test_internal_services_publish_no_port(name: str) -> None:
     assert "ports" not in service(name)
 
@@ -409,6 +439,12 @@ def test_each_service_waits_for_what_it_needs() -> None:
             "vault": healthy,
             "psp-a": healthy,
             "psp-b": healthy,
+        },
+        "vault-worker": {
+            "postgres": healthy,
+            "redis": healthy,
+            "migrate-vault": done,
+            "vault": healthy,
         },
     }
     actual = {
