@@ -27,62 +27,104 @@ NOW = datetime.datetime(2031, 6, 1, 12, 0, tzinfo=datetime.UTC)
 # --- audit-log ------------------------------------------------------------------------------
 
 
-def _literal_actions(value: ast.expr, scope: ast.AST) -> set[str] | None:
-    """The actions an `action` argument can be: a literal, or a name assigned from literals
-    (`action = {"rotate-keys": "keys.rotate", ...}[command]`); None when it cannot be told."""
-    if isinstance(value, ast.Constant) and isinstance(value.value, str):
-        return {value.value}
-    if isinstance(value, ast.Name):
+def _constant(name: str, scopes: list[ast.AST]) -> set[str] | None:
+    """The string values `name` is assigned in the first scope that assigns it (a function,
+    then its module): a literal, or a literal dict's values (`{...}[command]`)."""
+    for scope in scopes:
         found: set[str] = set()
+        assigned = False
         for node in ast.walk(scope):
             if isinstance(node, ast.Assign) and any(
-                isinstance(t, ast.Name) and t.id == value.id for t in node.targets
+                isinstance(t, ast.Name) and t.id == name for t in node.targets
             ):
-                assigned = node.value
-                if isinstance(assigned, ast.Subscript) and isinstance(assigned.value, ast.Dict):
-                    values = assigned.value.values
-                    if not all(isinstance(v, ast.Constant) for v in values):
-                        return None
-                    found |= {str(v.value) for v in values if isinstance(v, ast.Constant)}
-                elif isinstance(assigned, ast.Constant):
-                    found.add(str(assigned.value))
-                else:
+                value: ast.expr | None = node.value
+            elif (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and node.target.id == name
+            ):
+                value = node.value
+            else:
+                continue
+            assigned = True
+            if isinstance(value, ast.Subscript) and isinstance(value.value, ast.Dict):
+                values = value.value.values
+            else:
+                values = [value] if value is not None else []
+            for v in values:
+                if not (isinstance(v, ast.Constant) and isinstance(v.value, str)):
                     return None
-        return found or None
+                found.add(v.value)
+        if assigned:
+            return found
+    return None
+
+
+def _argument(call: ast.Call, index: int | None, keyword: str) -> ast.expr | None:
+    for k in call.keywords:
+        if k.arg == keyword:
+            return k.value
+    if index is not None and len(call.args) > index:
+        return call.args[index]
+    return None
+
+
+def _called(call: ast.Call) -> str | None:
+    if isinstance(call.func, ast.Name):
+        return call.func.id
+    if isinstance(call.func, ast.Attribute):
+        return call.func.attr
     return None
 
 
 def written_actions() -> tuple[set[str], list[str]]:
-    """Every action vault/ writes to the audit log (`record(audit, request, actor, action, ...)`
-    and `audit.append(action=...)`), and the calls whose action could not be read."""
+    """Every action vault/ writes to the audit log, and the calls whose action could not be
+    read. Writers are `AuditLog.append(action=...)` and, found as they appear, every function
+    that passes an `action` parameter of its own on to a writer (vault.routes.record, the
+    worker's helpers), whose callers are then read in turn."""
+    modules = {
+        path: ast.parse(path.read_text())
+        for path in sorted((ROOT / "vault").rglob("*.py"))
+        if path.name != "audit.py"
+    }
+    writers: dict[str, tuple[int | None, str]] = {"append": (None, "action")}
     actions: set[str] = set()
-    unreadable = []
-    for path in sorted((ROOT / "vault").rglob("*.py")):
-        if path.name == "audit.py":
-            continue
-        tree = ast.parse(path.read_text())
-        for function in ast.walk(tree):
-            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            for node in ast.walk(function):
-                if not isinstance(node, ast.Call):
+    unreadable: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for path, tree in modules.items():
+            for function in ast.walk(tree):
+                if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
                     continue
-                value: ast.expr | None = None
-                if isinstance(node.func, ast.Name) and node.func.id == "record":
-                    value = node.args[3] if len(node.args) > 3 else None
-                elif isinstance(node.func, ast.Attribute) and node.func.attr == "append":
-                    value = next((k.value for k in node.keywords if k.arg == "action"), None)
-                if value is None:
-                    continue
-                parameters = {a.arg for a in function.args.args + function.args.kwonlyargs}
-                if isinstance(value, ast.Name) and value.id in parameters:
-                    continue  # passed through (vault.routes.record): its callers are read
-                found = _literal_actions(value, function)
-                if found is None:
-                    unreadable.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-                else:
-                    actions |= found
-    return actions, unreadable
+                positional = [a.arg for a in function.args.args]
+                if positional[:1] in (["self"], ["cls"]):
+                    positional = positional[1:]
+                parameters = set(positional) | {a.arg for a in function.args.kwonlyargs}
+                for node in ast.walk(function):
+                    if not isinstance(node, ast.Call) or _called(node) not in writers:
+                        continue
+                    index, keyword = writers[str(_called(node))]
+                    value = _argument(node, index, keyword)
+                    if value is None:
+                        continue
+                    if isinstance(value, ast.Name) and value.id in parameters:
+                        if function.name not in writers:  # a pass-through: read its callers
+                            at = positional.index(value.id) if value.id in positional else None
+                            writers[function.name] = (at, value.id)
+                            changed = True
+                        continue
+                    if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                        found: set[str] | None = {value.value}
+                    elif isinstance(value, ast.Name):
+                        found = _constant(value.id, [function, tree])
+                    else:
+                        found = None
+                    if found is None:
+                        unreadable.add(f"{path.relative_to(ROOT)}:{node.lineno}")
+                    else:
+                        actions |= found
+    return actions, sorted(unreadable)
 
 
 def test_the_audited_actions_are_exactly_the_ones_the_vault_writes() -> None:

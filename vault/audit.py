@@ -82,7 +82,7 @@ __all__ = [
 CHAINS: Final = 16
 GENESIS_HASH: Final = bytes(32)
 #: Every action the vault records (vault/routes.py, cli.py, retention.py, fingerprints.py,
-#: key_inventory.py), in the order a card's life meets them. The assessor's kit (`tessera pci
+#: key_inventory.py, watchdog.py), in the order a card's life meets them. The assessor's kit (`tessera pci
 #: evidence`, control `audit-log`) shows the latest record of each; tests/test_pci_checks_core.py
 #: keeps this list equal to what the code writes. Tokenization itself is not recorded: the card
 #: arrives, nothing of it leaves.
@@ -98,6 +98,7 @@ AUDITED_ACTIONS: Final = (
     "keys.rotate",
     "keys.rewrap",
     "keys.inventory",
+    "scripts.check",
     "audit.verify",
 )
 PAYLOAD_VERSION: Final = 1

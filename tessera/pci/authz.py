@@ -16,8 +16,9 @@ How the kit stays read-only:
   administrator's `POST /v1/keys/rotate` and `/rewrap` (they take no body: an authorized call
   rotates), and PSP B's signed notifications (their credential is an HMAC with PSP B's key,
   which the kit does not hold; their unsigned twin is walked).
-- The administrator's `GET` routes are real reads; the vault audits them (`audit.verify`), as
-  it should any administrator's access.
+- The administrator's `GET` routes are real reads, audited by the vault as any administrator's
+  access is (`keys.inventory`), except `GET /v1/audit/verify`: the vault publishes its outcome
+  (a metric the alerts read), so the kit verifies the chains itself instead, read-only.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ NOT_WALKED: dict[tuple[str, str, str], str] = {
     ("api", "POST /v1/notifications/psp_b", "*"): (
         "its credential is an HMAC with PSP B's key, which the kit does not hold "
         "(the unsigned row is walked)"
+    ),
+    ("vault", "GET /v1/audit/verify", "admin"): (
+        "an authorized call verifies the chains and the vault publishes the outcome (its "
+        "metric, an audit record): the kit verifies them itself, read-only (control audit-log)"
     ),
     ("vault", "POST /v1/keys/rotate", "admin"): (
         "the route takes no body: an authorized call would rotate the KEK"

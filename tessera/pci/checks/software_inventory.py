@@ -154,7 +154,8 @@ async def _uv_export(uv: str, root: Path, fmt: str, out: Path, *extra: str) -> s
 
 async def _audit(requirements: str) -> tuple[pip_audit_gate.Verdict, str, bool]:
     """pip-audit's verdict on the requirements, when it was reached, and whether memoized."""
-    key = hashlib.sha256(requirements.encode()).hexdigest()
+    pinned = [line for line in requirements.splitlines() if not line.startswith("#")]
+    key = hashlib.sha256("\n".join(pinned).encode()).hexdigest()
     memo = _audits.get(key)
     if memo and time.monotonic() - memo[0] < AUDIT_MEMO_SECONDS:
         return memo[2], memo[1].isoformat(), True
@@ -206,7 +207,7 @@ async def run(ctx: EvidenceContext) -> ControlResult:
     with tempfile.TemporaryDirectory() as directory:
         requirements = Path(directory) / "requirements.txt"
         error = await _uv_export(
-            uv, ctx.root, "requirements.txt", requirements, "--no-emit-project"
+            uv, ctx.root, "requirements.txt", requirements, "--no-emit-project", "--no-header"
         )
         if error:
             return CONTROL.failed(f"the requirements for pip-audit could not be made: {error}")

@@ -1,0 +1,331 @@
+"""The assessor's kit (`tessera pci evidence`) against a whole stack of this module's own, after
+the demo flow: on the clean stack no control fails; with one fault planted, exactly the control
+that owns it fails, and says what it found.
+
+The stack (tests/support/pci_stack.py, started once for the module): fresh databases
+`tessera_{api,vault}_pci<TESSERA_TEST_DB_SUFFIX>`, Redis databases 10 and 11 (or
+TESSERA_TEST_PCI_REDIS_DBS, e.g. `6,7` when two people run this module at once), PSP A and B,
+vault, API and the API's worker, every log in one directory; then a merchant tokenizes a card
+with its CVC from its checkout origin, pays, captures, refunds part, and a second merchant pays
+through PSP B. `pci.settings` is the kit's `EvidenceSettings` for it (the auditor role's DSNs,
+the Redis URLs, the log directory, the admin token, the CVC TTL, the merchant's publishable key
+and origin).
+
+Adding a planted-fault test (about fifteen lines): plant the fault, call `assert_only_failing`
+with the control that must catch it and words its summary or evidence must contain, and undo the
+fault in a `finally`, so the module's other tests still see a clean stack:
+
+    def test_<control>_notices_<fault>(pci: PciStack, tmp_path: Path) -> None:
+        rows = pci.as_owner("vault", "UPDATE ... RETURNING id")   # SQL as the owner role
+        try:
+            assert_only_failing(pci.settings, tmp_path, "<control-id>", names=(rows[0]["id"],))
+        finally:
+            pci.as_owner("vault", "UPDATE ... /* back as it was */")
+
+`assert_only_failing(settings, out, expected, *, now=None, names=())` runs the whole kit (with
+`now`, judged at that time: an injected clock for cryptoperiods and retention) and asserts that
+the failing controls are exactly `{expected}` and that every one of `names` appears in its
+summary or evidence. Settings can be changed per test with `msgspec.structs.replace`
+(e.g. a log directory holding a planted line). Controls whose check module nobody has written
+yet are left out of every assertion (see `not_written`), until their module exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import msgspec
+import pytest
+
+from tessera.pci import authz
+from tessera.pci.checks import CHECKS
+from tessera.pci.context import EvidenceSettings
+from tessera.pci.evidence import evidence
+from tests.segmentation.agent import FILTERED, OPEN
+from tests.segmentation.campaign import Report, Round, result_record
+from tests.segmentation.model import load
+from tests.support.pci_stack import PciStack, start_pci_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Controls allowed to be "not checked" on this machine, and why. Not checked is never a pass:
+#: each is listed in the report with its reason; this list only says which reasons are expected
+#: here.
+EXPECTED_NOT_CHECKED_HERE: dict[str, str] = {
+    "software-inventory": (
+        "pip-audit needs PyPI's advisory data, which these machines cannot reach; where it is "
+        "reachable the control passes or fails"
+    ),
+    "segmentation": (
+        "the module's stack points the kit at a result file of its own that no run wrote "
+        "(`make segmentation` needs root and a minute); the age and verdict rules are tested "
+        "below with a written result"
+    ),
+}
+
+
+def not_written(data: dict[str, Any]) -> set[str]:
+    """Controls whose check module does not exist yet (another engineer's, in progress): the
+    runner reports them as broken checks that could not be imported."""
+    return {
+        c["control"]
+        for c in data["controls"]
+        if c["summary"].startswith("the check itself broke: ModuleNotFoundError: No module named")
+        and "tessera.pci.checks." in c["summary"]
+    }
+
+
+def run_kit(
+    settings: EvidenceSettings, out: Path, *, now: datetime.datetime | None = None
+) -> dict[str, Any]:
+    return asyncio.run(evidence(settings, out, now=now, root=ROOT))
+
+
+def failing(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        c["control"]: c
+        for c in data["controls"]
+        if c["status"] == "fail" and c["control"] not in not_written(data)
+    }
+
+
+def assert_only_failing(
+    settings: EvidenceSettings,
+    out: Path,
+    expected: str,
+    *,
+    now: datetime.datetime | None = None,
+    names: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run the whole kit; exactly `expected` fails, and its summary or evidence contains every
+    one of `names`. Returns the report (report.json's content) for further assertions."""
+    data = run_kit(settings, out, now=now)
+    failed = failing(data)
+    assert set(failed) == {expected}, {c: f["summary"][:300] for c, f in failed.items()}
+    control = failed[expected]
+    said = control["summary"] + json.dumps(control["evidence"], default=str)
+    for name in names:
+        assert str(name) in said, f"{expected} does not name {name!r}: {control['summary']}"
+    assert data["verdict"] == "fail"
+    assert json.loads((out / "report.json").read_text())["verdict"] == "fail"
+    return data
+
+
+@pytest.fixture(scope="module")
+def pci(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PciStack]:
+    stack = start_pci_stack(Path(tmp_path_factory.mktemp("pci-stack")))
+    # No segmentation run on this stack: its own result file, which nothing has written.
+    stack.settings = msgspec.structs.replace(
+        stack.settings, segmentation_result=str(stack.log_dir.parent / "segmentation.json")
+    )
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _counts(pci: PciStack) -> dict[str, Any]:
+    """Row counts of what a write by the kit would change, and the vault's audit actions."""
+    queries = {
+        "vault": [
+            "merchants",
+            "tokens",
+            "data_keys",
+            "tokens WHERE deleted_at IS NOT NULL",
+        ],
+        "api": ["merchants", "merchant_api_keys", "payments", "refunds", "webhook_endpoints"],
+    }
+
+    async def read() -> dict[str, Any]:
+        counts: dict[str, Any] = {}
+        for service, tables in queries.items():
+            conn = await asyncpg.connect(pci.owner_dsn(service), timeout=10)
+            try:
+                for table in tables:
+                    counts[f"{service} {table}"] = await conn.fetchval(
+                        f"SELECT count(*) FROM {table}"
+                    )
+                if service == "vault":  # what callers did (the worker's own runs aside)
+                    rows = await conn.fetch(
+                        "SELECT actor || ' ' || action AS what, count(*) FROM audit_log "
+                        "WHERE actor NOT LIKE 'worker:%' GROUP BY 1"
+                    )
+                    counts["audit"] = {r["what"]: r["count"] for r in rows}
+            finally:
+                await conn.close()
+        return counts
+
+    return asyncio.run(read())
+
+
+def test_clean_stack_has_no_failing_control(pci: PciStack, tmp_path: Path) -> None:
+    before = _counts(pci)
+    started = time.monotonic()
+    data = run_kit(pci.settings, tmp_path)
+    seconds = time.monotonic() - started
+    after = _counts(pci)
+
+    print(f"\nthe kit on the clean stack: {seconds:.1f} s")
+    for c in data["controls"]:
+        print(
+            f"  {c['status']:<12} {c['control']:<20} {c['seconds']:>6.2f} s  {c['summary'][:110]}"
+        )
+
+    assert failing(data) == {}, {c: f["summary"] for c, f in failing(data).items()}
+    if not not_written(data):
+        assert data["verdict"] == "pass"
+    md, js = tmp_path / "report.md", tmp_path / "report.json"
+    assert md.exists()
+    written = json.loads(js.read_text())
+    assert written["verdict"] == data["verdict"]
+    assert [(c["control"], c["status"]) for c in written["controls"]] == [
+        (c["control"], c["status"]) for c in data["controls"]
+    ]
+    ids = [c["control"] for c in data["controls"]]  # one per check module, in CHECKS order
+    assert len(ids) == len(set(ids)) == len(CHECKS)
+    for entry in data["not_checked"]:
+        assert entry["control"] in EXPECTED_NOT_CHECKED_HERE, entry
+        assert len(entry["reason"]) > 20, entry
+    statuses = {c["control"]: c["status"] for c in data["controls"]}
+    assert statuses["audit-log"] == "pass"
+    assert statuses["least-privilege"] == "pass"
+
+    # The demo flow is what the audit log shows; the kit's own admin reads are audited too,
+    # and they are all it added: it changed nothing else.
+    audit = next(c for c in data["controls"] if c["control"] == "audit-log")["evidence"]
+    assert audit["intact"] is True
+    assert len(audit["chain_heads"]) == 16
+    actions = audit["coverage"]["actions"]
+    assert actions["merchant.register"]["actor"] == "admin"
+    assert actions["forward"]["outcome"] == "completed"
+    assert actions["detokenize"] == "no record yet"
+    added = {a: n - before["audit"].get(a, 0) for a, n in after.pop("audit").items()}
+    assert {a for a, n in added.items() if n} <= {"admin keys.inventory"}, added
+    before.pop("audit")
+    assert after == before
+
+    grants = next(c for c in data["controls"] if c["control"] == "least-privilege")["evidence"]
+    assert grants["grants"]["vault"]["delegated"]  # the audit tables' cells: audit-log's
+    matrix = grants["caller_matrix"]
+    assert matrix["mismatches"] == []
+    assert matrix["requests"] > matrix["cells_walked"] > 100
+    assert matrix["authorization_passed_body_refused"] >= 2  # detokenize, merchants
+    sbom = tmp_path / "sbom.cdx.json"
+    assert json.loads(sbom.read_text())["bomFormat"] == "CycloneDX"
+
+
+def test_audit_log_notices_an_edited_record(pci: PciStack, tmp_path: Path) -> None:
+    edited = pci.as_owner(
+        "vault",
+        "UPDATE audit_log AS a SET outcome = 'tampered' FROM ("
+        " SELECT chain_id, seq, outcome FROM audit_log WHERE action = 'forward'"
+        " ORDER BY occurred_at LIMIT 1) AS o"
+        " WHERE (a.chain_id, a.seq) = (o.chain_id, o.seq)"
+        " RETURNING a.chain_id, a.seq, o.outcome AS original",
+    )
+    chain, seq, original = edited[0]["chain_id"], edited[0]["seq"], edited[0]["original"]
+    try:
+        data = assert_only_failing(
+            pci.settings, tmp_path, "audit-log", names=(f"chain {chain}", f"seq {seq}")
+        )
+        control = next(c for c in data["controls"] if c["control"] == "audit-log")
+        assert control["evidence"]["broken"] == [
+            {
+                "chain_id": chain,
+                "seq": seq,
+                "problem": "hash_mismatch",
+                "message": "the record does not match its hash",
+            }
+        ]
+    finally:
+        pci.as_owner(
+            "vault",
+            f"UPDATE audit_log SET outcome = '{original}' "
+            f"WHERE chain_id = {int(chain)} AND seq = {int(seq)}",
+        )
+
+
+def test_audit_log_alone_notices_the_runtime_role_may_update_the_log(
+    pci: PciStack, tmp_path: Path
+) -> None:
+    pci.as_owner("vault", "GRANT UPDATE ON audit_log TO tessera_vault")
+    try:
+        data = assert_only_failing(
+            pci.settings, tmp_path, "audit-log", names=("tessera_vault may UPDATE audit_log",)
+        )
+        # least-privilege saw the grant and left it to audit-log, as roles.yaml says
+        grants = next(c for c in data["controls"] if c["control"] == "least-privilege")
+        assert (
+            "relation audit_log: runtime UPDATE"
+            in grants["evidence"]["grants"]["vault"]["delegated"]
+        )
+    finally:
+        pci.as_owner("vault", "REVOKE UPDATE ON audit_log FROM tessera_vault")
+
+
+def test_least_privilege_notices_an_undocumented_grant(pci: PciStack, tmp_path: Path) -> None:
+    pci.as_owner("vault", "GRANT DELETE ON tokens TO tessera_vault")
+    try:
+        assert_only_failing(
+            pci.settings,
+            tmp_path,
+            "least-privilege",
+            names=("vault: unexpected: relation tokens: runtime DELETE",),
+        )
+    finally:
+        pci.as_owner("vault", "REVOKE DELETE ON tokens FROM tessera_vault")
+
+
+def test_segmentation_fails_on_a_result_older_than_six_months(
+    pci: PciStack, tmp_path: Path
+) -> None:
+    model = load()
+    probes = model.probes()
+    report = Report(
+        model,
+        rounds={
+            "policy": Round("policy", {p: OPEN if model.allows(p) else FILTERED for p in probes}),
+            "open": Round("open", dict.fromkeys(probes, OPEN)),
+        },
+    )
+    ran = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=200)
+    result = tmp_path / "latest.json"
+    result.write_text(json.dumps(result_record(report, ran, "0" * 40)))
+    settings = msgspec.structs.replace(pci.settings, segmentation_result=str(result))
+    assert_only_failing(settings, tmp_path / "out", "segmentation", names=("200 days old",))
+
+
+def test_the_caller_matrix_walk_reports_a_route_answering_otherwise(pci: PciStack) -> None:
+    """A matrix that disagrees with the services (here: the vault's audit verification said to
+    be open to everyone) is reported cell by cell, with what came back."""
+    matrix = authz.load_matrix(ROOT)
+    row = list(matrix["vault"]["GET /v1/audit/verify"])
+    row[:2] = [200, 200]  # none, invalid
+    wrong = {**matrix, "vault": {**matrix["vault"], "GET /v1/audit/verify": row}}
+    s = pci.settings
+    targets = authz.Targets(
+        api_url=s.api_url,
+        vault_urls={"public": s.vault_url, "service": s.vault_url, "admin": s.vault_url},
+        admin_token=s.vault_admin_token,
+        publishable_key=s.publishable_key,
+        checkout_origin=s.checkout_origin,
+    )
+
+    async def walk() -> authz.Walk:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await authz.walk(http, wrong, targets)
+
+    walked = asyncio.run(walk())
+    assert {(m["row"], m["caller"], m["got"]) for m in walked.mismatches} == {
+        ("GET /v1/audit/verify", "none", 401),
+        ("GET /v1/audit/verify", "invalid", 401),
+    }
+    assert len(walked.mismatches) == 5  # none, and each of the four invalid credentials
