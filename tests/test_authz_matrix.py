@@ -32,7 +32,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import yaml
 from litestar import Litestar
 from litestar.routes import HTTPRoute
 
@@ -41,6 +40,7 @@ from api.services.notifications import signing_string
 from api.settings import ApiSettings
 from core.ids import new_id
 from tessera.dbsetup import ServiceDatabase, drop_database, ensure_roles_and_databases
+from tessera.pci import authz
 from tessera.runtime.migrations import migrate
 from tessera.runtime.settings import load_settings
 from tests.conftest import (
@@ -60,8 +60,7 @@ from vault.app import create_app as create_vault
 from vault.settings import VaultSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-MATRIX_PATH = ROOT / "docs" / "authz_matrix.yaml"
-MATRIX: dict[str, Any] = yaml.safe_load(MATRIX_PATH.read_text())
+MATRIX: dict[str, Any] = authz.load_matrix(ROOT)
 COLUMNS: list[str] = MATRIX["columns"]
 CARD = "4242424242424242"
 ORIGIN = "https://matrix.example"
@@ -74,17 +73,11 @@ TALLY: Counter[str] = Counter()
 
 
 def cells() -> list[tuple[str, str, str, int]]:
-    return [
-        (service, row, caller, status)
-        for service in ("api", "vault")
-        for row, statuses in MATRIX[service].items()
-        for caller, status in zip(COLUMNS, statuses, strict=True)
-    ]
+    """The matrix read as the assessor's kit reads it (tessera.pci.authz)."""
+    return [(c.service, c.row, c.caller, c.status) for c in authz.cells(MATRIX)]
 
 
-def route_of(row: str) -> str:
-    """`POST /v1/notifications/psp_b (unsigned)` is the route `POST /v1/notifications/psp_b`."""
-    return row.split(" (")[0]
+route_of = authz.route_of
 
 
 @dataclass
@@ -128,13 +121,7 @@ class World:
         if caller == "none":
             return [{}]
         if caller == "invalid":
-            identity = "spiffe://cluster.local/ns/tessera-app/sa/tessera-api"
-            return [
-                bearer(f"sk_test_{secrets.token_hex(24)}"),
-                bearer(secrets.token_urlsafe(32)),
-                bearer(f"pk_test_{secrets.token_hex(24)}"),
-                {"x-forwarded-client-cert": f"By=spiffe://x/vault;Hash=ab;URI={identity}"},
-            ]
+            return authz.invalid_credentials()
         vault_side = service == "vault"
         credential = {
             "other_secret": self.other.secret_key,
