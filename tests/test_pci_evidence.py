@@ -33,7 +33,9 @@ yet are left out of every assertion (see `not_written`), until their module exis
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import gzip
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -44,6 +46,7 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
+import redis
 
 from tessera.pci import authz
 from tessera.pci.checks import CHECKS
@@ -52,7 +55,7 @@ from tessera.pci.evidence import evidence
 from tests.segmentation.agent import FILTERED, OPEN
 from tests.segmentation.campaign import Report, Round, result_record
 from tests.segmentation.model import load
-from tests.support.pci_stack import PciStack, start_pci_stack
+from tests.support.pci_stack import CARD, ORIGIN, PciStack, start_pci_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,6 +285,118 @@ def test_least_privilege_notices_an_undocumented_grant(pci: PciStack, tmp_path: 
         )
     finally:
         pci.as_owner("vault", "REVOKE DELETE ON tokens FROM tessera_vault")
+
+
+def test_pan_outside_vault_notices_a_card_number_in_an_api_table(
+    pci: PciStack, tmp_path: Path
+) -> None:
+    """The card the demo tokenized, typed into a payment's description: the evidence names
+    the table and the masked number, and the vault says it holds that card."""
+    payment = pci.demo.payment["id"]
+    (before,) = pci.as_owner("api", f"SELECT description FROM payments WHERE id = '{payment}'")
+    grouped = " ".join(CARD[i : i + 4] for i in range(0, 16, 4))
+    pci.as_owner(
+        "api",
+        f"UPDATE payments SET description = 'paid by phone, card {grouped}' WHERE id = '{payment}'",
+    )
+    try:
+        data = assert_only_failing(
+            pci.settings,
+            tmp_path,
+            "pan-outside-vault",
+            names=("public.payments", f"{CARD[:6]}…{CARD[-4:]}", "the vault holds this card"),
+        )
+        control = next(c for c in data["controls"] if c["control"] == "pan-outside-vault")
+        (number,) = control["evidence"]["numbers"]
+        assert number["vault"]["stored"] is True
+        assert number["vault"]["tokens"] >= 2  # the demo's two merchants tokenized it
+        (finding,) = control["evidence"]["findings"]
+        assert finding["source"] == "api_database"
+        assert finding["encoding"] == "clear"
+        assert finding["location"].startswith("public.payments (dump line ")
+        assert CARD not in (tmp_path / "report.json").read_text()
+        assert CARD not in (tmp_path / "report.md").read_text()
+    finally:
+        pci.as_owner(
+            "api",
+            "UPDATE payments SET description = "
+            + ("NULL" if before["description"] is None else f"'{before['description']}'")
+            + f" WHERE id = '{payment}'",
+        )
+
+
+def test_pan_outside_vault_notices_card_numbers_in_log_files(pci: PciStack, tmp_path: Path) -> None:
+    """Two rotated logs of the stack: one with a number in clear on line 3, one compressed with
+    a number in base64 on line 2; neither card is one the vault holds."""
+    in_clear, in_base64 = "5555555555554444", "6011111111111117"
+    rotated = pci.log_dir / "api.log.1"
+    compressed = pci.log_dir / "worker.log.2.gz"
+    rotated.write_text(
+        '{"event": "request", "status": 200}\n'
+        '{"event": "request", "status": 201}\n'
+        f'{{"event": "debug", "body": "{{\\"number\\": \\"{in_clear}\\"}}"}}\n'
+    )
+    body = base64.b64encode(f'{{"number": "{in_base64}"}}'.encode()).decode()
+    compressed.write_bytes(gzip.compress(f'{{"ok": 1}}\n{{"payload": "{body}"}}\n'.encode()))
+    try:
+        data = assert_only_failing(
+            pci.settings,
+            tmp_path,
+            "pan-outside-vault",
+            names=(f"{rotated}:3", f"{compressed}:2", "555555…4444", "601111…1117"),
+        )
+        control = next(c for c in data["controls"] if c["control"] == "pan-outside-vault")
+        found = {
+            (f["masked"], f["encoding"], f["location"]) for f in control["evidence"]["findings"]
+        }
+        assert found == {
+            ("555555…4444", "clear", f"{rotated}:3"),
+            ("601111…1117", "base64", f"{compressed}:2"),
+        }
+        assert [n["vault"] for n in control["evidence"]["numbers"]] == [
+            {"stored": False, "tokens": 0},
+            {"stored": False, "tokens": 0},
+        ]
+        assert "the vault does not hold this card" in control["summary"]
+    finally:
+        rotated.unlink()
+        compressed.unlink()
+
+
+def test_no_sad_stored_notices_a_cvc_column_a_cvc_kept_forever_and_one_in_clear(
+    pci: PciStack, tmp_path: Path
+) -> None:
+    """A `cvv` column in the vault's tokens table, a held CVC made persistent, and a CVC in
+    clear under a key of its own in the vault's Redis: all three named, and nothing else fails."""
+    year = datetime.datetime.now(datetime.UTC).year + 2
+    card = {"number": "378282246310005", "exp_month": 12, "exp_year": year, "cvc": "1234"}
+    made = httpx.post(
+        pci.settings.vault_url + "/v1/tokens",
+        json=card,
+        headers={"authorization": f"Bearer {pci.merchant['publishable_key']}", "origin": ORIGIN},
+        timeout=30,
+    )
+    assert made.status_code == 201, made.text
+    held = f"vault:cvc:{made.json()['id']}"
+    client = redis.Redis.from_url(pci.settings.vault_redis_url)
+    pci.as_owner("vault", "ALTER TABLE tokens ADD COLUMN cvv text")
+    try:
+        assert client.persist(held)
+        client.set("vault:debug:last", "1234", ex=600)
+        assert_only_failing(
+            pci.settings,
+            tmp_path,
+            "no-sad-stored",
+            names=(
+                "column tokens.cvv (text) is named like SAD",
+                f"held CVC {held} has no TTL",
+                "string vault:debug:last holds a value of exactly 3 or 4 digits",
+            ),
+        )
+    finally:
+        pci.as_owner("vault", "ALTER TABLE tokens DROP COLUMN cvv")
+        client.delete(held, "vault:debug:last")
+        client.close()
 
 
 def test_segmentation_fails_on_a_result_older_than_six_months(
