@@ -14,7 +14,7 @@ cut out of a longer run of digits, and a run inside a string of 20 or more hex c
 skipped (PSP references, hashes and a dump's bytea values are hex: one PSP A id in a few
 hundred holds a Luhn-valid 13-digit run; the hex decoder looks at those strings instead), and
 the decimals of a number
-are not a card number either ("0.3529…", "1.7956745915868537e+09": floats print 16 or 17
+are not a card number either ("0.3529…", "1.79567459…e+09": floats print 16 or 17
 decimals, and a tenth of those that start like a brand pass the Luhn check; the metrics pages
 are full of them). A run glued to other letters ("pan4242…") is reported.
 
@@ -142,7 +142,7 @@ def _brand_of(pan: str) -> Brand | None:
 
 def _not_standalone(data: bytes, start: int, end: int) -> bool:
     """Whether the digits at start..end are part of something else: the decimals of a number
-    ("0.3529…", "1.7956745915868537e+09": the metrics pages and logs are full of them, and
+    ("0.3529…", "1.79567459…e+09": the metrics pages and logs are full of them, and
     their 16-19 decimals pass the Luhn check one time in ten) or a token of hex characters."""
     if start >= 2 and data[start - 1] == _DOT and data[start - 2] in _DIGIT_BYTES:
         return True
