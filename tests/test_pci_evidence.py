@@ -56,6 +56,8 @@ from tests.segmentation.agent import FILTERED, OPEN
 from tests.segmentation.campaign import Report, Round, result_record
 from tests.segmentation.model import load
 from tests.support.pci_stack import CARD, ORIGIN, PciStack, start_pci_stack
+from tests.support.tampering_edge import SKIMMER, TamperingEdge
+from vault.elements.inventory import committed, sri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -444,3 +446,32 @@ def test_the_caller_matrix_walk_reports_a_route_answering_otherwise(pci: PciStac
         ("GET /v1/audit/verify", "invalid", 401),
     }
     assert len(walked.mismatches) == 5  # none, and each of the four invalid credentials
+
+
+def test_payment_page_scripts_notices_a_script_altered_at_the_edge(
+    pci: PciStack, tmp_path: Path
+) -> None:
+    """A compromised edge (a CDN or ingress in front of the vault's public listener) appends a
+    skimmer to tessera.js; the kit reaches the vault through it as browsers do. Only
+    `payment-page-scripts` fails, naming the asset and both hashes; nothing in the repository
+    changed, and the vault itself serves the reviewed file."""
+    vault_url = pci.settings.vault_url
+    edge = TamperingEdge(vault_url, tamper={"/elements/v1/tessera.js": SKIMMER}).start()
+    try:
+        served = sri(httpx.get(vault_url + "/elements/v1/tessera.js").content + SKIMMER)
+        reviewed = committed().asset("tessera.js")
+        assert reviewed is not None
+        through_edge = msgspec.structs.replace(
+            pci.settings,
+            vault_url=edge.url,
+            vault_service_url=vault_url,
+            vault_admin_url=vault_url,
+        )
+        assert_only_failing(
+            through_edge,
+            tmp_path,
+            "payment-page-scripts",
+            names=("tessera.js", reviewed.integrity, served),
+        )
+    finally:
+        edge.stop()
