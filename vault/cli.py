@@ -73,7 +73,8 @@ def _worker(once: list[str]) -> None:
     from vault.settings import VaultWorkerSettings
 
     settings = load_or_exit(VaultWorkerSettings, "vault worker")
-    configure_logging("vault-worker", settings.log_level)
+    # With --once, stdout is the results (JSON) and the log goes to stderr.
+    configure_logging("vault-worker", settings.log_level, stream=sys.stderr if once else None)
     if once:
         results = asyncio.run(worker.run_once(settings, once))
         print(json.dumps(results, indent=2, default=str))
