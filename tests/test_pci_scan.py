@@ -117,7 +117,7 @@ def test_what_only_looks_like_a_card_number_is_not_reported() -> None:
         wrong_length,
         hex_reference,
         "4242424242424242" + "42424",  # a card inside a longer run of digits
-        "pay_01jd8f3z4y5x6w7v8t9s0r1q2p",  # ULID-ish ids
+        "pay_01jd8f3z4y5x6w7v8t9s0r1q2p",  # ULID-ish ids  # pragma: allowlist secret
         "req_01HX4242424242ZZQ7M2N8K4",
         "amount=1999 refunded=250 balance=1749 2026-11-26T12:00:00.123456Z",
         "+44 20 7946 0958, +1-202-555-0173",  # phone numbers
