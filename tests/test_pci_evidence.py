@@ -37,6 +37,9 @@ import base64
 import datetime
 import gzip
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -448,6 +451,46 @@ def test_the_caller_matrix_walk_reports_a_route_answering_otherwise(pci: PciStac
     assert len(walked.mismatches) == 5  # none, and each of the four invalid credentials
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Swap a whole new file in (the vault and its worker may read the keyring meanwhile)."""
+    staged = path.with_name(path.name + ".planted")
+    staged.write_text(text)
+    staged.chmod(0o600)
+    staged.replace(path)
+
+
+def test_keys_notices_a_kek_version_older_than_its_cryptoperiod(
+    pci: PciStack, tmp_path: Path
+) -> None:
+    """The KEK version the stack was made with, dated 91 days back in the local KMS's keyring
+    (as a key never rotated would be): past its 90-day cryptoperiod, only `keys` fails, naming
+    the version and its age. (Moving the clock 91 days instead fails retention,
+    payment-page-scripts and critical-alerts too, rightly: their periodic jobs would not have
+    run for 91 days. The clock's effect on `keys` is tested in test_vault_key_inventory.py.)"""
+    keyring = Path(pci.stack.env["TESSERA_VAULT_LOCAL_KMS_PATH"])
+    original = keyring.read_text()
+    document = json.loads(original)
+    [version] = document["versions"]
+    made = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=91)
+    document["created"][version] = made.isoformat()
+    replace_file(keyring, json.dumps(document))
+    try:
+        data = assert_only_failing(
+            pci.settings,
+            tmp_path,
+            "keys",
+            names=(
+                f"the primary KEK version {version} is 91.0 days old",
+                "past its cryptoperiod of 90 days: the KEK was not rotated in time",
+            ),
+        )
+    finally:
+        replace_file(keyring, original)
+    control = next(c for c in data["controls"] if c["control"] == "keys")
+    [primary] = control["evidence"]["kek"]["versions"]
+    assert (primary["name"], primary["primary"], primary["age_days"]) == (version, True, 91.0)
+
+
 def test_payment_page_scripts_notices_a_script_altered_at_the_edge(
     pci: PciStack, tmp_path: Path
 ) -> None:
@@ -475,3 +518,46 @@ def test_payment_page_scripts_notices_a_script_altered_at_the_edge(
         )
     finally:
         edge.stop()
+
+
+def test_retention_notices_a_token_past_its_period_until_one_sweep(
+    pci: PciStack, tmp_path: Path
+) -> None:
+    """A token unused past the merchant's period (last used 401 days ago, moved back as the
+    owner) that the sweep has not shredded yet fails `retention` alone; one run of the
+    retention job (`python -m vault worker --once retention`) shreds it, and the control passes."""
+    merchant = pci.merchant["merchant_id"]
+    year = datetime.datetime.now(datetime.UTC).year + 3
+    card = {"number": "4242424242424242", "exp_month": 12, "exp_year": year}
+    answer = httpx.post(
+        pci.stack.urls["vault"] + "/v1/tokens",
+        json=card,
+        headers={"authorization": f"Bearer {pci.merchant['publishable_key']}"},
+    )
+    assert answer.status_code == 201, answer.text
+    token = answer.json()["id"]
+    pci.as_owner(
+        "vault",
+        f"UPDATE tokens SET last_used_at = now() - interval '401 days' WHERE id = '{token}'",
+    )
+    data = assert_only_failing(
+        pci.settings, tmp_path / "planted", "retention", names=("overdue for shredding", merchant)
+    )
+    assert token not in json.dumps(data), "the evidence names no token"
+
+    swept = subprocess.run(
+        [sys.executable, "-m", "vault", "worker", "--once", "retention"],
+        env={**os.environ, **pci.stack.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert json.loads(swept.stdout)["retention"]["shredded"] == 1
+
+    after = run_kit(pci.settings, tmp_path / "swept")
+    assert failing(after) == {}, {c: f["summary"][:300] for c, f in failing(after).items()}
+    (control,) = [c for c in after["controls"] if c["control"] == "retention"]
+    assert control["status"] == "pass"
+    assert control["evidence"]["last_30_days"]["retention_shreds"] == 1
