@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import datetime
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import pytest
 
 from tessera.pci import authz
 from tessera.pci.checks import audit_log, least_privilege, segmentation, software_inventory
+from tessera.pci.context import EvidenceContext, EvidenceSettings
+from tessera.pci.model import Status
 from tests.segmentation.agent import FILTERED, OPEN
 from tests.segmentation.campaign import Check, Report, Round, result_record
 from tests.segmentation.model import load
@@ -486,3 +489,21 @@ def test_the_sbom_must_list_every_locked_package_at_its_version_and_nothing_else
     ]
     empty, _ = software_inventory.validate_sbom({"bomFormat": "SPDX", "components": []}, {})
     assert empty == ["the SBOM is not CycloneDX 1.5 (SPDX None)", "the SBOM lists no component"]
+
+
+async def test_running_the_campaign_needs_root_and_a_missing_result_is_never_a_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = EvidenceSettings(segmentation_result=str(tmp_path / "latest.json"))
+    ctx = EvidenceContext(settings, NOW, ROOT, tmp_path / "out")
+    try:
+        missing = await segmentation.run(ctx)
+        assert missing.status == Status.NOT_CHECKED
+        assert missing.summary.startswith("never run on this machine: run `make segmentation`")
+        ctx.run_segmentation = True
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+        unprivileged = await segmentation.run(ctx)
+        assert unprivileged.status == Status.NOT_CHECKED
+        assert "needs root" in unprivileged.summary
+    finally:
+        await ctx.close()

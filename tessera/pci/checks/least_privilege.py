@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import yaml
 
 from tessera.pci import authz
@@ -363,7 +364,7 @@ async def _grants(
         "database": actual_name,
         "roles": {"owner": names.owner, "runtime": names.runtime, "auditor": names.auditor},
         "objects_read": objects,
-        "privileges_compared": len(live) - len(diff.delegated),
+        "entries_compared": len(live) - len(diff.delegated),
         "missing": diff.missing,
         "unexpected": diff.unexpected,
         "delegated": {cell: "audit-log" for cell in diff.delegated},
@@ -389,25 +390,41 @@ async def run(ctx: EvidenceContext) -> ControlResult:
         checkout_origin=s.checkout_origin,
         vault_listeners=authz.vault_route_listeners() if len(set(urls.values())) > 1 else {},
     )
-    walked = await authz.walk(ctx.http, matrix, targets)
     failures = [f for d in databases.values() for f in d.pop("failures")]
+    compared = sum(d["entries_compared"] for d in databases.values())
+    grants = (
+        f"{compared} grant-matrix entries (privileges, owners, role attributes) of 2 "
+        "databases equal docs/pci/roles.yaml "
+        f"({sum(len(d['delegated']) for d in databases.values())} audit-table cells left to "
+        "audit-log); neither service's roles can connect to the other's database"
+    )
+    evidence: dict[str, Any] = {"grants": databases}
+    # Without the admin credential its column cannot be walked (every cell would be a 401).
+    columns = authz.KIT_COLUMNS if s.vault_admin_token else ("none", "invalid")
+    try:
+        walked = await authz.walk(ctx.http, matrix, targets, columns=columns)
+    except httpx.TransportError as exc:
+        # The grants were read: a difference there fails whether or not the services answer.
+        reason = f"the caller matrix could not be walked: {type(exc).__name__}: {exc}"
+        if failures:
+            return CONTROL.failed("; ".join([*failures, reason]), evidence)
+        return CONTROL.not_checked(f"{reason} ({grants})", evidence)
+    evidence["caller_matrix"] = walked.to_dict()
     failures += [
         f"{m['service']} {m['row']} <- {m['caller']} ({m['credential']}): "
         f"expected {m['expected']}, got {m['got']}"
         for m in walked.mismatches
     ]
-    compared = sum(d["privileges_compared"] for d in databases.values())
-    summary = (
-        f"{compared} privileges on 2 databases equal docs/pci/roles.yaml "
-        f"({sum(len(d['delegated']) for d in databases.values())} audit-table cells left to "
-        f"audit-log); neither service's roles can connect to the other's database; "
+    matrix_summary = (
         f"caller matrix: {walked.cells} cells, {walked.requests} requests, 0 mismatches "
         f"({len(walked.not_walked)} cells not walked, each with its reason)"
     )
+    if failures:
+        return CONTROL.failed("; ".join(failures), evidence)
     if not s.vault_admin_token:
-        failures.append(
-            "no admin credential configured (TESSERA_VAULT_ADMIN_TOKEN): "
-            "the admin column cannot be walked"
+        return CONTROL.not_checked(
+            "no admin credential (TESSERA_VAULT_ADMIN_TOKEN): the matrix's admin column was not "
+            f"walked; {grants}; {matrix_summary}",
+            evidence,
         )
-    evidence = {"grants": databases, "caller_matrix": walked.to_dict()}
-    return CONTROL.judged(failures, summary, evidence)
+    return CONTROL.passed(f"{grants}; {matrix_summary}", evidence)
