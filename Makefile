@@ -9,6 +9,7 @@ BIN := $(VENV)/bin
 export UV_PYTHON_DOWNLOADS := never
 export TESSERA_ROOT := $(CURDIR)
 
+.PHONY: promtool
 .PHONY: help run up down test lint typecheck imports dockerlint pytest bench venv setup format routing-simulate chaos browser screenshots loadtest security
 
 help: ## list the targets
@@ -64,7 +65,15 @@ browser: ## Debian's chromium for the browser tests (installed with apt-get as r
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium is missing: run 'sudo apt-get install chromium' (the browser tests need it)"; fi
 
-pytest: setup browser ## the pytest suite alone (real Postgres and Redis, headless Chromium)
+promtool: ## Debian's promtool for the alert-rule tests (installed with apt-get as root if missing)
+	@if command -v promtool >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's prometheus package (promtool) for the alert-rule tests ..."; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	else echo "promtool is missing: run 'sudo apt-get install prometheus' (tests/test_alert_rules.py needs it)"; fi
+
+pytest: setup browser promtool ## the pytest suite alone (real Postgres and Redis, headless Chromium)
 	$(BIN)/pytest
 
 test: setup lint security deploy-check pytest ## everything CI runs: set-up, lint, type check, import rules, security checks, deploy checks, tests

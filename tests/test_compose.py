@@ -57,6 +57,7 @@ ROLE_PASSWORD = {
     "tessera_api_owner": "TESSERA_PG_API_OWNER_PASSWORD",
     "tessera_vault": "TESSERA_PG_VAULT_PASSWORD",
     "tessera_vault_owner": "TESSERA_PG_VAULT_OWNER_PASSWORD",
+    "tessera_auditor": "TESSERA_PG_AUDITOR_PASSWORD",
 }
 
 
@@ -523,7 +524,8 @@ def test_postgres_runs_the_init_script_and_gives_it_every_password() -> None:
     for role, variable in ROLE_PASSWORD.items():
         assert variable in environment("postgres"), f"{variable} (password of {role})"
         assert f"${{{variable}:?}}" in script
-    assert len(set(environment("postgres")[v] for v in ROLE_PASSWORD.values())) == 4
+    passwords = {environment("postgres")[v] for v in ROLE_PASSWORD.values()}
+    assert len(passwords) == len(ROLE_PASSWORD)
 
 
 CATALOG_STATE = """
@@ -600,4 +602,7 @@ def test_the_init_script_makes_the_roles_and_databases_dbsetup_makes(
     finally:
         devstack.stop_private_postgres(base=base / "pg")
     assert from_script == from_dbsetup
-    assert set(from_script["roles"]) == {r for db in DBS for r in (db.owner, db.runtime)}
+    assert set(from_script["roles"]) == {
+        dbsetup.AUDITOR_ROLE,
+        *(r for db in DBS for r in (db.owner, db.runtime)),
+    }

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from api.settings import ApiSettings
+from tessera.pci.context import EvidenceSettings
 from tessera.runtime.settings import BaseSettings, SettingsError, load_settings
-from vault.settings import VaultSettings
+from vault.settings import VaultSettings, VaultWorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {
@@ -185,7 +186,7 @@ def test_a_service_started_with_a_bad_setting_exits_with_the_message(module: str
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("cls", [ApiSettings, VaultSettings])
+@pytest.mark.parametrize("cls", [ApiSettings, VaultSettings, VaultWorkerSettings, EvidenceSettings])
 def test_every_setting_is_documented_in_the_readme(cls: type[BaseSettings]) -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [name for name in cls.env_names().values() if f"`{name}`" not in readme]

@@ -4,8 +4,11 @@
 
 -- When the token was last forwarded (its creation until then). A forward refreshes it at most
 -- once a day, so a busy token costs one write a day, not one per payment.
+-- Tokens that exist before this migration get the migration's time, not their creation: their
+-- past uses were never recorded, and a card created long ago may be charged every month, so
+-- each is given a full retention period from now rather than shredded by the first sweep.
 ALTER TABLE tokens ADD COLUMN last_used_at timestamptz;
-UPDATE tokens SET last_used_at = created_at WHERE last_used_at IS NULL;
+UPDATE tokens SET last_used_at = now() WHERE last_used_at IS NULL;
 ALTER TABLE tokens ALTER COLUMN last_used_at SET DEFAULT now();
 ALTER TABLE tokens ALTER COLUMN last_used_at SET NOT NULL;
 -- The sweep: per merchant, the live tokens unused the longest, oldest first. Shredded tokens
@@ -26,7 +29,10 @@ BEGIN
     IF NEW.deleted_at IS NULL THEN
         unchanged := NEW;
         unchanged.last_used_at := OLD.last_used_at;
-        IF unchanged IS DISTINCT FROM OLD THEN
+        -- Anything but a move of last_used_at (even a no-op rewrite of the card columns) is
+        -- refused, as before this migration.
+        IF unchanged IS DISTINCT FROM OLD
+           OR NEW.last_used_at IS NOT DISTINCT FROM OLD.last_used_at THEN
             RAISE EXCEPTION 'a live token''s card data cannot be rewritten'
                 USING ERRCODE = 'check_violation';
         END IF;

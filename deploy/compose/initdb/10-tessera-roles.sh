@@ -4,6 +4,8 @@
 #   tessera_<service>_owner  owns the service's database and schema, runs its migrations
 #   tessera_<service>        the runtime role the service logs in as; gets CONNECT and USAGE
 #                            here, and table grants from the service's own migrations
+#   tessera_auditor          the assessor's kit (`tessera pci evidence`): pg_read_all_data and
+#                            CONNECT on both databases, nothing else
 # PUBLIC loses CONNECT on both databases, so no role of one service can reach the other's.
 #
 # The postgres image runs this once, on the first start of an empty data volume, as the
@@ -17,7 +19,8 @@ psql --no-psqlrc -v ON_ERROR_STOP=1 \
     -v api_password="${TESSERA_PG_API_PASSWORD:?}" \
     -v api_owner_password="${TESSERA_PG_API_OWNER_PASSWORD:?}" \
     -v vault_password="${TESSERA_PG_VAULT_PASSWORD:?}" \
-    -v vault_owner_password="${TESSERA_PG_VAULT_OWNER_PASSWORD:?}" <<'SQL'
+    -v vault_owner_password="${TESSERA_PG_VAULT_OWNER_PASSWORD:?}" \
+    -v auditor_password="${TESSERA_PG_AUDITOR_PASSWORD:?}" <<'SQL'
 -- Roles are cluster-wide. `\gexec` runs the statement each query returns (none when the role
 -- already exists): psql variables are not expanded inside DO blocks.
 SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD %L', role, password)
@@ -25,7 +28,8 @@ FROM (VALUES
     ('tessera_api_owner', :'api_owner_password'),
     ('tessera_api', :'api_password'),
     ('tessera_vault_owner', :'vault_owner_password'),
-    ('tessera_vault', :'vault_password')
+    ('tessera_vault', :'vault_password'),
+    ('tessera_auditor', :'auditor_password')
 ) AS wanted (role, password)
 WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = wanted.role)
 \gexec
@@ -37,6 +41,10 @@ GRANT CONNECT ON DATABASE "tessera_api" TO "tessera_api";
 CREATE DATABASE "tessera_vault" OWNER "tessera_vault_owner" TEMPLATE template0 ENCODING 'UTF8';
 REVOKE ALL ON DATABASE "tessera_vault" FROM PUBLIC;
 GRANT CONNECT ON DATABASE "tessera_vault" TO "tessera_vault";
+
+GRANT pg_read_all_data TO "tessera_auditor";
+GRANT CONNECT ON DATABASE "tessera_api" TO "tessera_auditor";
+GRANT CONNECT ON DATABASE "tessera_vault" TO "tessera_auditor";
 
 \connect tessera_api
 REVOKE ALL ON SCHEMA public FROM PUBLIC;
