@@ -74,8 +74,9 @@ EXPECTED_NOT_CHECKED_HERE: dict[str, str] = {
     ),
     "segmentation": (
         "the module's stack points the kit at a result file of its own that no run wrote "
-        "(`make segmentation` needs root and a minute); the age and verdict rules are tested "
-        "below with a written result"
+        "(a campaign needs root and half a minute): the control passes on a real campaign's "
+        "result in tests/test_segmentation.py's end-to-end test, and its age and verdict rules "
+        "are tested below with a written result"
     ),
 }
 

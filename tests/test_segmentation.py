@@ -7,15 +7,27 @@ fails with how to run it (`sudo make segmentation`), it is never skipped.
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from tessera.pci.checks import segmentation as segmentation_check
+from tessera.pci.context import EvidenceContext, EvidenceSettings
+from tessera.pci.model import ControlResult, Status
 from tests.segmentation import policy
-from tests.segmentation.campaign import PrerequisiteError, render_report, run_campaign
+from tests.segmentation.campaign import (
+    PrerequisiteError,
+    render_report,
+    run_campaign,
+    write_result,
+)
 from tests.segmentation.model import Flow, FlowModel, FlowsError, Probe, Service, load, parse
 from tests.segmentation.netns import Network
+from tests.support.processes import ROOT
 
 #: The vault's three listeners, each for one kind of caller (vault/listeners.py).
 VAULT_PUBLIC = Service(8100, "tcp")
@@ -195,8 +207,10 @@ def test_the_policy_is_one_counted_accept_rule_per_flow_and_drops_everything_els
 
 
 @pytest.mark.slow
-def test_the_namespace_model_matches_flows_yaml_end_to_end() -> None:
-    """The whole campaign (what `make segmentation` prints): about 30-50 s."""
+def test_the_namespace_model_matches_flows_yaml_end_to_end(tmp_path: Path) -> None:
+    """The whole campaign (what `make segmentation` prints): about 30-50 s. Its result, written
+    as `make segmentation` writes it, is what the assessor's kit's `segmentation` control
+    passes on (the kit's own stack test cannot afford a second campaign)."""
     if os.geteuid() != 0:
         pytest.fail(
             "the segmentation test needs root (network namespaces, nftables): run it as root, "
@@ -227,3 +241,15 @@ def test_the_namespace_model_matches_flows_yaml_end_to_end() -> None:
     assert matrix[Probe("app", "vault-db", Service(5432, "tcp"))] == "filtered"
     assert matrix[Probe("app", "psp-card", Service(8201, "tcp"))] == "filtered"
     assert report.rounds["open"].results[Probe("app", "vault-db", Service(5432, "tcp"))] == "open"
+    result = write_result(report, tmp_path / "latest.json")
+    control = asyncio.run(judge_with_the_kit(result))
+    assert control.status == Status.PASSED, control.summary
+
+
+async def judge_with_the_kit(result: Path) -> ControlResult:
+    settings = EvidenceSettings(segmentation_result=str(result))
+    ctx = EvidenceContext(settings, datetime.datetime.now(datetime.UTC), ROOT, result.parent)
+    try:
+        return await segmentation_check.run(ctx)
+    finally:
+        await ctx.close()
