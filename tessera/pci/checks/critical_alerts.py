@@ -1,4 +1,5 @@
-"""`critical-alerts` (PCI DSS 10.7.2): a failure of a critical security control is an alert.
+"""`critical-alerts` (PCI DSS 10.7.2; 10.3.4 for the audit chain): a failure of a critical
+security control is an alert.
 
 Judged on:
 
@@ -33,7 +34,7 @@ from vault import monitoring
 CONTROL = Control(
     "critical-alerts",
     "Failures of critical security controls raise alerts",
-    ("10.7.2",),
+    ("10.3.4", "10.7.2"),
 )
 RULES = Path("deploy/prometheus/pci-alerts.yaml")
 RULE_TESTS = Path("deploy/prometheus/pci-alerts.test.yaml")

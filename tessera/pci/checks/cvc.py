@@ -10,7 +10,7 @@ forward takes it (`vault.tokens.CvcStore`); nothing else may keep one, anywhere.
   arrays…) is one of the `DOCUMENTED_VAULT_COLUMNS`, each with what it holds. A new text or
   bytea column fails until it is documented here: the sealed card record
   (`tokens.ciphertext`) is the only one that holds card data, and no other may start to.
-- **The vault's Redis** (3.3.1.2): every `vault:cvc:<token>` key has a TTL (none is
+- **The vault's Redis** (3.3.1.2, 3.3.2): every `vault:cvc:<token>` key has a TTL (none is
   persistent), no more than the vault's CVC TTL remains of it (its age is the TTL setting
   minus what remains: none is older than the setting allows), and its value is sealed (the
   msgpack triple data key, 12-byte nonce, ciphertext of a 3-4 digit CVC plus the 16-byte GCM
@@ -48,7 +48,7 @@ CONTROL = Control(
     "no-sad-stored",
     "No sensitive authentication data stored: no CVC column in either database, the vault's "
     "held CVCs sealed and expiring",
-    ("3.3.1", "3.3.1.2"),
+    ("3.3.1", "3.3.1.2", "3.3.2"),
 )
 
 #: A column (or JSON field) named like sensitive authentication data.

@@ -8,8 +8,9 @@ under the KMS right then) and judges it on `ctx.now`, so a test can move the clo
 - the primary version is younger than the KEK's cryptoperiod: the KEK was rotated in time
   (3.6.1, 3.7.4);
 - every data key is wrapped under a version the KMS lists and that is enabled, and unwraps
-  under the KMS with its own associated data: keys are stored only encrypted under the KEK and
-  none is lost (3.6.1.2, 3.7.2, 3.7.3);
+  under the KMS with its own associated data: keys are stored only encrypted under the KEK,
+  none is lost, and none was substituted (moved from another row or relabelled under another
+  KEK version) (3.6.1.2, 3.7.2, 3.7.3, 3.7.7);
 - no card DEK encrypts more records than its bound, and none was used for new records past its
   own cryptoperiod (last record - created > max age + `SLACK_SECONDS`) (3.7.4);
 - no data key is still wrapped under a superseded KEK version older than the cryptoperiod: the
@@ -37,7 +38,7 @@ CONTROL = Control(
     "keys",
     "Key inventory: the KEK rotated within its cryptoperiod, every data key unwraps, "
     "within its bounds and rewrapped after rotation",
-    ("3.6.1", "3.6.1.2", "3.7.1", "3.7.2", "3.7.3", "3.7.4", "3.7.5"),
+    ("3.6.1", "3.6.1.2", "3.7.1", "3.7.2", "3.7.3", "3.7.4", "3.7.5", "3.7.7"),
 )
 
 #: A card DEK's last record may come this long after its max age: the vault stores the key

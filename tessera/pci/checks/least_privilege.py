@@ -9,8 +9,9 @@ caller gets exactly its documented answer.
 - **Separation** (7.2.1): neither service's roles can CONNECT to the other's database
   (`has_database_privilege`, no password needed); a role that does not exist on the other
   server cannot either.
-- **Caller matrix** (7.2.2, 7.2.6): docs/authz_matrix.yaml walked live for the columns the kit
-  can walk without changing anything (`none`, `invalid`, `admin`, see `tessera.pci.authz`).
+- **Caller matrix** (7.2.2, 7.2.6, 8.3.1): docs/authz_matrix.yaml walked live for the columns
+  the kit can walk without changing anything (`none`, `invalid`, `admin`, see
+  `tessera.pci.authz`): every route that needs a credential refuses none and a wrong one.
 
 Ownership of one cell: the vault runtime role's privileges on `audit_log` and
 `audit_chain_heads` (the rows of roles.yaml with `judged_by: audit-log`) are judged by the
@@ -38,7 +39,7 @@ from tessera.pci.model import Control, ControlResult
 CONTROL = Control(
     "least-privilege",
     "Database roles hold exactly the documented grants; every caller gets exactly its status",
-    ("7.2.1", "7.2.2", "7.2.5", "7.2.6", "8.6.2"),
+    ("7.2.1", "7.2.2", "7.2.5", "7.2.6", "8.3.1", "8.6.2"),
 )
 
 ROLES_FILE = Path("docs") / "pci" / "roles.yaml"
