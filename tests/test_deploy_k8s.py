@@ -2,6 +2,7 @@
 issue 11 and deploy/k8s/README.md claim: default deny everywhere; every allowed flow is one of
 deploy/flows.yaml's (through deploy/k8s/segments.yaml), none missing, none more; only the
 gateway, the API and its worker, and the admin toolbox reach the vault, each on its own port;
+only Locust and the vault worker (its payment-page check) reach the gateway from inside;
 every pod hardened; every Deployment with probes, limits, a PDB and zone spread; the service
 accounts Terraform binds; no secret values; images by digest; settings a production service
 accepts. `checker()` is a pure function of the documents; the mutation cases at the end copy
@@ -799,6 +800,115 @@ def check_vault_worker(docs: list[Doc]) -> Iterator[str]:
                 yield f"{where(doc)}: mounts {sorted(extra)} into the vault worker"
 
 
+#: The pods inside the cluster that may reach the edge gateway, as clients from outside do:
+#: Locust, and the vault worker's payment-page check (PCI DSS 11.6.1). Finer than segments: the
+#: vault worker is one of the cde segment's three kinds of pod, and only it may.
+GATEWAY_CLIENTS = {("tessera-cde", "tessera-vault-worker"), ("tessera-load", "locust")}
+SIDECAR_EXCLUDED_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
+
+
+def peer_workloads(docs: list[Doc], peer: Doc, own_namespace: str) -> list[Doc]:
+    """The workloads a NetworkPolicy peer selects (an address block selects none of them)."""
+    if "ipBlock" in peer:
+        return []
+    namespace: str | None = own_namespace
+    if "namespaceSelector" in peer:
+        labels = peer["namespaceSelector"].get("matchLabels", {})
+        namespace = labels.get("kubernetes.io/metadata.name")  # None: any namespace
+    pods = peer.get("podSelector") or {}
+    return [
+        w
+        for w in workloads(docs)
+        if namespace in (None, namespace_of(w)) and selects(pods, pod_labels(w))
+    ]
+
+
+def client_name(workload: Doc) -> tuple[str, str]:
+    return namespace_of(workload), pod_labels(workload).get(NAME, "")
+
+
+def check_gateway_clients(docs: list[Doc]) -> Iterator[str]:
+    """Which pods reach the gateway from inside (both ends of the rule), and that the vault
+    worker's rule is the port its public origin lands on, for a host the gateway serves."""
+    gateway = find(docs, "Deployment", "tessera-edge", "tessera-ingressgateway")
+    egress_ports: dict[tuple[str, str], set[int | str]] = {}
+    admitted: set[tuple[str, str]] = set()
+    for policy in docs:
+        if policy["kind"] != "NetworkPolicy":
+            continue
+        namespace = namespace_of(policy)
+        spec = policy["spec"]
+        sources = [
+            w
+            for w in workloads(docs)
+            if namespace_of(w) == namespace and selects(spec["podSelector"], pod_labels(w))
+        ]
+        for rule in spec.get("egress") or []:
+            if not any(
+                gateway in peer_workloads(docs, peer, namespace) for peer in rule.get("to") or []
+            ):
+                continue
+            for source in sources:
+                client = client_name(source)
+                if client not in GATEWAY_CLIENTS:
+                    yield f"{where(policy)}: {client[0]}/{client[1]} reaches the edge gateway"
+                ports = {p.get("port") for p in rule.get("ports") or [{"port": "every port"}]}
+                egress_ports.setdefault(client, set()).update(ports)
+        if gateway not in sources:
+            continue
+        for rule in spec.get("ingress") or []:
+            for peer in rule.get("from") or []:
+                for workload in peer_workloads(docs, peer, namespace):
+                    client = client_name(workload)
+                    admitted.add(client)
+                    if client not in GATEWAY_CLIENTS:
+                        yield f"{where(policy)}: the gateway admits {client[0]}/{client[1]}"
+    rendered_clients = {client_name(w) for w in workloads(docs)} & GATEWAY_CLIENTS
+    for client in sorted(rendered_clients - set(egress_ports)):
+        yield f"{client[0]}/{client[1]} does not reach the edge gateway"
+    for client in sorted(rendered_clients - admitted):
+        yield f"the gateway does not admit {client[0]}/{client[1]}"
+
+    worker = find(docs, "Deployment", "tessera-cde", "tessera-vault-worker")
+    (box,) = [c for c in pod_spec(worker)["containers"] if c["name"] == "vault-worker"]
+    env = container_env(docs, worker, box)
+    origin = urlsplit(env.get("TESSERA_VAULT_PUBLIC_ORIGIN", ""))
+    if not all(
+        env.get(f"TESSERA_VAULT_SCRIPTS_CHECK_{name}") for name in ("PUBLISHABLE_KEY", "ORIGIN")
+    ):
+        yield "the vault worker fetches card.html as no merchant (TESSERA_VAULT_SCRIPTS_CHECK_*)"
+    port = origin.port or (443 if origin.scheme == "https" else 80)
+    hosts = {
+        host
+        for d in docs
+        if d["kind"] == "Gateway" and namespace_of(d) == "tessera-edge"
+        for server in d["spec"]["servers"]
+        for host in server["hosts"]
+    }
+    if origin.hostname not in hosts:
+        yield f"the vault worker's public origin {origin.hostname} is none of the Gateway's hosts"
+    service = find(docs, "Service", "tessera-edge", "tessera-ingressgateway")
+    target = {p.get("targetPort") for p in service["spec"]["ports"] if p["port"] == port}
+    landing = {
+        p["containerPort"]
+        for c in pod_spec(gateway)["containers"]
+        for p in c.get("ports", [])
+        if p.get("name") in target or p["containerPort"] in target
+    }
+    opened = egress_ports.get(("tessera-cde", "tessera-vault-worker"), set())
+    if opened != landing:
+        yield (
+            f"the vault worker reaches the gateway on {sorted(opened, key=str)}; its public origin "
+            f"lands on {sorted(landing)}"
+        )
+    excluded = worker["spec"]["template"]["metadata"].get("annotations", {})
+    if str(port) not in str(excluded.get(SIDECAR_EXCLUDED_PORTS, "")).split(","):
+        yield (
+            f"the vault worker's sidecar captures port {port}: the page fetch would depend on "
+            "the mesh's outbound traffic policy, not leave the pod as a browser's does"
+        )
+
+
 CHECKS: dict[str, Callable[[list[Doc]], Iterable[str]]] = {
     "default deny": check_default_deny,
     "flows": check_flows,
@@ -811,6 +921,7 @@ CHECKS: dict[str, Callable[[list[Doc]], Iterable[str]]] = {
     "secrets": check_secrets,
     "hosts": check_hosts,
     "vault worker": check_vault_worker,
+    "gateway clients": check_gateway_clients,
 }
 
 
@@ -1110,6 +1221,89 @@ def drop_the_vault_worker_liveness_probe(docs: list[Doc]) -> None:
     del box["containers"][0]["livenessProbe"]
 
 
+def vault_worker_policy(docs: list[Doc]) -> Doc:
+    return find(docs, "NetworkPolicy", "tessera-cde", "tessera-vault-worker")
+
+
+def gateway_rule_of_the_vault_worker(docs: list[Doc]) -> Doc:
+    gateway = find(docs, "Deployment", "tessera-edge", "tessera-ingressgateway")
+    rules: list[Doc] = vault_worker_policy(docs)["spec"]["egress"]
+    (rule,) = [
+        r
+        for r in rules
+        if any(gateway in peer_workloads(docs, peer, "tessera-cde") for peer in r["to"])
+    ]
+    return rule
+
+
+def move_the_gateway_egress_to_the_vault(docs: list[Doc]) -> None:
+    """The same flow (cde -> edge 8443) for the segments, from the wrong pods."""
+    rule = gateway_rule_of_the_vault_worker(docs)
+    vault_worker_policy(docs)["spec"]["egress"].remove(rule)
+    vault_policy(docs)["spec"]["egress"].append(rule)
+
+
+def give_the_vault_the_gateway_egress_too(docs: list[Doc]) -> None:
+    vault_policy(docs)["spec"]["egress"].append(
+        copy.deepcopy(gateway_rule_of_the_vault_worker(docs))
+    )
+
+
+def admit_the_whole_cde_at_the_gateway(docs: list[Doc]) -> None:
+    policy = find(docs, "NetworkPolicy", "tessera-edge", "tessera-ingressgateway")
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule["from"]:
+            if peer.get("podSelector", {}).get("matchLabels", {}).get(NAME) == (
+                "tessera-vault-worker"
+            ):
+                del peer["podSelector"]
+
+
+def drop_the_gateway_ingress_from_the_vault_worker(docs: list[Doc]) -> None:
+    policy = find(docs, "NetworkPolicy", "tessera-edge", "tessera-ingressgateway")
+    policy["spec"]["ingress"] = [
+        rule
+        for rule in policy["spec"]["ingress"]
+        if not any(
+            p.get("podSelector", {}).get("matchLabels", {}).get(NAME) == "tessera-vault-worker"
+            for p in rule["from"]
+        )
+    ]
+
+
+def open_the_gateway_status_port_to_the_vault_worker(docs: list[Doc]) -> None:
+    gateway_rule_of_the_vault_worker(docs)["ports"].append({"protocol": "TCP", "port": 15021})
+
+
+def vault_worker_settings(docs: list[Doc]) -> Doc:
+    (settings,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap"
+        and d["metadata"]["name"].startswith("tessera-vault-worker-settings")
+    ]
+    return settings
+
+
+def check_a_host_the_gateway_does_not_serve(docs: list[Doc]) -> None:
+    vault_worker_settings(docs)["data"]["TESSERA_VAULT_PUBLIC_ORIGIN"] = (
+        "https://vault.elsewhere.example"
+    )
+
+
+def forget_the_merchant_of_the_page_check(docs: list[Doc]) -> None:
+    settings = vault_worker_settings(docs)["data"]
+    del settings["TESSERA_VAULT_SCRIPTS_CHECK_PUBLISHABLE_KEY"]
+    del settings["TESSERA_VAULT_SCRIPTS_CHECK_ORIGIN"]
+
+
+def let_the_sidecar_capture_the_page_fetch(docs: list[Doc]) -> None:
+    annotations = find(docs, "Deployment", "tessera-cde", "tessera-vault-worker")["spec"][
+        "template"
+    ]["metadata"]["annotations"]
+    annotations[SIDECAR_EXCLUDED_PORTS] = "3307"
+
+
 MUTATIONS: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
     "widen the service port to the whole app namespace": (
         widen_the_service_port_to_the_whole_app_namespace,
@@ -1225,6 +1419,39 @@ MUTATIONS: dict[str, tuple[Callable[[list[Doc]], None], str]] = {
     "drop the vault worker's liveness probe": (
         drop_the_vault_worker_liveness_probe,
         "container vault-worker: no livenessProbe",
+    ),
+    "move the gateway egress from the vault worker to the vault": (
+        move_the_gateway_egress_to_the_vault,
+        "gateway clients: NetworkPolicy tessera-cde/tessera-vault: "
+        "tessera-cde/tessera-vault reaches the edge gateway",
+    ),
+    "give the vault the gateway egress too": (
+        give_the_vault_the_gateway_egress_too,
+        "tessera-cde/tessera-vault reaches the edge gateway",
+    ),
+    "admit the whole CDE at the gateway": (
+        admit_the_whole_cde_at_the_gateway,
+        "the gateway admits tessera-cde/tessera-vault-migrate",
+    ),
+    "drop the gateway's ingress from the vault worker": (
+        drop_the_gateway_ingress_from_the_vault_worker,
+        "no ingress policy allows it: ('cde', 'edge', 8443, 'tcp')",
+    ),
+    "open the gateway's status port to the vault worker": (
+        open_the_gateway_status_port_to_the_vault_worker,
+        "the vault worker reaches the gateway on [15021, 8443]",
+    ),
+    "check a host the gateway does not serve": (
+        check_a_host_the_gateway_does_not_serve,
+        "public origin vault.elsewhere.example is none of the Gateway's hosts",
+    ),
+    "forget the merchant of the page check": (
+        forget_the_merchant_of_the_page_check,
+        "the vault worker fetches card.html as no merchant",
+    ),
+    "let the sidecar capture the page fetch": (
+        let_the_sidecar_capture_the_page_fetch,
+        "the vault worker's sidecar captures port 443",
     ),
 }
 
