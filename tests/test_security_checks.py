@@ -5,6 +5,8 @@ never a pass when the advisory data could not be fetched."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import shutil
@@ -145,6 +147,29 @@ def test_a_new_card_number_fails_the_secrets_check_without_being_printed(
 
     assert check(repo, update=True) == 0  # a reviewed baseline accepts it
     assert check(repo) == 0
+
+
+def test_an_sri_hash_is_not_a_secret_but_the_same_value_elsewhere_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """vault/elements/inventory.json pins each script by its public sha384: only a line that is
+    an `"integrity": "sha384-…"` member is let through, not the same value under another name."""
+    monkeypatch.chdir(tmp_path)
+    repo = tmp_path / "repo"
+    (repo / "tessera" / "security").mkdir(parents=True)
+    shutil.copy(ROOT / "tessera" / "security" / "luhn_secrets.py", repo / "tessera" / "security")
+    value = base64.b64encode(hashlib.sha384(uuid.uuid4().bytes).digest()).decode()
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    assert check(repo, update=True) == 0  # the baseline of a repository without either file
+    (repo / "inventory.json").write_text(f'{{\n  "integrity": "sha384-{value}",\n}}\n')
+    _git(repo, "add", "inventory.json")
+    assert check(repo) == 0, capsys.readouterr().out
+    (repo / "settings.json").write_text(f'{{\n  "signing_key": "{value}"\n}}\n')
+    _git(repo, "add", "settings.json")
+    capsys.readouterr()
+    assert check(repo) == 1
+    assert "settings.json:2: Base64 High Entropy String" in capsys.readouterr().out
 
 
 # --- pip-audit's verdict ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ How the kit stays read-only:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import re
 import secrets
@@ -362,7 +363,7 @@ async def walk(
 def _credential_kind(headers: Mapping[str, str], admin_token: str) -> str:
     """What was sent, without the secret itself."""
     value = headers.get("authorization", "")
-    if admin_token and value == f"Bearer {admin_token}":
+    if admin_token and hmac.compare_digest(value.encode(), f"Bearer {admin_token}".encode()):
         return "the admin credential"
     if value.startswith("Bearer sk_"):
         return "an unknown sk_ key"

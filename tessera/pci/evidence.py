@@ -15,6 +15,7 @@ import datetime
 import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,9 +93,12 @@ async def gather(ctx: EvidenceContext, only: Sequence[str] = ()) -> list[Control
 
 
 def _commit(root: Path) -> str | None:
+    git = shutil.which("git")
+    if git is None:
+        return None
     try:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            [git, "-C", str(root), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,

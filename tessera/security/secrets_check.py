@@ -33,6 +33,10 @@ PLUGIN = {"name": "LuhnCardNumberDetector", "path": "file://tessera/security/luh
 #: Lock files (hashes by the hundred), images and the baseline itself are not scanned.
 EXCLUDED = re.compile(r"(^|/)(uv\.lock|\.secrets\.baseline)$|\.(png|jpe?g|svg|ico|pdf|gif)$")
 VERIFICATION = "detect_secrets.filters.common.is_ignored_due_to_verification_policies"
+#: Lines that hold a Subresource Integrity value (`"integrity": "sha384-…"`): a public digest of
+#: a public script, high in entropy by nature, never a secret (vault/elements/inventory.json).
+SRI_LINE = r'"integrity": "sha(256|384|512)-[A-Za-z0-9+/]+={0,2}",?$'
+LINE_FILTER = "detect_secrets.filters.regex.should_exclude_line"
 
 
 def tracked_files(root: Path) -> list[str]:
@@ -57,6 +61,7 @@ def scan(files: list[str]) -> tuple[SecretsCollection, dict[str, Any]]:
     with transient_settings({"plugins_used": [*built_in, PLUGIN]}) as settings:
         get_mapping_from_secret_type_to_class.cache_clear()  # built before our plugin was named
         settings.disable_filters(VERIFICATION)  # no network: findings are not "verified"
+        settings.filters[LINE_FILTER] = {"pattern": [SRI_LINE]}  # added to the default filters
         found = SecretsCollection()
         found.scan_files(*files, num_processors=2)
         output = baseline.format_for_output(found)
