@@ -133,3 +133,14 @@ def test_the_dev_stack_settings_come_from_run(tmp_path: Path) -> None:
     assert "TESSERA_VAULT_SERVICE_TOKEN" not in env  # the kit holds the admin credential only
     assert env["TESSERA_PCI_PUBLISHABLE_KEY"] == "pk_test_00"
     assert env["TESSERA_PCI_LOG_PATHS"] == str(tmp_path / "logs")
+
+
+def test_an_unknown_control_in_only_is_refused_not_an_empty_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        evidence.main(["evidence", "--out", str(tmp_path), "--only", "keys,kyes"])
+    assert exit_info.value.code == 2
+    assert "no control kyes" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
+    assert evidence.control_ids()[0] == "audit-log"

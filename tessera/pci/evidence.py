@@ -92,6 +92,17 @@ async def gather(ctx: EvidenceContext, only: Sequence[str] = ()) -> list[Control
     return results
 
 
+def control_ids() -> list[str]:
+    """Every control's id, in report order (a module that cannot load: its file's name)."""
+    ids = []
+    for name in CHECKS:
+        try:
+            ids.append(load_check(name).CONTROL.id)
+        except ImportError:
+            ids.append(name.replace("_", "-"))
+    return ids
+
+
 def _commit(root: Path) -> str | None:
     git = shutil.which("git")
     if git is None:
@@ -271,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
         help="take unset settings from `make up`'s stack (.run/dev.env, .run/demo.json)",
     )
     args = parser.parse_args(argv)
+    only = [c for c in args.only.split(",") if c]
+    unknown = sorted(set(only) - set(control_ids()))
+    if unknown:  # a typo must not turn into an empty report that passes
+        parser.error(
+            f"--only: no control {', '.join(unknown)}; the controls: {', '.join(control_ids())}"
+        )
     if args.dev_stack:
         os.environ.update({k: v for k, v in dev_stack_environment().items() if k not in os.environ})
     settings = load_or_exit(EvidenceSettings, "pci")
-    only = [c for c in args.only.split(",") if c]
     data = asyncio.run(
         evidence(
             settings, args.out, now=args.now, only=only, run_segmentation=args.run_segmentation
