@@ -27,6 +27,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.ids import new_id
 from tessera.dbsetup import ServiceDatabase, drop_database, ensure_roles_and_databases
 from tessera.runtime.migrations import migrate
 from tests.conftest import PG_ADMIN_URL, dsn, register_vault_merchant, start_service
@@ -185,7 +186,7 @@ async def test_an_audit_record_that_cannot_be_written_is_counted_and_logged(
                 httpx.post,
                 alarmed.process.url + "/v1/merchants",
                 json={
-                    "id": f"mer_{secrets.token_hex(10)}",
+                    "id": new_id("mer"),
                     "publishable_key": f"pk_test_{secrets.token_hex(24)}",
                 },
                 headers=bearer(alarmed.admin),

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import redis
 
+from core.ids import new_id
 from tessera.dbsetup import AUDITOR_ROLE, ServiceDatabase
 from tessera.pci.context import EvidenceContext, EvidenceSettings
 from tessera.pci.evidence import load_check, run_check
@@ -43,7 +44,7 @@ EXP_YEAR = datetime.date.today().year + 3
 
 def register(vault: ServiceProcess, admin_token: str, days: int | None) -> tuple[str, str]:
     """A merchant of the vault's own registry, with its retention period (None: the default)."""
-    merchant_id = f"mer_{secrets.token_hex(10)}"
+    merchant_id = new_id("mer")
     publishable = f"pk_test_{secrets.token_hex(24)}"
     body: dict[str, Any] = {"id": merchant_id, "publishable_key": publishable}
     if days is not None:
@@ -437,7 +438,7 @@ def test_a_merchants_period_out_of_range_is_refused(
     response = httpx.post(
         vault.url + "/v1/merchants",
         json={
-            "id": f"mer_{secrets.token_hex(10)}",
+            "id": new_id("mer"),
             "publishable_key": f"pk_test_{secrets.token_hex(24)}",
             "card_retention_days": days,
         },
