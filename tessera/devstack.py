@@ -581,7 +581,7 @@ def banner(config: StackConfig, demo: dict[str, str]) -> str:
             f"  PSP simulators http://{host}:{config.psp_a_port}   (psp_a)",
             f"                 http://{host}:{config.psp_b_port}   (psp_b)",
             "  worker         reconciler, completer, expiry, webhooks (no port)",
-            "  vault worker   card retention sweep (no port)",
+            "  vault worker   retention sweep, payment-page check, audit-chain check (no port)",
             f"  demo checkout  {config.demo_origin}/   <- open this first "
             "(test card 4242 4242 4242 4242)",
             f"  logs           {LOGS}/",
