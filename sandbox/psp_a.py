@@ -66,6 +66,8 @@ from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from sandbox import scheme
+from sandbox.account_updater import AccountUpdater, install_psp_a
 from sandbox.cards import (
     TEST_CARDS,
     Behaviour,
@@ -104,12 +106,44 @@ class CardIn(msgspec.Struct, forbid_unknown_fields=True):
         return "CardIn(<redacted>)"
 
 
+MitReason = Literal["recurring", "unscheduled", "installment"]
+
+
+class MitExemption(msgspec.Struct, forbid_unknown_fields=True):
+    """A merchant-initiated transaction on a stored credential: why, and the network
+    transaction id of the credential's first (customer-initiated) transaction."""
+
+    reason: MitReason
+    network_transaction_id: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+
+
+class CardOptions(msgspec.Struct, forbid_unknown_fields=True):
+    mit_exemption: MitExemption | None = None
+
+
+class PaymentMethodOptions(msgspec.Struct, forbid_unknown_fields=True):
+    card: CardOptions | None = None
+
+
+class CredentialDecline(StrEnum):
+    """The scheme rules of stored credentials (sandbox/README.md), declined before the issuer."""
+
+    #: A first transaction that stores the card, without the customer's CVC.
+    AUTHENTICATION_REQUIRED = "authentication_required"
+    #: An MIT without a network transaction id the scheme issued for this card.
+    TRANSACTION_NOT_ALLOWED = "transaction_not_allowed"
+
+
 class AuthorizationRequest(msgspec.Struct, forbid_unknown_fields=True):
     reference: Reference
     amount: Amount
     currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
     capture: bool
     card: CardIn
+    #: `off_session`: the customer-initiated first transaction of a stored credential.
+    setup_future_usage: Literal["off_session"] | None = None
+    #: `card.mit_exemption`: a merchant-initiated transaction on a stored credential.
+    payment_method_options: PaymentMethodOptions | None = None
     metadata: (
         Annotated[
             dict[
@@ -139,17 +173,19 @@ class CardSummary(msgspec.Struct, frozen=True, gc=False):
     last4: str
 
 
-class Authorization(msgspec.Struct, gc=False):
+class Authorization(msgspec.Struct, gc=False, omit_defaults=True):
     id: str
     reference: str
     status: Status
-    decline_code: DeclineCode | None
+    decline_code: str | None
     amount: int
     currency: str
     amount_captured: int
     amount_refunded: int
     card: CardSummary
     created: int
+    #: The scheme's id of an approved `setup_future_usage: off_session` transaction (only then).
+    network_transaction_id: str | None = None
 
 
 class Refund(msgspec.Struct, frozen=True, gc=False):
@@ -520,7 +556,11 @@ class Simulator:
             self.counters["processing_errors"] += 1
             raise PspError(500, "processing_error", "The processor could not process this.")
         outcome = self.faults.overrule(outcome, brand_of(card.number), self.config)
-        if outcome.behaviour is Behaviour.DECLINE:
+        broken_rule = credential_rule(request)
+        decline_code: str | None
+        if broken_rule is not None:
+            status, decline_code = Status.DECLINED, broken_rule
+        elif outcome.behaviour is Behaviour.DECLINE:
             status, decline_code = Status.DECLINED, outcome.decline_code
         elif request.capture:
             status, decline_code = Status.CAPTURED, None
@@ -538,6 +578,9 @@ class Simulator:
             card=CardSummary(brand_of(card.number), card.number[-4:]),
             created=int(time.time()),
         )
+        if status is not Status.DECLINED and request.setup_future_usage == "off_session":
+            auth.network_transaction_id = scheme.issue(card.number)
+            self.counters["credentials_stored"] += 1
         entry = _Entry(auth, request.capture)
         self._entries[auth.id] = entry
         self._by_reference[auth.reference] = entry
@@ -653,6 +696,24 @@ class Simulator:
         return body
 
 
+def mit_exemption_of(request: AuthorizationRequest) -> MitExemption | None:
+    options = request.payment_method_options
+    return options.card.mit_exemption if options and options.card else None
+
+
+def credential_rule(request: AuthorizationRequest) -> CredentialDecline | None:
+    """The scheme's stored-credential rules: a setup needs the customer's CVC; an MIT needs a
+    network transaction id issued for this card (by either simulator: sandbox/scheme.py)."""
+    mit = mit_exemption_of(request)
+    if mit is not None:
+        if not scheme.valid_for(mit.network_transaction_id, request.card.number):
+            return CredentialDecline.TRANSACTION_NOT_ALLOWED
+        return None
+    if request.setup_future_usage == "off_session" and request.card.cvc is None:
+        return CredentialDecline.AUTHENTICATION_REQUIRED
+    return None
+
+
 # --- HTTP ----------------------------------------------------------------------------------
 
 _T = TypeVar("_T")
@@ -721,6 +782,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def create_authorization(request: Request[Any, Any, Any]) -> Response[bytes]:
         await enter(request)
         body = _decode(AuthorizationRequest, await request.body())
+        if body.setup_future_usage is not None and mit_exemption_of(body) is not None:
+            raise PspError(
+                400,
+                "invalid_request",
+                "setup_future_usage and payment_method_options.card.mit_exemption exclude "
+                "each other.",
+            )
         status, auth = await sim.authorize(body)
         return _json(status, auth)
 
@@ -810,6 +878,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,
     )
     app.state.simulator = sim
+    # The account updater (sandbox/account_updater.py): its list, card side and test hook.
+    app.state.account_updater = install_psp_a(app, AccountUpdater("au"), enter, _json, _error)
     return app
 
 

@@ -54,6 +54,8 @@ import msgspec
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
 
+from sandbox import scheme
+from sandbox.account_updater import AccountUpdater, install_psp_b
 from sandbox.cards import (
     APPROVE,
     TEST_CARDS,
@@ -103,6 +105,11 @@ REFUSAL_REASONS: Final[Mapping[DeclineCode, str]] = {
     DeclineCode.EXPIRED_CARD: "Expired Card",
     DeclineCode.INCORRECT_CVC: "CVC Declined",
 }
+#: The refusals of the scheme's stored-credential rules (sandbox/README.md), before the issuer:
+#: a stored card's first payment without the shopper's CVC, and a `ContAuth` payment without a
+#: `networkTxReference` the scheme issued for this card.
+AUTHENTICATION_REQUIRED: Final = "Authentication required"
+TRANSACTION_NOT_PERMITTED: Final = "Transaction Not Permitted"
 #: The wait after each failed delivery attempt; one more attempt than waits, then it is given up.
 RETRY_DELAYS: Final = (0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0)
 DELIVERY_TIMEOUT_SECONDS: Final = 5.0
@@ -186,11 +193,25 @@ class PaymentMethodIn(msgspec.Struct, forbid_unknown_fields=True, rename="camel"
         return "PaymentMethodIn(<redacted>)"
 
 
+class AdditionalDataIn(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    #: The network transaction id of the stored credential's first payment (a `ContAuth` one).
+    network_tx_reference: Annotated[str, msgspec.Meta(max_length=100)] | None = None
+
+
 class PaymentRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     merchant_reference: Reference
     amount: AmountIn
     payment_method: PaymentMethodIn
     capture_immediately: bool = False
+    #: `Ecommerce` (the shopper is there) or `ContAuth` (a merchant-initiated payment on a
+    #: stored card, which needs `additionalData.networkTxReference`).
+    shopper_interaction: Literal["Ecommerce", "ContAuth"] = "Ecommerce"
+    recurring_processing_model: (
+        Literal["CardOnFile", "Subscription", "UnscheduledCardOnFile"] | None
+    ) = None
+    #: With `Ecommerce`: store the card; an `Authorised` answer carries its network id.
+    store_payment_method: bool = False
+    additional_data: AdditionalDataIn | None = None
     metadata: (
         Annotated[
             dict[
@@ -237,6 +258,8 @@ class PaymentResponse(msgspec.Struct, rename="camel", omit_defaults=True):
     result_code: ResultCode
     amount: Amount
     refusal_reason: str | None = None
+    #: `{"networkTxReference"}` on an authorised `storePaymentMethod` payment.
+    additional_data: dict[str, str] | None = None
 
 
 class ModificationResponse(msgspec.Struct, rename="camel", omit_defaults=True):
@@ -275,6 +298,7 @@ class PaymentView(msgspec.Struct, rename="camel", omit_defaults=True):
     creation_date: str
     modifications: list[ModificationView]
     refusal_reason: str | None = None
+    additional_data: dict[str, str] | None = None
 
 
 @dataclass(eq=False)
@@ -341,6 +365,7 @@ class _Payment:
             payment_method=self.card,
             creation_date=self.created,
             modifications=[m.view() for m in self.modifications],
+            additional_data=answer.additional_data,
         )
 
 
@@ -601,8 +626,11 @@ class Simulator:
         brand = brand_of(method.number)
         outcome = self.faults.overrule(outcome, brand, self.config)
         refusal: str | None = None
+        broken_rule = credential_rule(request)
         if outcome.behaviour is Behaviour.PROCESSING_ERROR:
             result: ResultCode = "Error"
+        elif broken_rule is not None:
+            result, refusal = "Refused", broken_rule
         elif outcome.behaviour is Behaviour.DECLINE:
             assert outcome.decline_code is not None
             result, refusal = "Refused", REFUSAL_REASONS[outcome.decline_code]
@@ -615,6 +643,8 @@ class Simulator:
             refusal_reason=refusal,
             amount=Amount(request.amount.value, request.amount.currency),
         )
+        if result == "Authorised" and request.store_payment_method:
+            answer.additional_data = {"networkTxReference": scheme.issue(method.number)}
         payment = _Payment(
             answer=answer,
             capture_immediately=request.capture_immediately,
@@ -910,6 +940,19 @@ class Simulator:
         }
 
 
+def credential_rule(request: PaymentRequest) -> str | None:
+    """The scheme's stored-credential rules, as a refusal reason (None: none broken)."""
+    if request.shopper_interaction == "ContAuth":
+        data = request.additional_data
+        reference = data.network_tx_reference if data is not None else None
+        if not scheme.valid_for(reference, request.payment_method.number):
+            return TRANSACTION_NOT_PERMITTED
+        return None
+    if request.store_payment_method and request.payment_method.cvc is None:
+        return AUTHENTICATION_REQUIRED
+    return None
+
+
 # --- HTTP ----------------------------------------------------------------------------------
 
 _T = TypeVar("_T")
@@ -980,6 +1023,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def create_payment(request: Request[Any, Any, Any]) -> Response[bytes]:
         await enter(request)
         body = _decode(PaymentRequest, await request.body())
+        if body.store_payment_method and body.shopper_interaction == "ContAuth":
+            raise PspError(
+                422, "validation_error", "storePaymentMethod needs shopperInteraction Ecommerce."
+            )
         return _json(200, await sim.pay(body))
 
     @get("/v1/payments")
@@ -1081,6 +1128,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,
     )
     app.state.simulator = sim
+    # The account updater (sandbox/account_updater.py): its list, card side and test hook.
+    app.state.account_updater = install_psp_b(app, AccountUpdater("cu"), enter, _json, _error)
     return app
 
 
