@@ -232,6 +232,13 @@ def main(argv: list[str] | None = None) -> None:
         "simulate", help="the router against always-A and always-B on the running stack"
     )
     simulate.add_argument("--traffic", required=True, help="a traffic file (JSON)")
+    recovery = commands.add_parser("recovery", help="recovering declined renewals")
+    recovery_actions = recovery.add_subparsers(dest="recovery_action", required=True)
+    replay = recovery_actions.add_parser(
+        "simulate", help="the learned retry schedule against a fixed one (offline, seeded)"
+    )
+    replay.add_argument("--seed", type=int, default=1)
+    replay.add_argument("--customers", type=int, default=100_000)
     ledger = commands.add_parser("ledger", help="the double-entry ledger")
     ledger_actions = ledger.add_subparsers(dest="ledger_action", required=True)
     ledger_actions.add_parser(
@@ -259,6 +266,11 @@ def main(argv: list[str] | None = None) -> None:
         simulators = {"psp_a": settings.psp_a_url, "psp_b": settings.psp_b_url}
         results = simulation.run(args.traffic, _api_url(settings), settings.vault_url, simulators)
         print(simulation.report(results))
+        return
+    if args.command == "recovery":
+        from api import recovery_simulate
+
+        print(recovery_simulate.render(recovery_simulate.simulate(args.seed, args.customers)))
         return
     if args.command == "migrate":
         migrate_service("api", "api.migrations", DEFAULT_MIGRATION_URL)

@@ -16,6 +16,7 @@ USAGE = """usage: tessera COMMAND ...
   serve api|vault|psp-a       serve one process in the foreground
   merchants create|roll-key|configure   merchants (API and vault) and their routing
   routing simulate --traffic FILE      the router against always-A / always-B (needs make up)
+  recovery simulate --seed N --customers N   learned vs fixed retry schedule (offline)
   worker                      reconciler, completer, expiry, webhooks (make run/up start one)
   ledger check                prove the ledger balances and matches the payments table
   pci evidence --out DIR      the assessor's kit: PCI DSS evidence (exit 1 if a control fails)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         from tessera.pci.evidence import main as pci_main
 
         raise SystemExit(pci_main(rest))
-    if command in ("merchants", "routing", "worker", "ledger"):
+    if command in ("merchants", "routing", "recovery", "worker", "ledger"):
         _service("api", [command, *rest])
         return
     if command in ("api", "vault"):
