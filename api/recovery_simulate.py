@@ -88,6 +88,8 @@ class Result:
     hard_declines: int = 0
     hard_retries: int = 0
     cap_violations: int = 0
+    #: Per decline kind (`Classification.key`): declined, recovered, retries.
+    kinds: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def attempts_per_recovery(self) -> float:
@@ -248,6 +250,7 @@ def run(
             result.declined += 1
             found = classify(decline)
             first_decline[number] = (now, found.key)
+            result.kinds.setdefault(found.key, [0, 0, 0])[0] += 1
             if found.decline_class is DeclineClass.NEVER:
                 result.hard_declines += 1
             schedule_next(number, now)
@@ -260,11 +263,13 @@ def run(
             result.hard_retries += 1
         approved = _retry_approved(renewal, now, rng)
         declined_at, key = first_decline[number]
+        result.kinds[key][2] += 1
         if learned is not None:
             learned.stats.record(key, declined_at, now, approved)
         if approved:
             card.attempts.append(Attempt(payment, now, True, True))
             result.recovered += 1
+            result.kinds[key][1] += 1
             result.revenue += person.amount
             result.retries_of_recovered += sum(
                 1 for a in card.attempts if a.payment_id == payment and a.retry
@@ -346,5 +351,12 @@ def render(report: Report) -> str:
             f"{r.schedule:<15}{r.recovered:>10}{r.revenue / 100:>14.2f}{r.retries:>9}"
             f"{r.attempts_per_recovery:>19.2f}{r.hard_retries:>14}{r.cap_violations:>16}"
         )
+    lines.append("by decline kind: declined, then recovered/retries for each schedule")
+    for key in sorted(first.kinds):
+        cells = "".join(
+            f"{r.kinds.get(key, [0, 0, 0])[1]:>10}/{r.kinds.get(key, [0, 0, 0])[2]:<8}"
+            for r in report.results
+        )
+        lines.append(f"  {key:<42}{first.kinds[key][0]:>7}{cells}")
     lines.append(f"simulated in {report.seconds:.1f} s")
     return "\n".join(lines)
