@@ -28,6 +28,7 @@ __all__ = [
     "MAC_RETRY_AFTER",
     "SCHEME_CAPS",
     "WINDOW",
+    "Action",
     "Attempt",
     "Caps",
     "Classification",
@@ -283,6 +284,13 @@ class RecoveryPolicy:
     def next_attempt(self, history: History, now: datetime) -> datetime | None:
         return self.decide(history, now).at
 
+    def on_request(self, history: History, now: datetime) -> Decision:
+        """A retry the merchant asks for now (`POST /v1/payments/{id}/retry`): the same
+        classification, caps and recovery window, without the schedule. It may go now only if
+        the decision is `retry` at `now`; a later `at` is when the caps (or the issuer's advice)
+        would allow it."""
+        return RecoveryPolicy(_AtOnce(), self.caps, self.recovery_window).decide(history, now)
+
     def decide(self, history: History, now: datetime) -> Decision:
         mine = history.of_payment()
         if not mine or any(a.approved for a in mine):
@@ -318,6 +326,12 @@ class RecoveryPolicy:
         if allowed is None or allowed > deadline:
             return Decision(Action.EXHAUSTED, reason="caps", classification=found)
         return Decision(Action.RETRY, allowed, found.rule, found)
+
+
+@dataclass(frozen=True, slots=True)
+class _AtOnce:
+    def propose(self, situation: Situation) -> datetime | None:
+        return situation.earliest
 
 
 def _hard(attempt: Attempt) -> Classification | None:

@@ -209,6 +209,30 @@ def test_an_approved_payment_has_nothing_to_recover() -> None:
     assert RecoveryPolicy().next_attempt(History("pay_2", "visa", attempts), T0) is None
 
 
+def test_a_retry_the_merchant_asks_for_follows_the_same_table_and_caps() -> None:
+    """On request the schedule does not matter; the class, the issuer's advice and the caps do."""
+    policy = RecoveryPolicy(caps={"visa": Caps(per_card=2, per_payment=2)})
+    soft = _declined("visa", Decline("insufficient_funds"))
+    assert policy.on_request(soft, T0 + HOUR) == policy.on_request(soft, T0 + HOUR)
+    now = policy.on_request(soft, T0 + HOUR)
+    assert (now.action, now.at) == (Action.RETRY, T0 + HOUR)  # the fixed day 1 does not apply
+    assert policy.on_request(_declined("visa", Decline("lost_card")), T0 + HOUR).at is None
+    waiting = policy.on_request(_declined("visa", Decline("expired_card")), T0 + HOUR)
+    assert waiting.action is Action.AWAITING_UPDATE
+    advised = _declined("mastercard", Decline("insufficient_funds", merchant_advice_code="25"))
+    assert policy.on_request(advised, T0 + HOUR).at == T0 + DAY  # not now: the issuer said 24 h
+    retried = History(
+        "pay_1",
+        "visa",
+        (
+            *soft.card_attempts,
+            Attempt("pay_1", T0 + HOUR, True, False, Decline("insufficient_funds")),
+            Attempt("pay_1", T0 + 2 * HOUR, True, False, Decline("insufficient_funds")),
+        ),
+    )
+    assert policy.on_request(retried, T0 + 3 * HOUR).action is Action.EXHAUSTED
+
+
 # --- the fixed schedule ---------------------------------------------------------------------
 
 
