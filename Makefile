@@ -94,7 +94,10 @@ loadtest: venv ## a short headless Locust run against `make up` (ARGS="..." for 
 bench: setup ## benchmarks that print numbers (never timed assertions in tests)
 	$(BIN)/python -m tests.bench
 
-.PHONY: capacity diagram
+.PHONY: capacity diagram recovery-simulate
+recovery-simulate: venv ## learned vs fixed retry schedule for failed renewals, 100,000 synthetic customers (about 35 s)
+	$(BIN)/tessera recovery simulate --seed 1 --customers 100000
+
 capacity: setup ## the capacity model of docs/deploy.md: per-payment database and Redis work counted, with bench.json's CPU (ARGS="--cpu api=3.32,...")
 	$(BIN)/python -m tests.bench.capacity $(ARGS)
 
