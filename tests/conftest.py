@@ -137,8 +137,16 @@ def vault_env(
     db = databases["vault"]
     destinations = {
         "echo": {"url": psp_echo.url, "paths": ["/v1/authorizations"]},
-        "psp_a": {"url": psp_a.url, "paths": ["/v1/authorizations"]},
-        "psp_b": {"url": psp_b.url, "paths": ["/v1/payments"]},
+        "psp_a": {
+            "url": psp_a.url,
+            "paths": ["/v1/authorizations"],
+            "card_update_paths": ["/v1/account_updates/card"],
+        },
+        "psp_b": {
+            "url": psp_b.url,
+            "paths": ["/v1/payments"],
+            "card_update_paths": ["/v1/cardUpdates/details"],
+        },
     }
     return {
         "TESSERA_VAULT_LOCAL_KMS_PATH": local_kms_path,

@@ -112,6 +112,8 @@ class World:
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30))
     shared: dict[str, Call] = field(default_factory=dict)
     owned: dict[str, str] = field(default_factory=dict)
+    #: The PSP A simulator the vault's `psp_a` destination names (its account updater).
+    psp_a_url: str = ""
 
     def url(self, service: str) -> str:
         return (self.api if service == "api" else self.vault).url
@@ -330,6 +332,40 @@ def forward(w: World) -> Call:
     )
 
 
+def card_update(w: World) -> Call:
+    """A fresh token and a new expiry announced for its card at PSP A: only the service's call
+    fetches it and changes the token's expiry."""
+    token_id = w.token()
+    announced = w.http.post(
+        w.psp_a_url + "/admin/account_updates",
+        json={"number": CARD, "new_exp_month": 7, "new_exp_year": 2040},
+    )
+    assert announced.status_code == 201, announced.text
+    update = announced.json()["id"]
+    body = {
+        "destination": "psp_a",
+        "update": update,
+        "path": "/v1/account_updates/card",
+        "body": {"update": update, "number": "{{card.number}}"},
+        "headers": {"authorization": "Bearer psp_a_test_key"},
+    }
+
+    def expiry() -> Any:
+        response = w.http.get(
+            f"{w.vault.url}/v1/tokens/{token_id}",
+            headers={**bearer(w.tokens["service"]), "tessera-merchant": w.shop.id},
+        )
+        return response.json()["card"]["exp_year"]
+
+    return Call(
+        "POST",
+        f"/v1/tokens/{token_id}/card_updates",
+        body,
+        headers={"tessera-merchant": w.shop.id},
+        state=expiry,
+    )
+
+
 def detokenize(w: World) -> Call:
     return Call("POST", "/v1/detokenize", {"token": w.token(), "reason": "authorization matrix"})
 
@@ -399,6 +435,7 @@ PREPARE: dict[tuple[str, str], Prepare] = {
     ("vault", "GET /v1/tokens/{token_id}"): read_token,
     ("vault", "DELETE /v1/tokens/{token_id}"): delete_token,
     ("vault", "POST /v1/forward"): forward,
+    ("vault", "POST /v1/tokens/{token_id}/card_updates"): card_update,
     ("vault", "POST /v1/detokenize"): detokenize,
     ("vault", "POST /v1/merchants"): register_merchant,
     ("vault", "POST /v1/fingerprints/lookup"): lookup_fingerprints,
@@ -435,6 +472,7 @@ def world(
     vault_env: dict[str, str],
     tokens: dict[str, str],
     psp_echo: EchoServer,
+    psp_a: ServiceProcess,
     private_vault_db: ServiceDatabase,
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
@@ -468,6 +506,7 @@ def world(
         tokens,
         psp_echo,
         psp_b_key,
+        psp_a_url=psp_a.url,
     )
     try:
         payment = w.payment()

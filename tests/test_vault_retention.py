@@ -464,7 +464,8 @@ async def test_the_runtime_role_moves_last_use_only_forward_and_changes_nothing_
         ):
             with pytest.raises(asyncpg.CheckViolationError):
                 await runtime.execute(f"UPDATE tokens SET {change} WHERE id = $1", token_id)
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        # brand is updatable since migration 0006 (a card update), never on its own
+        with pytest.raises(asyncpg.CheckViolationError):
             await runtime.execute("UPDATE tokens SET brand = 'amex' WHERE id = $1", token_id)
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await runtime.execute("UPDATE merchants SET card_retention_days = 3650")

@@ -15,6 +15,7 @@ from prometheus_client import Gauge
 from tessera.runtime.commands import app_in_worker
 from tessera.runtime.service import build_app
 from vault.audit import AuditLog
+from vault.card_updates import CardUpdateController
 from vault.cors import TokenPreflight
 from vault.elements.routes import ElementsController
 from vault.fingerprints import FingerprintController
@@ -115,6 +116,7 @@ def create_app(settings: VaultSettings, kms: KeyManagementService | None = None)
         migrations_package="vault.migrations",
         route_handlers=[
             TokenController,
+            CardUpdateController,
             ForwardController,
             AdminController,
             FingerprintController,

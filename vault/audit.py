@@ -81,15 +81,16 @@ __all__ = [
 #: Chains created by migration 0003; an append starts looking for a free one at a random chain.
 CHAINS: Final = 16
 GENESIS_HASH: Final = bytes(32)
-#: Every action the vault records (vault/routes.py, cli.py, retention.py, fingerprints.py,
-#: key_inventory.py, watchdog.py), in the order a card's life meets them. The assessor's kit
-#: (`tessera pci evidence`, control `audit-log`) shows the latest record of each;
+#: Every action the vault records (vault/routes.py, card_updates.py, cli.py, retention.py,
+#: fingerprints.py, key_inventory.py, watchdog.py), in the order a card's life meets them. The
+#: assessor's kit (`tessera pci evidence`, control `audit-log`) shows the latest record of each;
 #: tests/test_pci_checks_core.py keeps this list equal to what the code writes. Tokenization
 #: itself is not recorded: the card arrives, nothing of it leaves.
 AUDITED_ACTIONS: Final = (
     "merchant.register",
     "token.read",
     "forward",
+    "token.update",
     "token.delete",
     "retention.sweep",
     "token.shred",

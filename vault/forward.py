@@ -32,6 +32,9 @@ RETURNED_HEADERS = ("content-type", "request-id", "x-request-id", "idempotency-k
 class Destination(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     url: str
     paths: tuple[str, ...]
+    #: Where the vault fetches an account update's new card (vault/card_updates.py): never a
+    #: forward's path, since the answer there carries a card number the vault keeps.
+    card_update_paths: tuple[str, ...] = ()
 
 
 class ForwardRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -68,7 +71,11 @@ def _refuse(where: str) -> InvalidRequest:
     )
 
 
-def check_template(request: ForwardRequest, destinations: dict[str, Destination]) -> Destination:
+def check_template(
+    request: ForwardRequest, destinations: dict[str, Destination], *, card_update: bool = False
+) -> Destination:
+    """The destination of a forward (or, with `card_update`, of a card update's fetch), once
+    the template is known to put card data in body values only, to an allowlisted path."""
     destination = destinations.get(request.destination)
     if destination is None:
         raise InvalidRequest(
@@ -78,7 +85,7 @@ def check_template(request: ForwardRequest, destinations: dict[str, Destination]
         )
     if PLACEHOLDER.search(request.path) or "{{" in request.path:
         raise _refuse("path")
-    if request.path not in destination.paths:
+    if request.path not in (destination.card_update_paths if card_update else destination.paths):
         raise InvalidRequest(
             "This path is not allowed on the destination.", code="path_not_allowed", param="path"
         )
@@ -164,6 +171,21 @@ class Forwarder:
     async def send(
         self, destination: Destination, request: ForwardRequest, card: Card
     ) -> ForwardResponse:
+        response = await self.exchange(destination, request, card)
+        mask = CardMask(card.number)  # one compiled pattern for the whole answer
+        return ForwardResponse(
+            status=response.status,
+            headers={
+                h: mask.text(response.headers[h]) for h in RETURNED_HEADERS if h in response.headers
+            },
+            body=_masked_body(response, card, mask),
+        )
+
+    async def exchange(
+        self, destination: Destination, request: ForwardRequest, card: Card
+    ) -> Reply:
+        """The request with the card filled in, and the destination's answer as it came: for
+        the vault's own reading only (a forward masks it before anyone else sees it)."""
         body = msgspec.json.encode(fill(request.body, card))
         headers = {**request.headers, "content-type": "application/json"}
         url = destination.url.rstrip("/") + request.path
@@ -197,14 +219,7 @@ class Forwarder:
             ) from None
         finally:
             del body
-        mask = CardMask(card.number)  # one compiled pattern for the whole answer
-        return ForwardResponse(
-            status=response.status,
-            headers={
-                h: mask.text(response.headers[h]) for h in RETURNED_HEADERS if h in response.headers
-            },
-            body=_masked_body(response, card, mask),
-        )
+        return response
 
     async def close(self) -> None:
         await self.client.close()

@@ -86,7 +86,8 @@ def fingerprint_text(raw: bytes) -> str:
     return raw[:16].hex()
 
 
-def _view(row: Any) -> TokenView:
+def token_view(row: Any) -> TokenView:
+    """A token row's masked metadata: what the payment API may see of a card."""
     return TokenView(
         id=row["id"],
         card=CardView(
@@ -143,6 +144,34 @@ class TokenRepository:
             token_id,
         )
         return status == "UPDATE 1"
+
+    async def replace_card(
+        self, token_id: str, merchant_id: str, old_nonce: bytes, **new: Any
+    ) -> Any:
+        """Seal a new card into a live token's row, overwriting the old ciphertext; None if the
+        row changed since `old_nonce` was read (another update, a shred). The trigger
+        `tokens_only_shred` (migration 0006) allows the runtime role this change and sets
+        card_updated_at."""
+        return await self.pool.fetchrow(
+            "UPDATE tokens SET data_key_id = $4, nonce = $5, ciphertext = $6, brand = $7, "
+            "bin = $8, last4 = $9, exp_month = $10, exp_year = $11, fingerprint = $12, "
+            "cvc_provided = false, card_update = $13 "
+            "WHERE id = $1 AND merchant_id = $2 AND nonce = $3 AND deleted_at IS NULL "
+            "RETURNING *",
+            token_id,
+            merchant_id,
+            old_nonce,
+            new["data_key_id"],
+            new["nonce"],
+            new["ciphertext"],
+            new["brand"],
+            new["bin"],
+            new["last4"],
+            new["exp_month"],
+            new["exp_year"],
+            new["fingerprint"],
+            new["card_update"],
+        )
 
     async def shred(self, token_id: str, merchant_id: str) -> bool:
         # vault/retention.py shreds with the same SET.
@@ -227,18 +256,53 @@ class TokenService:
             fingerprint=fingerprint,
             cvc_provided=cvc is not None,
         )
-        return _view(row)
+        return token_view(row)
 
     async def metadata(self, token_id: str, merchant_id: str) -> TokenView:
         row = await self.tokens.live(token_id, merchant_id)
         if row is None:
             raise NotFound("No such token.", param="id")
-        return _view(row)
+        return token_view(row)
 
     async def delete(self, token_id: str, merchant_id: str) -> None:
         if not await self.tokens.shred(token_id, merchant_id):
             raise NotFound("No such token.", param="id")
         await self.cvcs.discard(token_id)
+
+    async def replace(
+        self, row: Any, card: Card, number: str, exp_month: int, exp_year: int, card_update: str
+    ) -> TokenView | None:
+        """Replace the card of `row` (read before `card` was revealed) with a new number and
+        expiry under the same token: sealed under the current data key with a fresh nonce, the
+        old ciphertext overwritten. The old card's CVC, if one is still held, is discarded (it
+        is not the new card's). None if the row changed meanwhile."""
+        token_id, merchant_id = row["id"], row["merchant_id"]
+        data_key_id, key = await self.keys.ring.encryption_key()
+        record = msgspec.msgpack.encode(CardRecord(number, card.name))
+        nonce, ciphertext = EnvelopeCipher.seal(
+            key, record, card_aad(token_id, merchant_id, data_key_id)
+        )
+        del record
+        _, brand = validate_pan(number)
+        replaced = await self.tokens.replace_card(
+            token_id,
+            merchant_id,
+            row["nonce"],
+            data_key_id=data_key_id,
+            nonce=nonce,
+            ciphertext=ciphertext,
+            brand=str(brand),
+            bin=bin6(number),
+            last4=last4(number),
+            exp_month=exp_month,
+            exp_year=exp_year,
+            fingerprint=await self.keys.fingerprint(merchant_id, number),
+            card_update=card_update,
+        )
+        if replaced is None:
+            return None
+        await self.cvcs.discard(token_id)
+        return token_view(replaced)
 
     async def reveal(
         self, token_id: str, merchant_id: str | None, *, take_cvc: bool, use: bool = False

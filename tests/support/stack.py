@@ -61,8 +61,16 @@ def start_stack(
     ports = {name: free_port() for name in ("psp_a", "psp_b", "vault", "api")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     destinations = {
-        "psp_a": {"url": urls["psp_a"], "paths": ["/v1/authorizations"]},
-        "psp_b": {"url": urls["psp_b"], "paths": ["/v1/payments"]},
+        "psp_a": {
+            "url": urls["psp_a"],
+            "paths": ["/v1/authorizations"],
+            "card_update_paths": ["/v1/account_updates/card"],
+        },
+        "psp_b": {
+            "url": urls["psp_b"],
+            "paths": ["/v1/payments"],
+            "card_update_paths": ["/v1/cardUpdates/details"],
+        },
     }
     env = {
         **base_env,

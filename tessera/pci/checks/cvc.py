@@ -89,6 +89,10 @@ DOCUMENTED_VAULT_COLUMNS: Final[dict[str, tuple[str, str]]] = {
     "tokens.brand": ("text", "card brand name"),
     "tokens.bin": ("text", "first six digits (CHECK: 6 digits; PCI DSS allows BIN + last 4)"),
     "tokens.last4": ("text", "last four digits (CHECK: 4 digits)"),
+    "tokens.card_update": (
+        "text",
+        "the account update last applied, destination:update id (CHECK: name characters only)",
+    ),
     "data_keys.id": ("text", "data key id (CHECK: dek_ + 26 characters)"),
     "data_keys.purpose": ("text", "card, fingerprint or audit (CHECK)"),
     "data_keys.merchant_id": ("text", "merchant id (foreign key)"),
