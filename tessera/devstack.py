@@ -131,10 +131,12 @@ def service_env(config: StackConfig) -> dict[str, str]:
                 "psp_a": {
                     "url": f"http://{config.host}:{config.psp_a_port}",
                     "paths": ["/v1/authorizations"],
+                    "card_update_paths": ["/v1/account_updates/card"],
                 },
                 "psp_b": {
                     "url": f"http://{config.host}:{config.psp_b_port}",
                     "paths": ["/v1/payments"],
+                    "card_update_paths": ["/v1/cardUpdates/details"],
                 },
             }
         ),
