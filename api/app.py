@@ -14,6 +14,7 @@ from api.auth import MerchantKeys
 from api.openapi import DOCUMENT
 from api.routes.events import BalanceController, EventController, WebhookEndpointController
 from api.routes.notifications import NotificationController
+from api.routes.payment_methods import PaymentMethodController
 from api.routes.payments import PaymentController, RefundController
 from api.settings import MAX_BODY_BYTES, ApiSettings
 from api.wiring import open_services
@@ -91,6 +92,7 @@ def create_app(settings: ApiSettings) -> Litestar:
         route_handlers=[
             PaymentController,
             RefundController,
+            PaymentMethodController,
             NotificationController,
             EventController,
             WebhookEndpointController,

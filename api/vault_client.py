@@ -68,6 +68,17 @@ class VaultClient:
             raise _vault_error(response)
         return msgspec.json.decode(response.content, type=_TokenView).card
 
+    async def delete_token(self, merchant_id: str, token_id: str) -> None:
+        """Delete the merchant's token (the card is crypto-shredded); one already gone is fine."""
+        try:
+            response = await self._http.request(
+                "DELETE", f"/v1/tokens/{token_id}", headers={"tessera-merchant": merchant_id}
+            )
+        except HttpFailure as exc:
+            raise ServiceUnavailable(f"The vault did not answer ({exc}).") from None
+        if response.status not in (200, 404):
+            raise _vault_error(response)
+
     async def forward(
         self,
         merchant_id: str,

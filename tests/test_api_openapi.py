@@ -46,5 +46,9 @@ def test_the_payment_object_and_the_request_are_in_the_schema(schema: dict[str, 
         payment["properties"]
     )
     create = next(v for k, v in components.items() if k.endswith("CreatePayment"))
-    assert set(create["required"]) == {"amount", "currency", "token"}
+    # `token`, or a stored credential's `payment_method` (checked by the service, one of them).
+    assert set(create["required"]) == {"amount", "currency"}
+    assert {"token", "payment_method", "off_session", "mit_reason", "setup_future_usage"} <= set(
+        create["properties"]
+    )
     assert any(k.endswith("ErrorEnvelope") for k in components)

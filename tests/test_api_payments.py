@@ -38,6 +38,7 @@ PAYMENT_FIELDS = {
     "created",
     "refunds",
     "attempts",
+    "payment_method",
 }
 
 

@@ -145,6 +145,17 @@ class World:
         body: dict[str, Any] = response.json()
         return body
 
+    def payment_method(self) -> str:
+        """A stored credential: the id an approved setup payment names."""
+        token = payments.tokenize(self.session_vault, self.owner)
+        body = {"amount": 1250, "currency": "EUR", "token": token}
+        response = payments.post(
+            self.api, self.owner, "/v1/payments", {**body, "setup_future_usage": "off_session"}
+        )
+        assert response.status_code == 201, response.text
+        method: str = response.json()["payment_method"]
+        return method
+
     def read(self, path: str) -> dict[str, Any]:
         response = self.http.get(self.api.url + path, headers=self.owner.auth)
         assert response.status_code == 200, response.text
@@ -255,6 +266,16 @@ def on_payment(operation: str, capture: bool, body: Any) -> Prepare:
         )
 
     return prepare
+
+
+def detach_payment_method(w: World) -> Call:
+    method = w.payment_method()
+    return Call(
+        "POST",
+        f"/v1/payment_methods/{method}/detach",
+        headers=_key(),
+        state=lambda: w.read(f"/v1/payment_methods/{method}")["detached_at"],
+    )
 
 
 def reading(template: str, *names: str) -> Prepare:
@@ -414,6 +435,11 @@ PREPARE: dict[tuple[str, str], Prepare] = {
     ("api", "POST /v1/payments/{payment}/cancel"): on_payment("cancel", False, None),
     ("api", "POST /v1/payments/{payment}/refunds"): on_payment("refunds", True, {"amount": 50}),
     ("api", "GET /v1/refunds/{refund}"): reading("/v1/refunds/{}", "refund"),
+    ("api", "GET /v1/payment_methods"): reading("/v1/payment_methods"),
+    ("api", "GET /v1/payment_methods/{payment_method}"): reading(
+        "/v1/payment_methods/{}", "payment_method"
+    ),
+    ("api", "POST /v1/payment_methods/{payment_method}/detach"): detach_payment_method,
     ("api", "GET /v1/events"): reading("/v1/events"),
     ("api", "GET /v1/events/{event}"): reading("/v1/events/{}", "event"),
     ("api", "GET /v1/events/{event}/deliveries"): reading("/v1/events/{}/deliveries", "event"),
@@ -519,6 +545,7 @@ def world(
             event=event["id"],
             endpoint=w.endpoint(),
             token=w.token(),
+            payment_method=w.payment_method(),
         )
         yield w
     finally:

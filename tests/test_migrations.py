@@ -31,6 +31,7 @@ EXPECTED_TABLES = {
         "webhook_deliveries",
         "ledger_postings",
         "ledger_entries",
+        "payment_methods",
     },
     "vault": {
         "schema_migrations",

@@ -27,6 +27,15 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class StoredCredential:
+    """A merchant-initiated transaction (MIT) on a stored card: no CVC, the reason, and the
+    network transaction id of the credential's first, customer-initiated, transaction."""
+
+    reason: str  # recurring | unscheduled | installment
+    network_transaction_id: str
+
+
+@dataclass(frozen=True)
 class AuthorizeRequest:
     merchant_id: str
     payment_id: str
@@ -35,6 +44,10 @@ class AuthorizeRequest:
     amount: int
     currency: str
     capture: bool
+    #: The customer-initiated first transaction of a stored credential (sent with the CVC).
+    setup_future_usage: bool = False
+    #: Set for an MIT (a renewal); then no CVC is sent.
+    stored_credential: StoredCredential | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,8 @@ class AuthorizeResult:
     captured: bool = False
     decline_code: str | None = None
     failure_code: str | None = None
+    #: The scheme's id of an approved stored-credential setup, as the processor answered it.
+    network_transaction_id: str | None = None
 
 
 #: The `failure_code` of an operation whose request surely never reached the processor (no

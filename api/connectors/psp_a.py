@@ -25,6 +25,9 @@ DECLINE_CODES = {
     "insufficient_funds": "insufficient_funds",
     "expired_card": "expired_card",
     "incorrect_cvc": "incorrect_cvc",
+    # The scheme's stored-credential rules (sandbox/README.md).
+    "authentication_required": "authentication_required",
+    "transaction_not_allowed": "transaction_not_allowed",
 }
 
 
@@ -44,19 +47,33 @@ class PspAConnector:
         self._http = processor_client(base_url, self._auth, timeout_seconds)
 
     async def authorize(self, request: AuthorizeRequest) -> AuthorizeResult:
-        body = {
+        card = {
+            "number": "{{card.number}}",
+            "exp_month": "{{card.exp_month}}",
+            "exp_year": "{{card.exp_year}}",
+            "holder": "{{card.name}}",
+        }
+        if request.stored_credential is None:
+            # An MIT goes without: the customer is not there, and the CVC is never stored.
+            card["cvc"] = "{{card.cvc}}"
+        body: dict[str, Any] = {
             "reference": request.reference,
             "amount": request.amount,
             "currency": request.currency,
             "capture": request.capture,
-            "card": {
-                "number": "{{card.number}}",
-                "exp_month": "{{card.exp_month}}",
-                "exp_year": "{{card.exp_year}}",
-                "cvc": "{{card.cvc}}",
-                "holder": "{{card.name}}",
-            },
+            "card": card,
         }
+        if request.setup_future_usage:
+            body["setup_future_usage"] = "off_session"
+        if request.stored_credential is not None:
+            body["payment_method_options"] = {
+                "card": {
+                    "mit_exemption": {
+                        "reason": request.stored_credential.reason,
+                        "network_transaction_id": request.stored_credential.network_transaction_id,
+                    }
+                }
+            }
         try:
             answer = await self.vault.forward(
                 request.merchant_id,
@@ -133,8 +150,12 @@ def _authorization(status: int, body: Any) -> AuthorizeResult:
         psp_status = body.get("status")
         reference = body.get("id")
         if psp_status in ("approved", "captured"):
+            nti = body.get("network_transaction_id")
             return AuthorizeResult(
-                Outcome.APPROVED, processor_reference=reference, captured=psp_status == "captured"
+                Outcome.APPROVED,
+                processor_reference=reference,
+                captured=psp_status == "captured",
+                network_transaction_id=nti if isinstance(nti, str) else None,
             )
         if psp_status == "declined":
             code = DECLINE_CODES.get(str(body.get("decline_code")), "generic_decline")

@@ -27,6 +27,16 @@ REFUSAL_REASONS = {
     "CVC Declined": "incorrect_cvc",
     "Do Not Honor": "do_not_honor",
     "Refused": "generic_decline",
+    # The scheme's stored-credential rules (sandbox/README.md).
+    "Authentication required": "authentication_required",
+    "Transaction Not Permitted": "transaction_not_allowed",
+}
+#: Our MIT reasons as PSP B's recurringProcessingModel (it has no model of its own for
+#: installments: a fixed schedule agreed with the shopper, as a subscription is).
+PROCESSING_MODELS = {
+    "recurring": "Subscription",
+    "installment": "Subscription",
+    "unscheduled": "UnscheduledCardOnFile",
 }
 
 
@@ -41,18 +51,28 @@ class PspBConnector:
         self._http = processor_client(base_url, self._auth, timeout_seconds)
 
     async def authorize(self, request: AuthorizeRequest) -> AuthorizeResult:
-        body = {
+        method = {
+            "number": "{{card.number}}",
+            "expiryMonth": "{{card.exp_month}}",
+            "expiryYear": "{{card.exp_year}}",
+            "holderName": "{{card.name}}",
+        }
+        body: dict[str, Any] = {
             "merchantReference": request.reference,
             "amount": {"value": request.amount, "currency": request.currency},
-            "paymentMethod": {
-                "number": "{{card.number}}",
-                "expiryMonth": "{{card.exp_month}}",
-                "expiryYear": "{{card.exp_year}}",
-                "cvc": "{{card.cvc}}",
-                "holderName": "{{card.name}}",
-            },
+            "paymentMethod": method,
             "captureImmediately": request.capture,
         }
+        credential = request.stored_credential
+        if credential is None:
+            method["cvc"] = "{{card.cvc}}"
+        else:  # an MIT: no CVC, the stored credential's network id
+            body["shopperInteraction"] = "ContAuth"
+            body["recurringProcessingModel"] = PROCESSING_MODELS[credential.reason]
+            body["additionalData"] = {"networkTxReference": credential.network_transaction_id}
+        if request.setup_future_usage:
+            body["storePaymentMethod"] = True
+            body["recurringProcessingModel"] = "CardOnFile"
         try:
             answer = await self.vault.forward(
                 request.merchant_id,
@@ -130,7 +150,14 @@ def _payment(status: int, body: Any, captured: bool) -> AuthorizeResult:
     reference = body.get("pspReference")
     result = body.get("resultCode")
     if result == "Authorised":
-        return AuthorizeResult(Outcome.APPROVED, processor_reference=reference, captured=captured)
+        data = body.get("additionalData")
+        nti = data.get("networkTxReference") if isinstance(data, dict) else None
+        return AuthorizeResult(
+            Outcome.APPROVED,
+            processor_reference=reference,
+            captured=captured,
+            network_transaction_id=nti if isinstance(nti, str) else None,
+        )
     if result == "Refused":
         code = REFUSAL_REASONS.get(str(body.get("refusalReason")), "generic_decline")
         return AuthorizeResult(Outcome.DECLINED, processor_reference=reference, decline_code=code)

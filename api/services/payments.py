@@ -20,11 +20,17 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
-from api.connectors.base import AuthorizeRequest, AuthorizeResult, Connector, Outcome
+from api.connectors.base import (
+    AuthorizeRequest,
+    AuthorizeResult,
+    Connector,
+    Outcome,
+    StoredCredential,
+)
 from api.services.breaker import CircuitBreaker
 from api.services.events import Cause, Publisher
 from api.services.idempotency import (
@@ -37,6 +43,7 @@ from api.services.idempotency import (
 )
 from api.services.routing import SOFT_DECLINES, Candidate, OutcomeStats, processing_fee, rank
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
+from api.storage.payment_methods import PaymentMethodRepository
 from api.storage.payments import PaymentRepository
 from api.storage.read_pools import ListReads
 from api.storage.routing import RoutingRepository
@@ -52,6 +59,8 @@ from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import NO_NUL, error_bytes
 
 _TOKEN_ID = re.compile(r"tok_[0-9a-z]{26}")
+PAYMENT_METHOD_ID = re.compile(r"pm_[0-9a-z]{26}")
+MitReason = Literal["recurring", "unscheduled", "installment"]
 Metadata = Annotated[
     dict[
         Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=NO_NUL)],
@@ -68,10 +77,31 @@ class CreatePayment(msgspec.Struct, forbid_unknown_fields=True):
     currency: Annotated[
         str, msgspec.Meta(max_length=3, extra_json_schema={"enum": sorted(CURRENCIES)})
     ]
-    token: Annotated[
-        str, msgspec.Meta(max_length=40, extra_json_schema={"pattern": f"^{_TOKEN_ID.pattern}$"})
-    ]
+    #: The card, for a customer-present payment (required unless `payment_method` is given).
+    token: (
+        Annotated[
+            str,
+            msgspec.Meta(max_length=40, extra_json_schema={"pattern": f"^{_TOKEN_ID.pattern}$"}),
+        ]
+        | None
+    ) = None
     capture: bool = True
+    #: `off_session`: keep the card for merchant-initiated payments (a payment method).
+    setup_future_usage: Literal["off_session"] | None = None
+    #: A stored credential to charge while the customer is not there (a renewal).
+    payment_method: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                max_length=40, extra_json_schema={"pattern": f"^{PAYMENT_METHOD_ID.pattern}$"}
+            ),
+        ]
+        | None
+    ) = None
+    #: Must be true with `payment_method`: the payment is merchant-initiated.
+    off_session: bool = False
+    #: Why the merchant charges the stored card (with `payment_method`).
+    mit_reason: MitReason | None = None
     description: Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)] | None = None
     reference: Annotated[str, msgspec.Meta(max_length=200, pattern=NO_NUL)] | None = None
     metadata: Metadata = {}
@@ -126,7 +156,38 @@ class PaymentView(msgspec.Struct, omit_defaults=False):
     created: int
     refunds: list[RefundView]
     attempts: list[AttemptView] = []
+    #: The payment method this payment set up (once approved) or charged.
+    payment_method: str | None = None
     object: str = "payment"
+
+
+class PaymentMethodView(msgspec.Struct, omit_defaults=False):
+    id: str
+    card: CardView
+    created: int
+    usage: str
+    #: When it was detached (never usable again); null while it is usable.
+    detached_at: int | None
+    object: str = "payment_method"
+
+
+class PaymentMethodList(msgspec.Struct):
+    data: list[PaymentMethodView]
+    has_more: bool
+    object: str = "list"
+
+
+def payment_method_view(row: Any) -> PaymentMethodView:
+    detached = row["detached_at"]
+    return PaymentMethodView(
+        id=row["id"],
+        card=CardView(
+            row["card_brand"], row["card_last4"], row["card_exp_month"], row["card_exp_year"]
+        ),
+        created=int(row["created_at"].timestamp()),
+        usage=row["usage"],
+        detached_at=None if detached is None else int(detached.timestamp()),
+    )
 
 
 class PaymentList(msgspec.Struct):
@@ -172,6 +233,7 @@ def payment_view(row: Any, refunds: list[Any], attempts: list[Any] | None = None
             )
             for a in attempts or []
         ],
+        payment_method=row["payment_method"],
     )
 
 
@@ -292,24 +354,44 @@ class PaymentService:
         # Validation before the key is claimed: failures here are not stored.
         currency = parse_currency(data.currency)
         amount = validate_amount(data.amount, currency)
-        if not _is_token(data.token):
-            raise InvalidRequest("This is not a token id.", code="token_invalid", param="token")
-        card = await self.vault.token(merchant_id, data.token)
-        if card is None:
-            raise InvalidRequest(
-                "No such token for this merchant (unknown or deleted).",
-                code="token_invalid",
-                param="token",
+        stored = await self._payment_method_for(merchant_id, data)
+        if stored is None:
+            assert data.token is not None  # checked by `_payment_method_for`
+            if not _is_token(data.token):
+                raise InvalidRequest("This is not a token id.", code="token_invalid", param="token")
+            card = await self.vault.token(merchant_id, data.token)
+            if card is None:
+                raise InvalidRequest(
+                    "No such token for this merchant (unknown or deleted).",
+                    code="token_invalid",
+                    param="token",
+                )
+            country = country_of(card.bin)
+            ranked = await self.ranking(
+                merchant_id, currency.code, card.brand, amount, set(), country
             )
-
-        country = country_of(card.bin)
-        ranked = await self.ranking(merchant_id, currency.code, card.brand, amount, set(), country)
-        if not ranked:
-            raise ServiceUnavailable(
-                "No processor can take this payment right now; retry later.",
-                code="no_processor_available",
-            )
-        processor = ranked[0].processor
+            if not ranked:
+                raise ServiceUnavailable(
+                    "No processor can take this payment right now; retry later.",
+                    code="no_processor_available",
+                )
+            processor = ranked[0].processor
+            token, brand, last4 = data.token, card.brand, card.last4
+            exp_month, exp_year = card.exp_month, card.exp_year
+        else:
+            # A renewal goes through the processor that set the credential up, never routed
+            # elsewhere (docs/subscriptions/stored-credentials.md): nothing is written if it
+            # cannot take it now.
+            processor = stored["processor"]
+            if processor not in self.connectors or await self.breaker.is_open(processor):
+                raise ServiceUnavailable(
+                    "The processor this payment method was set up with cannot take payments "
+                    "right now; nothing was done. Retry later.",
+                    code="processor_unavailable",
+                )
+            token, brand, last4 = stored["token"], stored["card_brand"], stored["card_last4"]
+            exp_month, exp_year = stored["card_exp_month"], stored["card_exp_year"]
+            country = stored["card_country"]
         payment_id = new_id("pay")
         resumed = False
         known: tuple[Any, Any] | None = None  # the new payment and attempt, as just written
@@ -329,6 +411,13 @@ class PaymentService:
                 resumed = True
             else:
                 failpoint("authorize_key_claimed")
+                if stored is not None:
+                    # Held until this transaction ends: a concurrent detach waits for it.
+                    live = await PaymentMethodRepository(conn).live_for_share(
+                        merchant_id, stored["id"]
+                    )
+                    if live is None:
+                        raise _detached()
                 payments = PaymentRepository(conn)
                 created = await payments.insert(
                     merchant_id,
@@ -337,16 +426,19 @@ class PaymentService:
                         "amount": amount,
                         "currency": currency.code,
                         "capture": data.capture,
-                        "token": data.token,
-                        "card_brand": card.brand,
-                        "card_last4": card.last4,
-                        "card_exp_month": card.exp_month,
-                        "card_exp_year": card.exp_year,
+                        "token": token,
+                        "card_brand": brand,
+                        "card_last4": last4,
+                        "card_exp_month": exp_month,
+                        "card_exp_year": exp_year,
                         "processor": processor,
                         "description": data.description,
                         "reference": data.reference,
                         "metadata": data.metadata,
                         "card_country": country,
+                        "setup_future_usage": data.setup_future_usage,
+                        "payment_method": None if stored is None else stored["id"],
+                        "mit_reason": data.mit_reason,
                     },
                 )
                 first = await payments.insert_attempt(
@@ -368,6 +460,58 @@ class PaymentService:
             known,
             lease=lease,
         )
+
+    async def _payment_method_for(self, merchant_id: str, data: CreatePayment) -> Any:
+        """The live payment method a renewal charges, or None for a payment with a token; the
+        combinations of the stored-credential fields that make no sense are refused here."""
+        if data.payment_method is None:
+            if data.off_session:
+                raise InvalidRequest(
+                    "off_session is for a payment with a payment_method.", param="off_session"
+                )
+            if data.mit_reason is not None:
+                raise InvalidRequest(
+                    "mit_reason is for an off_session payment with a payment_method.",
+                    param="mit_reason",
+                )
+            if data.token is None:
+                raise InvalidRequest(
+                    "A payment needs a token (or a payment_method).",
+                    code="parameter_missing",
+                    param="token",
+                )
+            return None
+        if data.token is not None:
+            raise InvalidRequest("Give a token or a payment_method, not both.", param="token")
+        if data.setup_future_usage is not None:
+            raise InvalidRequest(
+                "A payment_method is set up already; setup_future_usage goes with a token.",
+                param="setup_future_usage",
+            )
+        if not data.off_session:
+            raise InvalidRequest(
+                "A payment with a payment_method is merchant-initiated: off_session must be true.",
+                param="off_session",
+            )
+        if data.mit_reason is None:
+            raise InvalidRequest(
+                "An off_session payment needs a mit_reason: recurring, unscheduled or installment.",
+                code="parameter_missing",
+                param="mit_reason",
+            )
+        row = None
+        if PAYMENT_METHOD_ID.fullmatch(data.payment_method):
+            async with self.pool.acquire() as conn:
+                row = await PaymentMethodRepository(conn).get(merchant_id, data.payment_method)
+        if row is None:
+            raise InvalidRequest(
+                "No such payment method for this merchant.",
+                code="payment_method_invalid",
+                param="payment_method",
+            )
+        if row["detached_at"] is not None:
+            raise _detached()
+        return row
 
     async def complete(self, merchant_id: str, idempotency_key: str, lease: Any) -> None:
         """The completer's entry: finish a request whose process died after phase 1, exactly
@@ -425,6 +569,13 @@ class PaymentService:
                     tried |= {
                         a["processor"] for a in await payments.attempts(merchant_id, [payment_id])
                     }
+        credential: StoredCredential | None = None
+        if payment["mit_reason"] is not None:
+            async with self.pool.acquire() as conn:
+                method = await PaymentMethodRepository(conn).get(
+                    merchant_id, payment["payment_method"]
+                )
+            credential = StoredCredential(payment["mit_reason"], method["network_transaction_id"])
         result: AuthorizeResult | None = None
         if resumed:
             # Never authorize blindly after a crash: ask about our reference first.
@@ -441,9 +592,13 @@ class PaymentService:
                         amount=payment["amount"],
                         currency=payment["currency"],
                         capture=payment["capture"],
+                        setup_future_usage=payment["setup_future_usage"] == "off_session",
+                        stored_credential=credential,
                     )
                 )
                 await self._learn(connector.name, payment, result)
+            if credential is not None:
+                break  # a renewal stays with the processor that set the credential up
             if not await self._should_fail_over(merchant_id, result):
                 break
             failpoint("before_failover")
@@ -654,6 +809,16 @@ class PaymentService:
             decline_code=result.decline_code,
             failure_code=result.failure_code,
         )
+        if (
+            row is not None
+            and row["setup_future_usage"] == "off_session"
+            and result.outcome is Outcome.APPROVED
+            and result.network_transaction_id is not None
+        ):
+            # The stored credential, with the payment that set it up, in the same transaction.
+            row = await PaymentMethodRepository(payments.conn).create_from_setup(
+                merchant_id, row, result.network_transaction_id
+            )
         return (f"payment.{new.status}", row) if row is not None else (None, None)
 
     async def _announce_current(
@@ -731,6 +896,62 @@ class PaymentService:
             payment_view(r, refunds_of.get(r["id"], []), attempts_of.get(r["id"], [])) for r in rows
         ]
         return PaymentList(data=data, has_more=has_more)
+
+
+@dataclass
+class PaymentMethodService:
+    """Reading and detaching the stored credentials that setup payments made."""
+
+    pool: Any
+    vault: VaultClient
+    lists: ListReads | None = None
+
+    async def get(self, merchant_id: str, payment_method: str) -> PaymentMethodView:
+        row = None
+        if PAYMENT_METHOD_ID.fullmatch(payment_method):
+            async with self.pool.acquire() as conn:
+                row = await PaymentMethodRepository(conn).get(merchant_id, payment_method)
+        if row is None:
+            raise NotFound("No such payment method.", param="id")
+        return payment_method_view(row)
+
+    async def page(
+        self, merchant_id: str, limit: int, starting_after: str | None, ending_before: str | None
+    ) -> PaymentMethodList:
+        lists = self.lists if self.lists is not None else ListReads(self.pool)
+        async with lists.acquire() as conn:
+            rows = await PaymentMethodRepository(conn).page(
+                merchant_id, limit=limit, starting_after=starting_after, ending_before=ending_before
+            )
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        if ending_before is not None:
+            rows.reverse()
+        return PaymentMethodList([payment_method_view(r) for r in rows], has_more)
+
+    async def detach(self, merchant_id: str, payment_method: str) -> PaymentMethodView:
+        """Never usable again, at once; then the vault token is deleted unless another live
+        payment method of the merchant uses it. Detaching again answers the same and retries
+        the deletion, so a vault that did not answer the first time is caught up."""
+        row = None
+        if PAYMENT_METHOD_ID.fullmatch(payment_method):
+            async with self.pool.acquire() as conn, conn.transaction():
+                methods = PaymentMethodRepository(conn)
+                row = await methods.detach(merchant_id, payment_method)
+                in_use = row is not None and await methods.token_in_use(merchant_id, row["token"])
+        if row is None:
+            raise NotFound("No such payment method.", param="id")
+        if not in_use:
+            await self.vault.delete_token(merchant_id, row["token"])
+        return payment_method_view(row)
+
+
+def _detached() -> InvalidRequest:
+    return InvalidRequest(
+        "This payment method is detached; it can never be used again.",
+        code="payment_method_detached",
+        param="payment_method",
+    )
 
 
 def _is_token(value: str) -> bool:

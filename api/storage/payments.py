@@ -16,9 +16,9 @@ class PaymentRepository:
         return await self.conn.fetchrow(
             "INSERT INTO payments (merchant_id, id, amount, currency, status, capture, token, "
             "card_brand, card_last4, card_exp_month, card_exp_year, processor, description, "
-            "reference, metadata, card_country) "
+            "reference, metadata, card_country, setup_future_usage, payment_method, mit_reason) "
             "VALUES ($1, $2, $3, $4, 'processing', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-            "$15) RETURNING *",
+            "$15, $16, $17, $18) RETURNING *",
             merchant_id,
             values["id"],
             values["amount"],
@@ -34,6 +34,9 @@ class PaymentRepository:
             values["reference"],
             msgspec.json.encode(values["metadata"]).decode(),
             values.get("card_country"),
+            values.get("setup_future_usage"),
+            values.get("payment_method"),
+            values.get("mit_reason"),
         )
 
     async def insert_attempt(

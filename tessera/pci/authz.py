@@ -48,6 +48,7 @@ ID_PREFIXES = {
     "event": "evt",
     "endpoint": "we",
     "token_id": "tok",
+    "payment_method": "pm",
 }
 #: Path parameters that name a file or document, not an object.
 FIXED_PARAMETERS = {"path": "nothing-here", "name": "tessera.js"}
