@@ -5,6 +5,7 @@ set it up, a detached one is never used again. Real API, vault and both PSP simu
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -14,12 +15,14 @@ import pytest
 from tests.conftest import ApiMerchant, create_merchant
 from tests.support.payments import (
     APPROVED,
+    SLOW,
     configure_routing,
     new_key,
     post,
     psp_authorizations,
     psp_b_payments,
     tokenize,
+    wait_for,
 )
 from tests.support.processes import ServiceProcess
 
@@ -324,3 +327,81 @@ def test_stored_credential_fields_that_make_no_sense_together_are_refused(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["code"], error.get("param")) == (code, param), error
+
+
+def test_a_setup_that_fails_over_reaches_the_second_processor_without_the_cvc(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    api_env: dict[str, str],
+    tokens: dict[str, str],
+) -> None:
+    """The vault hands a CVC out once: the first processor's attempt took it, so the second
+    processor sees a setup without the customer's verification and declines it. No payment
+    method is made; the customer has to enter the CVC again (documented)."""
+    shop = create_merchant(api_env, vault, tokens["admin"], "Subscriptions failover")
+    # PSP B costs 90 % of the amount, so PSP A ranks first (as in test_api_failover.py).
+    configure_routing(api_env, shop, "--processors", "psp_a,psp_b", "--fee", "psp_b=0+9000")
+    body = {
+        "amount": 1200,
+        "currency": "EUR",
+        "token": tokenize(vault, shop, "4000000000000119"),  # 5xx at A, approved at B
+        "setup_future_usage": "off_session",
+    }
+    response = post(api, shop, "/v1/payments", body)
+    assert response.status_code == 402, response.text
+    assert response.json()["error"]["decline_code"] == "authentication_required"
+    payment = get(api, shop, f"/v1/payments/{response.json()['error']['payment']}").json()
+    assert [(a["processor"], a["outcome"]) for a in payment["attempts"]] == [
+        ("psp_a", "failed"),
+        ("psp_b", "declined"),
+    ]
+    assert payment["payment_method"] is None
+    assert get(api, shop, "/v1/payment_methods").json()["data"] == []
+
+
+def test_a_setup_whose_outcome_was_unknown_gets_its_payment_method_from_the_reconciler(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    api_env: dict[str, str],
+    shops: dict[str, ApiMerchant],
+    workers: Callable[..., ServiceProcess],
+) -> None:
+    """The processor's status inquiry carries the network transaction id too, so a setup the
+    worker settles makes its payment method as the request itself would have."""
+    shop = shops["psp_a"]
+    body = {
+        "amount": 1200,
+        "currency": "EUR",
+        "token": tokenize(vault, shop, SLOW),  # answered after the API's time-out
+        "setup_future_usage": "off_session",
+    }
+    response = post(api, shop, "/v1/payments", body)
+    assert response.status_code == 202, response.text
+    payment_id = response.json()["id"]
+    assert response.json()["payment_method"] is None
+    workers()
+
+    def settled() -> bool:
+        return bool(get(api, shop, f"/v1/payments/{payment_id}").json()["payment_method"])
+
+    wait_for(settled, seconds=30)
+    payment = get(api, shop, f"/v1/payments/{payment_id}").json()
+    assert payment["status"] == "captured"
+    method = get(api, shop, f"/v1/payment_methods/{payment['payment_method']}").json()
+    assert method["card"]["last4"] == SLOW[-4:]
+    assert nti_of(api_env, payment["payment_method"]).startswith("nti_")
+
+
+def nti_of(api_env: dict[str, str], payment_method: str) -> str:
+    async def read() -> str:
+        conn = await asyncpg.connect(api_env["TESSERA_API_DATABASE_URL"])
+        try:
+            nti: str = await conn.fetchval(
+                "SELECT network_transaction_id FROM payment_methods WHERE id = $1", payment_method
+            )
+        finally:
+            await conn.close()
+        return nti
+
+    return asyncio.run(read())
