@@ -58,6 +58,10 @@ class ScheduleUpdate(msgspec.Struct, forbid_unknown_fields=True):
     new_exp_year: Annotated[int, msgspec.Meta(ge=2000, le=2100)]
     #: A reissued card with another number; absent: the same number, a new expiry.
     new_number: Annotated[str, msgspec.Meta(max_length=19)] | None = None
+    #: From now on the simulator declines the old card `expired_card` (the old number, or the
+    #: old number with any other expiry): the issuer closed it. Off by default, so a test's
+    #: update of a shared test card changes nothing for the other tests.
+    decline_old: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class Update:
     exp_month: int
     exp_year: int
     created: int
+    decline_old: bool = False
 
     @property
     def kind(self) -> Literal["expiry", "number"]:
@@ -100,6 +105,7 @@ class AccountUpdater:
             exp_month=request.new_exp_month,
             exp_year=request.new_exp_year,
             created=int(time.time()),
+            decline_old=request.decline_old,
         )
         self._updates.append(update)
         self._by_id[update.id] = update
@@ -126,8 +132,19 @@ class AccountUpdater:
         return update
 
     def replaced(self, number: str) -> bool:
-        """Whether an issuer reissued this number under another (for a simulator's decline)."""
+        """Whether an issuer reissued this number under another."""
         return any(u.old_number == number and u.kind == "number" for u in self._updates)
+
+    def closed(self, number: str, exp_month: int, exp_year: int) -> bool:
+        """Whether an update announced with `decline_old` closed this card: the old number, or
+        (a new expiry) the number with any expiry but the new one. The simulators decline it
+        `expired_card`, as an issuer declines the plastic it replaced."""
+        return any(
+            u.decline_old
+            and u.old_number == number
+            and (u.kind == "number" or (exp_month, exp_year) != (u.exp_month, u.exp_year))
+            for u in self._updates
+        )
 
 
 def masked(update: Update) -> dict[str, Any]:

@@ -448,6 +448,9 @@ class Simulator:
     `await` inside it, so under asyncio concurrent requests cannot interleave there: one
     reference gives one authorization, and refunds can never add up past the captured amount."""
 
+    #: Its account updater (sandbox/account_updater.py): a card an update closed is declined.
+    account_updater: AccountUpdater | None = None
+
     def __init__(
         self, api_key: str, config: Config, cards: Mapping[str, Outcome] = TEST_CARDS
     ) -> None:
@@ -506,7 +509,10 @@ class Simulator:
         if table.behaviour is Behaviour.PROCESSING_ERROR:
             return table
         today = datetime.datetime.now(datetime.UTC).date()
-        if expired(card.exp_month, card.exp_year, today):
+        closed = self.account_updater is not None and self.account_updater.closed(
+            card.number, card.exp_month, card.exp_year
+        )
+        if expired(card.exp_month, card.exp_year, today) or closed:
             return Outcome(Behaviour.DECLINE, DeclineCode.EXPIRED_CARD)
         return table
 
@@ -879,7 +885,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.simulator = sim
     # The account updater (sandbox/account_updater.py): its list, card side and test hook.
-    app.state.account_updater = install_psp_a(app, AccountUpdater("au"), enter, _json, _error)
+    sim.account_updater = install_psp_a(app, AccountUpdater("au"), enter, _json, _error)
+    app.state.account_updater = sim.account_updater
     return app
 
 

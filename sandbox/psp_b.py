@@ -507,6 +507,9 @@ class Simulator:
     `await` inside it, so concurrent requests with one merchantReference make one payment and
     concurrent refunds never add up past the captured amount."""
 
+    #: Its account updater (sandbox/account_updater.py): a card an update closed is declined.
+    account_updater: AccountUpdater | None = None
+
     def __init__(
         self,
         api_key: str,
@@ -576,7 +579,10 @@ class Simulator:
         if table.behaviour is Behaviour.PROCESSING_ERROR:
             return table
         month, year = _month_year(method)
-        if expired(month, year, datetime.datetime.now(datetime.UTC).date()):
+        closed = self.account_updater is not None and self.account_updater.closed(
+            method.number, month, year
+        )
+        if expired(month, year, datetime.datetime.now(datetime.UTC).date()) or closed:
             return Outcome(Behaviour.DECLINE, DeclineCode.EXPIRED_CARD)
         return table
 
@@ -1129,7 +1135,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.simulator = sim
     # The account updater (sandbox/account_updater.py): its list, card side and test hook.
-    app.state.account_updater = install_psp_b(app, AccountUpdater("cu"), enter, _json, _error)
+    sim.account_updater = install_psp_b(app, AccountUpdater("cu"), enter, _json, _error)
+    app.state.account_updater = sim.account_updater
     return app
 
 

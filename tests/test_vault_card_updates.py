@@ -7,6 +7,7 @@ look at what is stored) and as the runtime role (to see what the trigger lets it
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,13 @@ from tessera.dbsetup import ServiceDatabase
 from tests.conftest import VaultMerchant, dsn, register_vault_merchant
 from tests.support.echo_server import EchoServer
 from tests.support.processes import ServiceProcess
-from tests.support.vault_helpers import acting_for, assert_error, far_year, tokenize
+from tests.support.vault_helpers import (
+    acting_for,
+    assert_error,
+    far_year,
+    luhn_complete,
+    tokenize,
+)
 
 VISA = "4242424242424242"
 MASTERCARD = "5555555555554444"
@@ -45,6 +52,11 @@ def announce(psp: ServiceProcess, body: dict[str, Any]) -> dict[str, Any]:
     assert response.status_code == 201, response.text
     announced: dict[str, Any] = response.json()
     return announced
+
+
+def random_card() -> str:
+    """A Visa number no other test uses (not in the simulators' card table: approved)."""
+    return luhn_complete("4" + "".join(secrets.choice("0123456789") for _ in range(14)))
 
 
 def from_psp_a(update: str, path: str = "/v1/account_updates/card") -> dict[str, Any]:
@@ -151,6 +163,41 @@ def test_psp_b_lists_updates_in_its_dialect_with_a_cursor(psp_b: ServiceProcess)
     ).json()
     assert after == {"updates": [], "cursor": listed["cursor"], "hasMore": False}
     assert MASTERCARD not in str(listed)
+
+
+def test_an_update_announced_with_decline_old_closes_the_old_card_at_both_simulators(
+    psp_a: ServiceProcess, psp_b: ServiceProcess
+) -> None:
+    """What makes "a renewal after an update succeeds where the old card was declined" testable.
+    Each simulator gets a card number of its own, so no other test's card is closed."""
+    year = far_year()
+    old_a, old_b = random_card(), random_card()
+    for psp, number in ((psp_a, old_a), (psp_b, old_b)):
+        body = {"number": number, "new_exp_month": 3, "new_exp_year": year + 2, "decline_old": True}
+        announce(psp, body)
+
+    def at_a(exp_year: int) -> Any:
+        body = {
+            "reference": secrets.token_hex(8),
+            "amount": 100,
+            "currency": "EUR",
+            "capture": False,
+            "card": {"number": old_a, "exp_month": 3, "exp_year": exp_year},
+        }
+        return httpx.post(psp_a.url + "/v1/authorizations", json=body, headers=PSP_A_KEY).json()
+
+    def at_b(exp_year: int) -> Any:
+        body = {
+            "merchantReference": secrets.token_hex(8),
+            "amount": {"value": 100, "currency": "EUR"},
+            "paymentMethod": {"number": old_b, "expiryMonth": 3, "expiryYear": exp_year},
+        }
+        return httpx.post(psp_b.url + "/v1/payments", json=body, headers=PSP_B_KEY).json()
+
+    assert at_a(year)["decline_code"] == "expired_card"
+    assert at_a(year + 2)["status"] == "approved"
+    assert at_b(year)["refusalReason"] == "Expired Card"
+    assert at_b(year + 2)["resultCode"] == "Authorised"
 
 
 # --- the vault --------------------------------------------------------------------------------
