@@ -29,7 +29,7 @@ from tests.support.vault_helpers import (
 
 VISA = "4242424242424242"
 MASTERCARD = "5555555555554444"
-OTHER_VISA = "4000056655665556"
+DISCOVER = "6011111111111117"
 PSP_A_KEY = {"authorization": "Bearer psp_a_test_key"}
 PSP_B_KEY = {"x-api-key": "psp_b_test_key"}
 
@@ -122,12 +122,12 @@ def test_psp_a_lists_updates_masked_after_a_cursor_and_gives_the_card_only_for_t
     first = announce(psp_a, {"number": VISA, "new_exp_month": 1, "new_exp_year": far_year()})
     second = announce(
         psp_a,
-        {"number": VISA, "new_number": OTHER_VISA, "new_exp_month": 2, "new_exp_year": 2040},
+        {"number": VISA, "new_number": DISCOVER, "new_exp_month": 2, "new_exp_year": 2040},
     )
     assert (first["kind"], second["kind"]) == ("expiry", "number")
     assert second["old_card"] == {"bin": "424242", "last4": "4242"}
     assert second["new_card"] == {
-        "brand": "visa", "bin": "400005", "last4": "5556", "exp_month": 2, "exp_year": 2040,
+        "brand": "discover", "bin": "601111", "last4": "1117", "exp_month": 2, "exp_year": 2040,
     }  # fmt: skip
     assert httpx.get(psp_a.url + "/v1/account_updates").status_code == 401
     listed = httpx.get(
@@ -136,13 +136,13 @@ def test_psp_a_lists_updates_masked_after_a_cursor_and_gives_the_card_only_for_t
     assert listed.status_code == 200, listed.text
     assert [u["id"] for u in listed.json()["data"]] == [second["id"]]
     assert VISA not in listed.text
-    assert OTHER_VISA not in listed.text
+    assert DISCOVER not in listed.text
     card = psp_a.url + "/v1/account_updates/card"
     wrong = httpx.post(card, json={"update": second["id"], "number": MASTERCARD}, headers=PSP_A_KEY)
     assert (wrong.status_code, wrong.json()["error"]["code"]) == (404, "not_found")
     right = httpx.post(card, json={"update": second["id"], "number": VISA}, headers=PSP_A_KEY)
     assert right.json() == {
-        "update": second["id"], "number": OTHER_VISA, "exp_month": 2, "exp_year": 2040,
+        "update": second["id"], "number": DISCOVER, "exp_month": 2, "exp_year": 2040,
     }  # fmt: skip
     unknown = httpx.get(psp_a.url + "/v1/account_updates?after=au_nothing", headers=PSP_A_KEY)
     assert unknown.json()["error"]["code"] == "invalid_cursor"
@@ -315,7 +315,7 @@ async def test_an_update_for_another_card_or_an_expired_one_changes_nothing(
     token = tokenize(vault, shop, VISA)["id"]
     before = await stored(owner, token)
     theirs = announce(
-        psp_a, {"number": OTHER_VISA, "new_exp_month": 1, "new_exp_year": far_year() + 1}
+        psp_a, {"number": DISCOVER, "new_exp_month": 1, "new_exp_year": far_year() + 1}
     )["id"]
     refused = apply(vault, service, shop, token, from_psp_a(theirs))
     assert_error(refused, 409, "invalid_request_error", "card_update_not_applicable")
