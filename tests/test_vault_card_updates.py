@@ -6,6 +6,7 @@ look at what is stored) and as the runtime role (to see what the trigger lets it
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -407,3 +408,40 @@ async def test_the_runtime_role_may_replace_a_live_card_and_do_nothing_else(
     finally:
         await runtime.close()
     assert row["card_update"] is None
+
+
+async def test_an_update_to_the_same_card_writes_nothing_and_racing_requests_write_once(
+    vault: ServiceProcess,
+    tokens: dict[str, str],
+    shop: VaultMerchant,
+    psp_a: ServiceProcess,
+    owner: asyncpg.Connection,
+) -> None:
+    service = tokens["service"]
+    token = tokenize(vault, shop, VISA)["id"]
+    before = await stored(owner, token)
+    same = announce(psp_a, {"number": VISA, "new_exp_month": 12, "new_exp_year": far_year()})
+    unchanged = apply(vault, service, shop, token, from_psp_a(same["id"]))
+    assert unchanged.json()["outcome"] == "unchanged", unchanged.text
+    assert dict(await stored(owner, token)) == dict(before)
+
+    update = announce(psp_a, {"number": VISA, "new_exp_month": 6, "new_exp_year": 2042})["id"]
+    async with httpx.AsyncClient(timeout=10) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(
+                    f"{vault.url}/v1/tokens/{token}/card_updates",
+                    json=from_psp_a(update),
+                    headers=acting_for(service, shop),
+                )
+                for _ in range(4)
+            )
+        )
+    outcomes = sorted(
+        r.json()["outcome"] if r.status_code == 200 else r.json()["error"]["code"] for r in answers
+    )
+    assert outcomes.count("replaced") == 1, outcomes
+    assert set(outcomes) <= {"replaced", "already_applied", "token_changed"}, outcomes
+    replaced = [o for _, o, _ in await audited(owner, update)].count("replaced")
+    assert replaced == 1
+    assert metadata(vault, service, shop, token)["card"]["exp_year"] == 2042

@@ -176,7 +176,7 @@ class CardUpdateController(Controller):
             audit, request, SERVICE, "token.update", "started", token_id=token_id, detail=detail
         )
         try:
-            card = await tokens.reveal(token_id, merchant, take_cvc=False)
+            card = await tokens.card_of(row)
             reply = await forwarder.exchange(destination, template, card)
             number, exp_month, exp_year = new_card(reply, data.fields, _today())
             number_changed = number != card.number

@@ -304,6 +304,20 @@ class TokenService:
         await self.cvcs.discard(token_id)
         return token_view(replaced)
 
+    async def card_of(self, row: Any) -> Card:
+        """The card sealed in `row` as it was read (no CVC, no use recorded). A card update
+        compares the updater's card with this one and replaces it only if the row is still the
+        one read: a request racing another never judges a stale row by a fresher card."""
+        key = await self.keys.ring.key(row["data_key_id"])
+        plaintext = EnvelopeCipher.open(
+            key,
+            row["nonce"],
+            row["ciphertext"],
+            card_aad(row["id"], row["merchant_id"], row["data_key_id"]),
+        )
+        record = msgspec.msgpack.decode(plaintext, type=CardRecord)
+        return Card(record.number, row["exp_month"], row["exp_year"], record.name, None)
+
     async def reveal(
         self, token_id: str, merchant_id: str | None, *, take_cvc: bool, use: bool = False
     ) -> Card:
