@@ -405,3 +405,35 @@ def nti_of(api_env: dict[str, str], payment_method: str) -> str:
         return nti
 
     return asyncio.run(read())
+
+
+def test_concurrent_renewals_with_one_key_charge_once(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    shops: dict[str, ApiMerchant],
+) -> None:
+    shop = shops["psp_a"]
+    method_id = setup_payment(api, vault, shop)["payment_method"]
+    key = new_key()
+    body = {
+        "amount": 990,
+        "currency": "EUR",
+        "payment_method": method_id,
+        "off_session": True,
+        "mit_reason": "installment",
+    }
+
+    async def race() -> list[httpx.Response]:
+        headers = {**shop.auth, "idempotency-key": key}
+        async with httpx.AsyncClient(base_url=api.url, headers=headers, timeout=30) as client:
+            return list(
+                await asyncio.gather(*(client.post("/v1/payments", json=body) for _ in range(6)))
+            )
+
+    answers = asyncio.run(race())
+    created = [r.json()["id"] for r in answers if r.status_code == 201]
+    assert created, [r.status_code for r in answers]
+    assert len(set(created)) == 1
+    assert {r.status_code for r in answers} <= {201, 409}  # 409: idempotency_key_in_use
+    assert len(psp_authorizations(psp_a, f"{created[0]}_1")) == 1
