@@ -40,6 +40,14 @@ class DeclineCode(StrEnum):
     INSUFFICIENT_FUNDS = "insufficient_funds"
     EXPIRED_CARD = "expired_card"
     INCORRECT_CVC = "incorrect_cvc"
+    LOST_CARD = "lost_card"
+    STOLEN_CARD = "stolen_card"
+    CLOSED_ACCOUNT = "closed_account"
+    #: The cardholder told the issuer to stop this recurring payment (Visa R0).
+    STOP_RECURRING = "stop_recurring"
+    #: The cardholder revoked every recurring authorization to the merchant (Visa R1).
+    REVOCATION_OF_AUTHORIZATION = "revocation_of_authorization"
+    ISSUER_UNAVAILABLE = "issuer_unavailable"
 
 
 class Behaviour(StrEnum):
@@ -59,13 +67,21 @@ class Behaviour(StrEnum):
 class Outcome:
     behaviour: Behaviour
     decline_code: DeclineCode | None = None
+    #: What a real issuer passes through with a decline, so recovery can be tested: Mastercard's
+    #: merchant advice code ("01" new account information, "02" try later, "03" do not try
+    #: again, "21" payment cancelled, "24".."30" retry after a delay) and Visa's decline
+    #: category (1 never approve, 2 not now, 3 data quality, 4 generic).
+    advice_code: str | None = None
+    visa_category: int | None = None
 
 
 APPROVE: Final = Outcome(Behaviour.APPROVE)
 
 
-def decline(code: DeclineCode) -> Outcome:
-    return Outcome(Behaviour.DECLINE, code)
+def decline(
+    code: DeclineCode, *, advice_code: str | None = None, visa_category: int | None = None
+) -> Outcome:
+    return Outcome(Behaviour.DECLINE, code, advice_code, visa_category)
 
 
 #: Card number -> outcome. Any other Luhn-valid number is approved; a past expiry date declines
@@ -82,6 +98,18 @@ TEST_CARDS: Final[Mapping[str, Outcome]] = MappingProxyType(
         "4000000000009995": decline(DeclineCode.INSUFFICIENT_FUNDS),
         "4000000000000069": decline(DeclineCode.EXPIRED_CARD),
         "4000000000000127": decline(DeclineCode.INCORRECT_CVC),
+        # Declines with the issuer's advice (docs/subscriptions/recovery.md's table).
+        "4000000000009987": decline(DeclineCode.LOST_CARD, visa_category=1),
+        "4000000000009979": decline(DeclineCode.STOLEN_CARD, visa_category=1),
+        "4000000000009938": decline(DeclineCode.CLOSED_ACCOUNT, visa_category=1),
+        "4000000000009961": decline(DeclineCode.STOP_RECURRING, visa_category=1),
+        "4000000000009953": decline(DeclineCode.REVOCATION_OF_AUTHORIZATION, visa_category=1),
+        "4000000000009946": decline(DeclineCode.ISSUER_UNAVAILABLE, visa_category=2),
+        "5100000000000016": decline(DeclineCode.INSUFFICIENT_FUNDS, advice_code="24"),
+        "5100000000000024": decline(DeclineCode.DO_NOT_HONOR, advice_code="02"),
+        "5100000000000032": decline(DeclineCode.CLOSED_ACCOUNT, advice_code="03"),
+        "5100000000000040": decline(DeclineCode.STOP_RECURRING, advice_code="21"),
+        "5100000000000057": decline(DeclineCode.EXPIRED_CARD, advice_code="01"),
         "4000000000000119": Outcome(Behaviour.PROCESSING_ERROR),
         "4000000000000259": Outcome(Behaviour.SLOW),
         "4000000000000341": Outcome(Behaviour.LATE),

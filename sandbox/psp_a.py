@@ -186,6 +186,10 @@ class Authorization(msgspec.Struct, gc=False, omit_defaults=True):
     created: int
     #: The scheme's id of an approved `setup_future_usage: off_session` transaction (only then).
     network_transaction_id: str | None = None
+    #: A decline's Mastercard merchant advice code and Visa decline category, when the issuer
+    #: sent them (sandbox/cards.py).
+    network_advice_code: str | None = None
+    visa_decline_category: int | None = None
 
 
 class Refund(msgspec.Struct, frozen=True, gc=False):
@@ -584,6 +588,9 @@ class Simulator:
             card=CardSummary(brand_of(card.number), card.number[-4:]),
             created=int(time.time()),
         )
+        if broken_rule is None and outcome.behaviour is Behaviour.DECLINE:
+            auth.network_advice_code = outcome.advice_code
+            auth.visa_decline_category = outcome.visa_category
         if status is not Status.DECLINED and request.setup_future_usage == "off_session":
             auth.network_transaction_id = scheme.issue(card.number)
             self.counters["credentials_stored"] += 1

@@ -104,7 +104,53 @@ REFUSAL_REASONS: Final[Mapping[DeclineCode, str]] = {
     DeclineCode.INSUFFICIENT_FUNDS: "Not enough balance",
     DeclineCode.EXPIRED_CARD: "Expired Card",
     DeclineCode.INCORRECT_CVC: "CVC Declined",
+    DeclineCode.LOST_CARD: "Blocked Card",
+    DeclineCode.STOLEN_CARD: "Blocked Card",
+    DeclineCode.CLOSED_ACCOUNT: "Refused",
+    DeclineCode.STOP_RECURRING: "Revocation Of Auth",
+    DeclineCode.REVOCATION_OF_AUTHORIZATION: "Revocation Of Auth",
+    DeclineCode.ISSUER_UNAVAILABLE: "Issuer Unavailable",
 }
+#: Adyen-like `refusalReasonCode` per refusal reason.
+REFUSAL_REASON_CODES: Final[Mapping[str, str]] = {
+    "Refused": "2",
+    "Blocked Card": "5",
+    "Expired Card": "6",
+    "Issuer Unavailable": "9",
+    "Not enough balance": "12",
+    "Transaction Not Permitted": "23",
+    "CVC Declined": "24",
+    "Revocation Of Auth": "26",
+    "Do Not Honor": "27",
+    "Authentication required": "38",
+}
+#: The issuer's own response code, as `additionalData.refusalReasonRaw` ("41 : LOST CARD"): what
+#: tells a lost card from a stolen one behind the same refusal reason.
+RAW_RESPONSES: Final[Mapping[DeclineCode, str]] = {
+    DeclineCode.DO_NOT_HONOR: "05 : DO NOT HONOR",
+    DeclineCode.INSUFFICIENT_FUNDS: "51 : INSUFFICIENT FUNDS",
+    DeclineCode.EXPIRED_CARD: "54 : EXPIRED CARD",
+    DeclineCode.INCORRECT_CVC: "N7 : CVV2 FAILURE",
+    DeclineCode.LOST_CARD: "41 : LOST CARD",
+    DeclineCode.STOLEN_CARD: "43 : STOLEN CARD",
+    DeclineCode.CLOSED_ACCOUNT: "46 : CLOSED ACCOUNT",
+    DeclineCode.STOP_RECURRING: "R0 : STOP PAYMENT ORDER",
+    DeclineCode.REVOCATION_OF_AUTHORIZATION: "R1 : REVOCATION OF AUTHORIZATION ORDER",
+    DeclineCode.ISSUER_UNAVAILABLE: "91 : ISSUER UNAVAILABLE",
+}
+
+
+def _issuer_advice(outcome: Outcome) -> dict[str, str]:
+    """The `additionalData` of a refusal by the issuer: its raw response and its advice."""
+    assert outcome.decline_code is not None
+    advice = {"refusalReasonRaw": RAW_RESPONSES[outcome.decline_code]}
+    if outcome.advice_code is not None:
+        advice["merchantAdviceCode"] = outcome.advice_code
+    if outcome.visa_category is not None:
+        advice["visaDeclineCategory"] = str(outcome.visa_category)
+    return advice
+
+
 #: The refusals of the scheme's stored-credential rules (sandbox/README.md), before the issuer:
 #: a stored card's first payment without the shopper's CVC, and a `ContAuth` payment without a
 #: `networkTxReference` the scheme issued for this card.
@@ -258,7 +304,10 @@ class PaymentResponse(msgspec.Struct, rename="camel", omit_defaults=True):
     result_code: ResultCode
     amount: Amount
     refusal_reason: str | None = None
-    #: `{"networkTxReference"}` on an authorised `storePaymentMethod` payment.
+    refusal_reason_code: str | None = None
+    #: `{"networkTxReference"}` on an authorised `storePaymentMethod` payment; on a refusal by
+    #: the issuer `{"refusalReasonRaw"}` and, when the issuer sent them, `{"merchantAdviceCode"}`
+    #: (Mastercard) and `{"visaDeclineCategory"}` (Visa).
     additional_data: dict[str, str] | None = None
 
 
@@ -298,6 +347,7 @@ class PaymentView(msgspec.Struct, rename="camel", omit_defaults=True):
     creation_date: str
     modifications: list[ModificationView]
     refusal_reason: str | None = None
+    refusal_reason_code: str | None = None
     additional_data: dict[str, str] | None = None
 
 
@@ -360,6 +410,7 @@ class _Payment:
             merchant_reference=answer.merchant_reference,
             result_code=answer.result_code,
             refusal_reason=answer.refusal_reason,
+            refusal_reason_code=answer.refusal_reason_code,
             amount=answer.amount,
             capture_immediately=self.capture_immediately,
             payment_method=self.card,
@@ -647,8 +698,11 @@ class Simulator:
             merchant_reference=request.merchant_reference,
             result_code=result,
             refusal_reason=refusal,
+            refusal_reason_code=REFUSAL_REASON_CODES.get(refusal or ""),
             amount=Amount(request.amount.value, request.amount.currency),
         )
+        if broken_rule is None and outcome.behaviour is Behaviour.DECLINE:
+            answer.additional_data = _issuer_advice(outcome)
         if result == "Authorised" and request.store_payment_method:
             answer.additional_data = {"networkTxReference": scheme.issue(method.number)}
         payment = _Payment(
@@ -921,7 +975,9 @@ class Simulator:
             "requests": counters["requests"],
             "payments": counters["payments"],
             "by_result": {code: self.results[code] for code in ("Authorised", "Refused", "Error")},
-            "refusals": {reason: self.refusals[reason] for reason in REFUSAL_REASONS.values()},
+            "refusals": {
+                reason: self.refusals[reason] for reason in dict.fromkeys(REFUSAL_REASONS.values())
+            },
             **{
                 f"{kind}s": {
                     status: self.modification_counts[kind, status]

@@ -56,6 +56,10 @@ class AuthorizeResult:
     processor_reference: str | None = None
     captured: bool = False
     decline_code: str | None = None
+    #: What the issuer passed through with a decline (core.recovery.Decline): Mastercard's
+    #: merchant advice code and Visa's decline category.
+    advice_code: str | None = None
+    visa_category: int | None = None
     failure_code: str | None = None
     #: The scheme's id of an approved stored-credential setup, as the processor answered it.
     network_transaction_id: str | None = None
@@ -103,3 +107,19 @@ def processor_client(base_url: str, headers: dict[str, str], timeout_seconds: fl
     refunds, inquiries; authorizations go through the vault). Proxies from the environment are
     ignored: where the payment API may connect is the deployment's decision."""
     return HttpClient(base_url, headers=headers, timeout_seconds=timeout_seconds)
+
+
+def advice_code(value: object) -> str | None:
+    """A Mastercard merchant advice code as a processor sent it: two digits, else none."""
+    text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else ""
+    text = text.strip().zfill(2) if text.strip().isdigit() else ""
+    return text if len(text) == 2 else None
+
+
+def visa_category(value: object) -> int | None:
+    """A Visa decline category (1-4) as a processor sent it (a number or its text), else none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    return value if isinstance(value, int) and 1 <= value <= 4 else None

@@ -15,7 +15,9 @@ from api.connectors.base import (
     AuthorizeResult,
     OperationResult,
     Outcome,
+    advice_code,
     processor_client,
+    visa_category,
 )
 from api.vault_client import ForwardFailed, VaultClient
 from tessera.runtime.http_client import HttpFailure, MaybeSent, NotSent
@@ -25,6 +27,12 @@ DECLINE_CODES = {
     "insufficient_funds": "insufficient_funds",
     "expired_card": "expired_card",
     "incorrect_cvc": "incorrect_cvc",
+    "lost_card": "lost_card",
+    "stolen_card": "stolen_card",
+    "closed_account": "closed_account",
+    "stop_recurring": "stop_recurring",
+    "revocation_of_authorization": "revocation_of_authorization",
+    "issuer_unavailable": "issuer_unavailable",
     # The scheme's stored-credential rules (sandbox/README.md).
     "authentication_required": "authentication_required",
     "transaction_not_allowed": "transaction_not_allowed",
@@ -160,7 +168,11 @@ def _authorization(status: int, body: Any) -> AuthorizeResult:
         if psp_status == "declined":
             code = DECLINE_CODES.get(str(body.get("decline_code")), "generic_decline")
             return AuthorizeResult(
-                Outcome.DECLINED, processor_reference=reference, decline_code=code
+                Outcome.DECLINED,
+                processor_reference=reference,
+                decline_code=code,
+                advice_code=advice_code(body.get("network_advice_code")),
+                visa_category=visa_category(body.get("visa_decline_category")),
             )
         return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"unexpected_status_{psp_status}")
     code = _error_code(body)

@@ -16,7 +16,9 @@ from api.connectors.base import (
     AuthorizeResult,
     OperationResult,
     Outcome,
+    advice_code,
     processor_client,
+    visa_category,
 )
 from api.vault_client import ForwardFailed, VaultClient
 from tessera.runtime.http_client import HttpFailure, MaybeSent, NotSent
@@ -27,9 +29,26 @@ REFUSAL_REASONS = {
     "CVC Declined": "incorrect_cvc",
     "Do Not Honor": "do_not_honor",
     "Refused": "generic_decline",
+    "Blocked Card": "pickup_card",
+    "Revocation Of Auth": "revocation_of_authorization",
+    "Issuer Unavailable": "issuer_unavailable",
     # The scheme's stored-credential rules (sandbox/README.md).
     "Authentication required": "authentication_required",
     "Transaction Not Permitted": "transaction_not_allowed",
+}
+#: The issuer's response code in `additionalData.refusalReasonRaw` ("41 : LOST CARD"), which says
+#: more than the refusal reason ("Blocked Card" is lost, stolen or picked up).
+RAW_RESPONSE_CODES = {
+    "05": "do_not_honor",
+    "51": "insufficient_funds",
+    "54": "expired_card",
+    "N7": "incorrect_cvc",
+    "41": "lost_card",
+    "43": "stolen_card",
+    "46": "closed_account",
+    "R0": "stop_recurring",
+    "R1": "revocation_of_authorization",
+    "91": "issuer_unavailable",
 }
 #: Our MIT reasons as PSP B's recurringProcessingModel (it has no model of its own for
 #: installments: a fixed schedule agreed with the shopper, as a subscription is).
@@ -159,8 +178,19 @@ def _payment(status: int, body: Any, captured: bool) -> AuthorizeResult:
             network_transaction_id=nti if isinstance(nti, str) else None,
         )
     if result == "Refused":
-        code = REFUSAL_REASONS.get(str(body.get("refusalReason")), "generic_decline")
-        return AuthorizeResult(Outcome.DECLINED, processor_reference=reference, decline_code=code)
+        data = body.get("additionalData")
+        data = data if isinstance(data, dict) else {}
+        raw = str(data.get("refusalReasonRaw", "")).split(":", 1)[0].strip()
+        code = RAW_RESPONSE_CODES.get(raw) or REFUSAL_REASONS.get(
+            str(body.get("refusalReason")), "generic_decline"
+        )
+        return AuthorizeResult(
+            Outcome.DECLINED,
+            processor_reference=reference,
+            decline_code=code,
+            advice_code=advice_code(data.get("merchantAdviceCode")),
+            visa_category=visa_category(data.get("visaDeclineCategory")),
+        )
     if result == "Error":
         return AuthorizeResult(Outcome.FAILED, failure_code="processor_error")
     return AuthorizeResult(Outcome.UNKNOWN, failure_code=f"result_{result}")
