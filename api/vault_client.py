@@ -28,6 +28,33 @@ class _TokenView(msgspec.Struct):
     card: TokenCard
 
 
+class CardUpdated(msgspec.Struct, frozen=True):
+    """The vault's answer to a card update: the token's card after it, and what happened."""
+
+    card: TokenCard
+    outcome: str
+    number_changed: bool = False
+    expiry_changed: bool = False
+
+
+class _CardUpdateAnswer(msgspec.Struct):
+    token: _TokenView
+    outcome: str
+    number_changed: bool = False
+    expiry_changed: bool = False
+
+
+class CardUpdateRefused(Exception):
+    """The vault did not apply the update. `code` is the vault's: `card_update_not_applicable`
+    (not this card's update), `token_changed` (a concurrent change won), `not_found`; `retry`
+    says whether asking again later may succeed (the vault, the PSP or the race)."""
+
+    def __init__(self, code: str, retry: bool) -> None:
+        super().__init__(code)
+        self.code = code
+        self.retry = retry
+
+
 class Forwarded(msgspec.Struct, frozen=True):
     status: int
     headers: dict[str, str]
@@ -78,6 +105,50 @@ class VaultClient:
             raise ServiceUnavailable(f"The vault did not answer ({exc}).") from None
         if response.status not in (200, 404):
             raise _vault_error(response)
+
+    async def card_update(
+        self,
+        merchant_id: str,
+        token_id: str,
+        *,
+        destination: str,
+        update: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        fields: dict[str, str],
+    ) -> CardUpdated:
+        """Ask the vault to fetch an account update's new card from the destination (with the
+        token's card in `body`'s placeholders) and replace the token's card with it."""
+        request = {
+            "destination": destination,
+            "update": update,
+            "path": path,
+            "body": body,
+            "headers": headers,
+            "fields": fields,
+        }
+        try:
+            response = await self._http.post(
+                f"/v1/tokens/{token_id}/card_updates",
+                json=request,
+                headers={"tessera-merchant": merchant_id},
+            )
+        except HttpFailure:
+            raise CardUpdateRefused("vault_unreachable", retry=True) from None
+        if response.status == 200:
+            answer = msgspec.json.decode(response.content, type=_CardUpdateAnswer)
+            return CardUpdated(
+                answer.token.card, answer.outcome, answer.number_changed, answer.expiry_changed
+            )
+        if response.status == 404:
+            raise CardUpdateRefused("not_found", retry=False)
+        code = str(_error_body(response).get("code", f"vault_{response.status}"))
+        if code == "card_update_not_applicable":
+            raise CardUpdateRefused(code, retry=False)
+        # token_changed, 5xx, 504: the vault, the PSP or a race; a 400 is our template's bug,
+        # which a retry will not fix but which must not lose the update either.
+        raise CardUpdateRefused(code, retry=True)
 
     async def forward(
         self,

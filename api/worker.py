@@ -10,6 +10,9 @@
   end from their recovery point, so the client's next retry finds the final answer.
 - expiry: authorizations not captured within the window (7 days) are canceled at the processor.
 - idempotency keys past their retention are deleted.
+- card updates (a loop of its own): each PSP's account-updater list is read from a durable
+  cursor (one worker at a time per PSP), and the cards it announces are replaced in the vault
+  under the same tokens (api/services/card_updates.py).
 - webhooks (a loop of its own): due deliveries are sent, failing endpoints disabled, events
   older than 30 days deleted.
 """
@@ -24,9 +27,11 @@ from pathlib import Path
 
 import structlog
 
+from api.services.card_updates import CardUpdateService, feeds
 from api.services.webhooks import WebhookDeliverer
 from api.settings import ApiSettings
 from api.storage.worker import WorkerRepository
+from api.vault_client import VaultClient
 from api.wiring import Services, open_services
 from core.errors import TesseraError
 from tessera.runtime.db import create_pool
@@ -92,6 +97,21 @@ async def expire(services: Services, work: WorkerRepository, window: float) -> i
     return done
 
 
+async def update_cards(updates: CardUpdateService, stop: asyncio.Event, interval: float) -> None:
+    """Its own loop, apart from the settling cycle: a slow PSP list or vault never delays a
+    reconciliation, and a settling backlog never delays a card update."""
+    while not stop.is_set():
+        done = 0
+        for processor in updates.feeds:
+            try:
+                done += await updates.fetch(processor)
+            except Exception:
+                log.exception("card_updates_failed", processor=processor)
+        if not done:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+
 async def beat(path: Path) -> None:
     """The liveness signal: a file touched after every cycle (a stuck worker stops touching it)."""
     try:
@@ -138,7 +158,28 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
                 disable_after_seconds=settings.webhook_disable_after_seconds,
                 per_endpoint=settings.webhook_endpoint_concurrency,
             )
+            # The vault fetches a new card from the PSP within its forward time-out.
+            vault = VaultClient(
+                settings.vault_url,
+                settings.vault_service_token,
+                settings.authorization_timeout_seconds + 2,
+            )
+            updates = CardUpdateService(
+                pool,
+                vault,
+                feeds(
+                    (settings.psp_a_url, settings.psp_a_api_key),
+                    (settings.psp_b_url, settings.psp_b_api_key),
+                    settings.authorization_timeout_seconds,
+                ),
+                services.publisher,
+                lease_seconds=lease,
+                poll_seconds=settings.worker_interval_seconds,
+            )
             webhooks = asyncio.create_task(deliver_webhooks(deliverer, stop))
+            cards = asyncio.create_task(
+                update_cards(updates, stop, settings.worker_interval_seconds)
+            )
             log.info("worker_started")
             while not stop.is_set():
                 try:
@@ -156,7 +197,10 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), settings.worker_interval_seconds)
             await webhooks
+            await cards
             await deliverer.close()
+            await updates.close()
+            await vault.close()
     finally:
         await redis.aclose()
         await pool.close()

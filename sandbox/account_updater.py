@@ -135,6 +135,20 @@ class AccountUpdater:
         """Whether an issuer reissued this number under another."""
         return any(u.old_number == number and u.kind == "number" for u in self._updates)
 
+    def predecessors(self, number: str) -> list[str]:
+        """The numbers an issuer reissued as this one, directly or through earlier reissues:
+        a real scheme lets a stored credential's network transaction id carry over an
+        account-updater replacement, so the simulators accept an id issued for any of them."""
+        found: list[str] = []
+        frontier = [number]
+        while frontier:
+            current = frontier.pop()
+            for u in self._updates:
+                if u.kind == "number" and u.new_number == current and u.old_number not in found:
+                    found.append(u.old_number)
+                    frontier.append(u.old_number)
+        return [n for n in found if n != number]
+
     def closed(self, number: str, exp_month: int, exp_year: int) -> bool:
         """Whether an update announced with `decline_old` closed this card: the old number, or
         (a new expiry) the number with any expiry but the new one. The simulators decline it

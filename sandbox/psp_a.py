@@ -55,7 +55,7 @@ import secrets
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal, TypeVar, cast
@@ -505,6 +505,11 @@ class Simulator:
         config = self.config
         return latency_seconds(config.latency_ms, config.jitter_ms, config.latency_distribution)
 
+    def _predecessors(self, number: str) -> list[str]:
+        """The numbers this one replaced, per this simulator's account updater (sandbox/scheme.py:
+        a network transaction id issued for one of them is valid for this number)."""
+        return [] if self.account_updater is None else self.account_updater.predecessors(number)
+
     def outcome(self, card: CardIn) -> Outcome:
         """What the card table and the expiry date say (no randomness: a replay asks it too).
         The approval rate per brand overrules it only for a new authorization
@@ -566,7 +571,7 @@ class Simulator:
             self.counters["processing_errors"] += 1
             raise PspError(500, "processing_error", "The processor could not process this.")
         outcome = self.faults.overrule(outcome, brand_of(card.number), self.config)
-        broken_rule = credential_rule(request)
+        broken_rule = credential_rule(request, self._predecessors(card.number))
         decline_code: str | None
         if broken_rule is not None:
             status, decline_code = Status.DECLINED, broken_rule
@@ -714,12 +719,14 @@ def mit_exemption_of(request: AuthorizationRequest) -> MitExemption | None:
     return options.card.mit_exemption if options and options.card else None
 
 
-def credential_rule(request: AuthorizationRequest) -> CredentialDecline | None:
+def credential_rule(
+    request: AuthorizationRequest, predecessors: Iterable[str] = ()
+) -> CredentialDecline | None:
     """The scheme's stored-credential rules: a setup needs the customer's CVC; an MIT needs a
     network transaction id issued for this card (by either simulator: sandbox/scheme.py)."""
     mit = mit_exemption_of(request)
     if mit is not None:
-        if not scheme.valid_for(mit.network_transaction_id, request.card.number):
+        if not scheme.valid_for(mit.network_transaction_id, request.card.number, predecessors):
             return CredentialDecline.TRANSACTION_NOT_ALLOWED
         return None
     if request.setup_future_usage == "off_session" and request.card.cvc is None:

@@ -45,7 +45,7 @@ import secrets
 import string
 import sys
 from collections import Counter
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -624,6 +624,11 @@ class Simulator:
             self.counters["processing_errors"] += 1
             raise PspError(500, "processing_error", "The processor is failing (fail_all_5xx).")
 
+    def _predecessors(self, number: str) -> list[str]:
+        """The numbers this one replaced, per this simulator's account updater (sandbox/scheme.py:
+        a network transaction id issued for one of them is valid for this number)."""
+        return [] if self.account_updater is None else self.account_updater.predecessors(number)
+
     def outcome(self, method: PaymentMethodIn) -> Outcome:
         """What the card table (PSP B's view) and the expiry date say; no randomness."""
         table = outcome_for(method.number, self.cards)
@@ -683,7 +688,7 @@ class Simulator:
         brand = brand_of(method.number)
         outcome = self.faults.overrule(outcome, brand, self.config)
         refusal: str | None = None
-        broken_rule = credential_rule(request)
+        broken_rule = credential_rule(request, self._predecessors(method.number))
         if outcome.behaviour is Behaviour.PROCESSING_ERROR:
             result: ResultCode = "Error"
         elif broken_rule is not None:
@@ -1002,12 +1007,12 @@ class Simulator:
         }
 
 
-def credential_rule(request: PaymentRequest) -> str | None:
+def credential_rule(request: PaymentRequest, predecessors: Iterable[str] = ()) -> str | None:
     """The scheme's stored-credential rules, as a refusal reason (None: none broken)."""
     if request.shopper_interaction == "ContAuth":
         data = request.additional_data
         reference = data.network_tx_reference if data is not None else None
-        if not scheme.valid_for(reference, request.payment_method.number):
+        if not scheme.valid_for(reference, request.payment_method.number, predecessors):
             return TRANSACTION_NOT_PERMITTED
         return None
     if request.store_payment_method and request.payment_method.cvc is None:

@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterable
 from typing import Final
 
 #: The simulated scheme's key. Public on purpose (the simulators are never deployed); both
@@ -42,8 +43,16 @@ def issue(number: str) -> str:
     return PREFIX + _b32(nonce + _mac(nonce, number))
 
 
-def valid_for(network_transaction_id: str | None, number: str) -> bool:
-    """Whether the scheme issued `network_transaction_id` for this card number."""
+def valid_for(
+    network_transaction_id: str | None, number: str, predecessors: Iterable[str] = ()
+) -> bool:
+    """Whether the scheme issued `network_transaction_id` for this card number, or for a number
+    the account updater announced this one replaced (`predecessors`): as at Visa and
+    Mastercard, the original id carries over an account-updater reissue."""
+    return any(_issued_for(network_transaction_id, n) for n in (number, *predecessors))
+
+
+def _issued_for(network_transaction_id: str | None, number: str) -> bool:
     if not network_transaction_id or not network_transaction_id.startswith(PREFIX):
         return False
     text = network_transaction_id[len(PREFIX) :].upper()

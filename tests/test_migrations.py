@@ -32,6 +32,7 @@ EXPECTED_TABLES = {
         "ledger_postings",
         "ledger_entries",
         "payment_methods",
+        "card_update_cursors",
     },
     "vault": {
         "schema_migrations",

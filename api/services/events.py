@@ -7,7 +7,7 @@ ledger's postings commit with it or not at all, so an event is never lost and ne
 The catalogue (docs/events.md): `payment.processing`, `payment.authorized`, `payment.captured`,
 `payment.declined`, `payment.failed`, `payment.canceled`, `payment.capture_failed`,
 `payment.cancel_failed`, `refund.pending`, `refund.succeeded`, `refund.failed`,
-`webhook_endpoint.disabled`.
+`webhook_endpoint.disabled`, `payment_method.updated`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ EVENT_TYPES = (
     "refund.succeeded",
     "refund.failed",
     "webhook_endpoint.disabled",
+    "payment_method.updated",
 )
 
 

@@ -1,0 +1,166 @@
+"""Card updates, the API half (issue 13): the worker reads each PSP's account-updater list from
+its cursor, has the vault replace the card under the payment method's token, shows the new
+masked card and sends `payment_method.updated` once. Real API worker, vault and both PSP
+simulators; every card number is the test's own (the simulators are shared by the session)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import ApiMerchant, create_merchant
+from tests.support.payments import configure_routing, psp_authorizations, wait_for
+from tests.support.processes import ServiceProcess
+from tests.support.vault_helpers import luhn_complete
+from tests.test_subscriptions import get, renew, setup_payment
+
+
+@pytest.fixture(scope="module")
+def shops(
+    api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]
+) -> dict[str, ApiMerchant]:
+    made = {}
+    for processor in ("psp_a", "psp_b"):
+        shop = create_merchant(api_env, vault, tokens["admin"], f"Card updates {processor}")
+        configure_routing(api_env, shop, "--processors", processor)
+        made[processor] = shop
+    return made
+
+
+def random_card() -> str:
+    """A Visa number no other test uses (not in the simulators' card table: approved)."""
+    return luhn_complete("4" + "".join(secrets.choice("0123456789") for _ in range(14)))
+
+
+def announce(psp: ServiceProcess, body: dict[str, Any]) -> None:
+    response = httpx.post(psp.url + "/admin/account_updates", json=body, timeout=10)
+    assert response.status_code == 201, response.text
+
+
+def card_of(api: ServiceProcess, shop: ApiMerchant, method: str) -> dict[str, Any]:
+    response = get(api, shop, f"/v1/payment_methods/{method}")
+    assert response.status_code == 200, response.text
+    card: dict[str, Any] = response.json()["card"]
+    return card
+
+
+def updated_events(api: ServiceProcess, shop: ApiMerchant, method: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = get(api, shop, "/v1/events", object=method).json()["data"]
+    return [e for e in events if e["type"] == "payment_method.updated"]
+
+
+def logged(workers: list[ServiceProcess], message: str, method: str) -> list[dict[str, Any]]:
+    lines = [line for w in workers for line in w.output().splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in lines]
+    return [e for e in entries if e.get("message") == message and e.get("payment_method") == method]
+
+
+def execute(api_env: dict[str, str], sql: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(api_env["TESSERA_API_DATABASE_URL"])
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("processor", ["psp_a", "psp_b"])
+def test_an_expiry_update_makes_the_renewal_that_was_declined_expired_succeed(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    psp_b: ServiceProcess,
+    shops: dict[str, ApiMerchant],
+    workers: Callable[..., ServiceProcess],
+    processor: str,
+) -> None:
+    shop = shops[processor]
+    number = random_card()
+    method = setup_payment(api, vault, shop, number)["payment_method"]
+    psp = psp_a if processor == "psp_a" else psp_b
+    announce(psp, {"number": number, "new_exp_month": 3, "new_exp_year": 2042, "decline_old": True})
+    declined = renew(api, shop, method)
+    assert declined.status_code == 402, declined.text
+    assert declined.json()["error"]["decline_code"] == "expired_card"
+
+    workers()
+    wait_for(lambda: card_of(api, shop, method)["exp_year"] == 2042, seconds=30)
+    assert card_of(api, shop, method) == {
+        "brand": "visa",
+        "last4": number[-4:],
+        "exp_month": 3,
+        "exp_year": 2042,
+    }
+    [event] = updated_events(api, shop, method)
+    assert event["data"]["object"]["id"] == method
+    assert event["data"]["object"]["card"]["exp_year"] == 2042
+    assert number not in json.dumps(event)
+
+    renewal = renew(api, shop, method)
+    assert renewal.status_code == 201, renewal.text
+    assert (renewal.json()["status"], renewal.json()["processor"]) == ("captured", processor)
+    assert renewal.json()["card"]["exp_year"] == 2042
+
+
+def test_a_number_update_renews_on_the_new_number_with_the_setups_network_transaction_id(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_a: ServiceProcess,
+    shops: dict[str, ApiMerchant],
+    workers: Callable[..., ServiceProcess],
+) -> None:
+    shop = shops["psp_a"]
+    old, new = random_card(), random_card()
+    method = setup_payment(api, vault, shop, old)["payment_method"]
+    body = {"number": old, "new_number": new, "new_exp_month": 7, "new_exp_year": 2043}
+    announce(psp_a, {**body, "decline_old": True})
+
+    workers()
+    wait_for(lambda: card_of(api, shop, method)["last4"] == new[-4:], seconds=30)
+    assert card_of(api, shop, method)["exp_year"] == 2043
+    assert len(updated_events(api, shop, method)) == 1
+
+    # The old number is closed at PSP A and the id was issued for it: approved means the vault
+    # sent the new number and the scheme let the setup's id carry over the reissue.
+    renewal = renew(api, shop, method)
+    assert renewal.status_code == 201, renewal.text
+    assert renewal.json()["status"] == "captured", renewal.text
+    assert renewal.json()["card"]["last4"] == new[-4:]
+    [auth] = psp_authorizations(psp_a, f"{renewal.json()['id']}_1")
+    assert auth["status"] in ("approved", "captured"), auth
+
+
+def test_two_workers_apply_an_update_once_and_a_refetch_changes_nothing(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    psp_b: ServiceProcess,
+    api_env: dict[str, str],
+    shops: dict[str, ApiMerchant],
+    workers: Callable[..., ServiceProcess],
+) -> None:
+    shop = shops["psp_b"]
+    number = random_card()
+    method = setup_payment(api, vault, shop, number)["payment_method"]
+    announce(psp_b, {"number": number, "new_exp_month": 5, "new_exp_year": 2044})
+    started = [workers(), workers()]
+    wait_for(lambda: card_of(api, shop, method)["exp_year"] == 2044, seconds=30)
+    wait_for(lambda: bool(logged(started, "card_updated", method)), seconds=10)
+
+    # Every update read again from the start: the vault answers already_applied, the payment
+    # method shows that card already, so nothing is written and no event is sent.
+    execute(api_env, "UPDATE card_update_cursors SET cursor = NULL, locked_until = '-infinity'")
+    wait_for(lambda: len(logged(started, "card_updated", method)) >= 2, seconds=30)
+    applied = logged(started, "card_updated", method)
+    assert [e["changed"] for e in applied].count(True) == 1, applied
+    assert all(e["outcome"] in ("replaced", "already_applied") for e in applied), applied
+    assert len(updated_events(api, shop, method)) == 1
+    assert card_of(api, shop, method)["exp_year"] == 2044
