@@ -31,6 +31,7 @@ PAYMENT_FIELDS = {
     "processor",
     "processor_reference",
     "decline_code",
+    "decline",
     "failure_code",
     "description",
     "reference",

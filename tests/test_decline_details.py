@@ -22,11 +22,11 @@ from api.connectors import psp_b as connector_b
 from api.connectors.base import AuthorizeResult, Outcome, advice_code, visa_category
 from core.recovery import Decline, DeclineClass, classify
 from sandbox.cards import TEST_CARDS, Behaviour
-from tests.support.processes import ServiceProcess, free_port
+from tests.conftest import ApiMerchant, create_merchant
+from tests.support.payments import configure_routing, pay
+from tests.support.processes import ServiceProcess
 
 NEXT_YEAR = datetime.date.today().year + 1
-KEY_A = f"psp_a_{secrets.token_hex(16)}"
-KEY_B = f"psp_b_{secrets.token_hex(16)}"
 
 
 @dataclass(frozen=True)
@@ -63,37 +63,32 @@ DECLINE_CARDS: dict[str, Expected] = {
 }
 
 
-def _start(module: str, env: dict[str, str], tmp: pytest.TempPathFactory) -> ServiceProcess:
-    port = free_port()
-    prefix = "TESSERA_PSP_A_" if module.endswith("psp_a") else "TESSERA_PSP_B_"
-    env = {
-        f"{prefix}HOST": "127.0.0.1",
-        f"{prefix}PORT": str(port),
-        f"{prefix}LATENCY_MS": "0",
-        f"{prefix}JITTER_MS": "0",
-        **env,
-    }
-    process = ServiceProcess(module, env, port, tmp.mktemp(module) / "log", args=[])
-    process.start(ready_path="/healthz")
-    return process
+@pytest.fixture(scope="module")
+def sim_a(psp_a: ServiceProcess) -> Iterator[httpx.Client]:
+    headers = {"authorization": "Bearer psp_a_test_key"}
+    with httpx.Client(base_url=psp_a.url, headers=headers, timeout=10) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
-def psp_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    process = _start("sandbox.psp_a", {"TESSERA_PSP_A_API_KEY": KEY_A}, tmp_path_factory)
-    headers = {"authorization": f"Bearer {KEY_A}"}
-    with httpx.Client(base_url=process.url, headers=headers, timeout=10) as client:
+def sim_b(psp_b: ServiceProcess) -> Iterator[httpx.Client]:
+    headers = {"x-api-key": "psp_b_test_key"}
+    with httpx.Client(base_url=psp_b.url, headers=headers, timeout=10) as client:
         yield client
-    process.stop()
 
 
-@pytest.fixture(scope="module")
-def psp_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    env = {"TESSERA_PSP_B_API_KEY": KEY_B, "TESSERA_PSP_B_NOTIFY_URL": ""}
-    process = _start("sandbox.psp_b", env, tmp_path_factory)
-    with httpx.Client(base_url=process.url, headers={"x-api-key": KEY_B}, timeout=10) as client:
-        yield client
-    process.stop()
+@pytest.fixture(scope="module", params=["psp_a", "psp_b"])
+def through(
+    request: pytest.FixtureRequest,
+    api_env: dict[str, str],
+    vault: ServiceProcess,
+    tokens: dict[str, str],
+) -> ApiMerchant:
+    """A merchant whose payments go to one processor only."""
+    processor: str = request.param
+    merchant = create_merchant(api_env, vault, tokens["admin"], f"Declines at {processor}")
+    configure_routing(api_env, merchant, "--processors", processor)
+    return merchant
 
 
 def _at_psp_a(client: httpx.Client, number: str) -> tuple[dict[str, Any], AuthorizeResult]:
@@ -156,10 +151,10 @@ def test_every_declining_test_card_is_in_the_table() -> None:
 
 @pytest.mark.parametrize("number", sorted(DECLINE_CARDS))
 def test_psp_a_decline_details_reach_the_connector_classified(
-    psp_a: httpx.Client, number: str
+    sim_a: httpx.Client, number: str
 ) -> None:
     expected = DECLINE_CARDS[number]
-    body, result = _at_psp_a(psp_a, number)
+    body, result = _at_psp_a(sim_a, number)
     assert body["decline_code"] == expected.code
     assert body.get("network_advice_code") == expected.advice_code
     assert body.get("visa_decline_category") == expected.visa_category
@@ -168,10 +163,10 @@ def test_psp_a_decline_details_reach_the_connector_classified(
 
 @pytest.mark.parametrize("number", sorted(DECLINE_CARDS))
 def test_psp_b_decline_details_reach_the_connector_classified(
-    psp_b: httpx.Client, number: str
+    sim_b: httpx.Client, number: str
 ) -> None:
     expected = DECLINE_CARDS[number]
-    body, result = _at_psp_b(psp_b, number)
+    body, result = _at_psp_b(sim_b, number)
     assert body["resultCode"] == "Refused"
     assert body["refusalReasonCode"].isdigit()
     data = body["additionalData"]
@@ -182,10 +177,10 @@ def test_psp_b_decline_details_reach_the_connector_classified(
 
 
 def test_psp_b_tells_lost_from_stolen_by_the_raw_response_behind_one_refusal_reason(
-    psp_b: httpx.Client,
+    sim_b: httpx.Client,
 ) -> None:
-    lost, lost_result = _at_psp_b(psp_b, "4000000000009987")
-    stolen, stolen_result = _at_psp_b(psp_b, "4000000000009979")
+    lost, lost_result = _at_psp_b(sim_b, "4000000000009987")
+    stolen, stolen_result = _at_psp_b(sim_b, "4000000000009979")
     assert lost["refusalReason"] == stolen["refusalReason"] == "Blocked Card"
     assert (lost_result.decline_code, stolen_result.decline_code) == ("lost_card", "stolen_card")
 
@@ -213,3 +208,39 @@ def test_advice_code_reads_only_two_digit_codes(value: object, expected: str | N
 )
 def test_visa_category_reads_only_one_to_four(value: object, expected: int | None) -> None:
     assert visa_category(value) == expected
+
+
+@pytest.mark.parametrize("number", sorted(DECLINE_CARDS))
+def test_a_declined_payment_shows_its_decline_classified(
+    api: ServiceProcess, vault: ServiceProcess, through: ApiMerchant, number: str
+) -> None:
+    """Through the API and either processor: the payment and its attempt keep the decline with
+    the issuer's advice, and say whether it may be retried (core.recovery's table)."""
+    expected = DECLINE_CARDS[number]
+    response = pay(api, vault, through, number=number)
+    assert response.status_code == 402, response.text
+    payment = httpx.get(
+        api.url + f"/v1/payments/{response.json()['error']['payment']}",
+        headers=through.auth,
+        timeout=10,
+    ).json()
+    decline = {
+        "code": expected.code,
+        "advice_code": expected.advice_code,
+        "visa_category": expected.visa_category,
+        "retryable": expected.retryable.value,
+        "rule": expected.rule,
+    }
+    assert (payment["status"], payment["decline_code"]) == ("declined", expected.code)
+    assert payment["decline"] == decline
+    assert [a["decline"] for a in payment["attempts"]] == [decline]
+
+
+def test_an_approved_payment_has_no_decline(
+    api: ServiceProcess, vault: ServiceProcess, through: ApiMerchant
+) -> None:
+    response = pay(api, vault, through)
+    assert response.status_code == 201, response.text
+    payment = response.json()
+    assert payment["decline"] is None
+    assert [a["decline"] for a in payment["attempts"]] == [None]

@@ -54,6 +54,7 @@ from core.bins import country_of
 from core.errors import CardError, InvalidRequest, NotFound, ProcessorError, ServiceUnavailable
 from core.ids import new_id
 from core.money import CURRENCIES, MAX_AMOUNT, parse_currency, validate_amount
+from core.recovery import Decline, DeclineClass, classify
 from tessera.runtime import failpoints
 from tessera.runtime.failpoints import failpoint
 from tessera.runtime.http import NO_NUL, error_bytes
@@ -124,6 +125,27 @@ class RefundView(msgspec.Struct):
     object: str = "refund"
 
 
+class DeclineView(msgspec.Struct, omit_defaults=False):
+    """A decline as the processor gave it, and whether it may be tried again
+    (core.recovery.classify; the table is docs/subscriptions/recovery.md)."""
+
+    code: str
+    #: Mastercard's merchant advice code ("01", "02", "03", "21", "24".."30"), if sent.
+    advice_code: str | None
+    #: Visa's decline category (1 never, 2 not now, 3 data quality, 4 generic), if sent.
+    visa_category: int | None
+    retryable: DeclineClass
+    #: Which rule of the table decided.
+    rule: str
+
+
+def decline_view(code: str | None, advice: str | None, category: int | None) -> DeclineView | None:
+    if code is None:
+        return None
+    found = classify(Decline(code, advice, category))
+    return DeclineView(code, advice, category, found.decline_class, found.rule)
+
+
 class AttemptView(msgspec.Struct):
     processor: str
     reference: str
@@ -134,6 +156,8 @@ class AttemptView(msgspec.Struct):
     #: A late authorization found after this attempt failed at the cut-off, and reversed:
     #: `voided`, or `refunded` if the processor had captured it.
     late_reversal: str | None = None
+    #: The attempt's decline with the issuer's advice and its class; null unless declined.
+    decline: DeclineView | None = None
 
 
 class PaymentView(msgspec.Struct, omit_defaults=False):
@@ -158,6 +182,8 @@ class PaymentView(msgspec.Struct, omit_defaults=False):
     attempts: list[AttemptView] = []
     #: The payment method this payment set up (once approved) or charged.
     payment_method: str | None = None
+    #: The decline with the issuer's advice and whether it may be retried; null unless declined.
+    decline: DeclineView | None = None
     object: str = "payment"
 
 
@@ -230,10 +256,16 @@ def payment_view(row: Any, refunds: list[Any], attempts: list[Any] | None = None
                 a["decline_code"],
                 a["latency_ms"],
                 a["late_reversal"],
+                decline_view(
+                    a["decline_code"], a["decline_advice_code"], a["decline_visa_category"]
+                ),
             )
             for a in attempts or []
         ],
         payment_method=row["payment_method"],
+        decline=decline_view(
+            row["decline_code"], row["decline_advice_code"], row["decline_visa_category"]
+        ),
     )
 
 
@@ -628,6 +660,8 @@ class PaymentService:
                     outcome=str(result.outcome),
                     processor_reference=result.processor_reference,
                     decline_code=result.decline_code,
+                    advice_code=result.advice_code,
+                    visa_category=result.visa_category,
                 )
                 attempt = await payments.insert_attempt(
                     merchant_id, payment_id, number, next_processor, f"{payment_id}_{number}"
@@ -808,6 +842,8 @@ class PaymentService:
             processor_reference=result.processor_reference,
             decline_code=result.decline_code,
             failure_code=result.failure_code,
+            advice_code=result.advice_code,
+            visa_category=result.visa_category,
         )
         if (
             row is not None

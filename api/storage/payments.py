@@ -82,16 +82,20 @@ class PaymentRepository:
         processor_reference: str | None,
         decline_code: str | None,
         failure_code: str | None,
+        advice_code: str | None = None,
+        visa_category: int | None = None,
     ) -> Any:
         """Apply the processor's answer, only if the payment still waits for one. Returns the
         payment's new row, or None if it no longer waited (nothing changed)."""
         return await self.conn.fetchrow(
             "WITH p AS (UPDATE payments SET status = $3, amount_authorized = $4, "
             "amount_captured = $5, processor_reference = $6, decline_code = $7, "
-            "failure_code = $8, updated_at = now() "
+            "failure_code = $8, decline_advice_code = $11, decline_visa_category = $12, "
+            "updated_at = now() "
             "WHERE merchant_id = $1 AND id = $2 AND status = 'processing' RETURNING *), "
             "a AS (UPDATE payment_attempts SET outcome = $9, processor_reference = $6, "
-            "decline_code = $7, finished_at = now(), "
+            "decline_code = $7, decline_advice_code = $11, decline_visa_category = $12, "
+            "finished_at = now(), "
             "latency_ms = (extract(epoch FROM now() - started_at) * 1000)::int "
             "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $10 "
             "AND EXISTS (SELECT 1 FROM p) RETURNING 1) "
@@ -106,6 +110,8 @@ class PaymentRepository:
             failure_code,
             outcome,
             attempt,
+            advice_code,
+            visa_category,
         )
 
     async def close_attempt(
@@ -117,11 +123,14 @@ class PaymentRepository:
         outcome: str,
         processor_reference: str | None,
         decline_code: str | None,
+        advice_code: str | None = None,
+        visa_category: int | None = None,
     ) -> None:
         """An attempt that failed over to another processor: closed, the payment untouched."""
         await self.conn.execute(
             "UPDATE payment_attempts SET outcome = $4, processor_reference = $5, "
-            "decline_code = $6, finished_at = now(), "
+            "decline_code = $6, decline_advice_code = $7, decline_visa_category = $8, "
+            "finished_at = now(), "
             "latency_ms = (extract(epoch FROM now() - started_at) * 1000)::int "
             "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3",
             merchant_id,
@@ -130,6 +139,8 @@ class PaymentRepository:
             outcome,
             processor_reference,
             decline_code,
+            advice_code,
+            visa_category,
         )
 
     async def switch_processor(self, merchant_id: str, payment_id: str, processor: str) -> None:
@@ -144,7 +155,8 @@ class PaymentRepository:
     async def attempts(self, merchant_id: str, payment_ids: list[str]) -> list[Any]:
         rows = await self.conn.fetch(
             "SELECT payment_id, attempt, processor, reference, outcome, processor_reference, "
-            "decline_code, latency_ms, late_reversal FROM payment_attempts "
+            "decline_code, decline_advice_code, decline_visa_category, latency_ms, "
+            "late_reversal FROM payment_attempts "
             "WHERE merchant_id = $1 AND payment_id = ANY($2) ORDER BY payment_id, attempt",
             merchant_id,
             payment_ids,
