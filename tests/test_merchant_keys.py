@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_MERCHANT_FIRST = {
     "schema_migrations": "the migration log: global, one row per migration (stays local to the "
     "coordinator)",
+    "card_update_cursors": "one row per processor: where the worker is in that processor's "
+    "account-updater list, which belongs to no merchant (a reference table)",
     "processed_notifications": "a processor's notification is identified by the processor's own "
     "reference and carries no merchant: deduplication must find it before any merchant is "
     "known (distributed by psp_reference, or a reference table)",
@@ -66,6 +68,9 @@ CROSS_MERCHANT = {
     ("api/storage/worker.py", "claim_abandoned_keys"): "worker: requests whose process died",
     ("api/storage/worker.py", "expired_authorizations"): "worker: authorizations to cancel",
     ("api/storage/worker.py", "purge_expired_keys"): "worker: expired idempotency keys",
+    ("api/storage/card_updates.py", "candidates"): "worker: an account update names a card, not "
+    "a merchant: the live payment methods of every merchant at that processor with its last four "
+    "(index payment_methods_by_processor_last4)",
 }
 
 #: Statements whose plan may use an index that does not start with merchant_id, and why.
@@ -201,7 +206,7 @@ def test_every_table_is_keyed_merchant_first_but_the_listed_exceptions(schema: S
         "a table is not keyed merchant first and not listed, or a listed one now is: "
         f"{sorted(not_first ^ set(NOT_MERCHANT_FIRST))}"
     )
-    global_tables = {"schema_migrations", "processed_notifications"}
+    global_tables = {"schema_migrations", "processed_notifications", "card_update_cursors"}
     for table in tables - global_tables:
         assert table in schema.merchant_tables(), f"{table} has no merchant_id"
 
