@@ -8,12 +8,15 @@ half-done.
     processing                    --approved-->        authorized
     processing                    --declined-->        declined
     processing                    --failed-->          failed
+    declined                      --retry_approved-->  authorized   (a recovery retry only)
     authorized                    --capture-->         captured
     authorized                    --cancel-->          canceled
     captured, partially_refunded  --refund-->          partially_refunded or refunded
     partially_refunded, refunded  --reverse_refund-->  partially_refunded or captured
 
-`refunded` is not final: a refund can still fail at the processor (`reverse_refund`).
+`refunded` is not final: a refund can still fail at the processor (`reverse_refund`). Nor is
+`declined`: a declined renewal under recovery (docs/subscriptions.md) may be retried, and only
+`retry_result` — what a retry's approval makes — moves it on; `authorize_result` never does.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "is_final",
     "new_payment",
     "refund",
+    "retry_result",
     "reverse_refund",
 ]
 
@@ -71,7 +75,7 @@ ALLOWED_TRANSITIONS: Final[Mapping[PaymentStatus, frozenset[PaymentStatus]]] = M
         _S.PARTIALLY_REFUNDED: frozenset({_S.PARTIALLY_REFUNDED, _S.REFUNDED, _S.CAPTURED}),
         _S.REFUNDED: frozenset({_S.PARTIALLY_REFUNDED, _S.CAPTURED}),
         _S.CANCELED: frozenset(),
-        _S.DECLINED: frozenset(),
+        _S.DECLINED: frozenset({_S.AUTHORIZED}),
         _S.FAILED: frozenset(),
     }
 )
@@ -140,6 +144,17 @@ def authorize_result(state: PaymentState, outcome: AuthorizationOutcome) -> Paym
     if outcome is AuthorizationOutcome.DECLINED:
         return _move(state, replace(state, status=_S.DECLINED))
     return _move(state, replace(state, status=_S.FAILED))
+
+
+def retry_result(state: PaymentState, outcome: AuthorizationOutcome) -> PaymentState:
+    """Record the answer to a recovery retry of a declined payment. Approved: the full amount
+    is authorized (and the caller captures it if the payment captures). Declined or failed: the
+    payment stays `declined` — the retry is history on its attempts, not a new status."""
+    if state.status is not _S.DECLINED:
+        raise _conflict(state, "payment_not_retryable", "can only be retried when declined")
+    if outcome is AuthorizationOutcome.APPROVED:
+        return _move(state, replace(state, status=_S.AUTHORIZED, amount_authorized=state.amount))
+    return _checked(state)
 
 
 def capture(state: PaymentState, amount: int | None = None) -> PaymentState:

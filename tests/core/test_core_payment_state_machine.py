@@ -22,6 +22,7 @@ from core.payments import (
     is_final,
     new_payment,
     refund,
+    retry_result,
     reverse_refund,
 )
 
@@ -91,7 +92,8 @@ class PaymentMachine(RuleBasedStateMachine):
                 before.amount_refunded,
             )
             return None
-        assert after.status in ALLOWED_TRANSITIONS[before.status]
+        # A retry that is declined again leaves the payment as it was (no transition).
+        assert after.status in ALLOWED_TRANSITIONS[before.status] or after == before
         assert after.currency == before.currency
         assert after.amount == before.amount
         self.state = after
@@ -102,6 +104,14 @@ class PaymentMachine(RuleBasedStateMachine):
         was = self.current.status
         after = self.apply(lambda s: authorize_result(s, outcome))
         assert (after is not None) == (was is S.PROCESSING)
+
+    @rule(outcome=outcomes)
+    def do_retry(self, outcome: AuthorizationOutcome) -> None:
+        was = self.current
+        after = self.apply(lambda s: retry_result(s, outcome))
+        assert (after is not None) == (was.status is S.DECLINED)
+        if after is not None and outcome is not AuthorizationOutcome.APPROVED:
+            assert after == was
 
     @rule(data=st.data())
     def do_capture(self, data: st.DataObject) -> None:

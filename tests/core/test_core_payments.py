@@ -20,6 +20,7 @@ from core.payments import (
     is_final,
     new_payment,
     refund,
+    retry_result,
     reverse_refund,
 )
 
@@ -73,7 +74,8 @@ def test_a_declined_or_failed_authorization_authorizes_nothing(
     state = authorize_result(new_payment(1000, EUR), outcome)
     assert state.status is status
     assert state.amount_authorized == 0
-    assert is_final(state.status)
+    # Failed is final; declined is not: a recovery retry may still move it on.
+    assert is_final(state.status) is (status is S.FAILED)
 
 
 def test_an_authorization_result_is_recorded_only_once() -> None:
@@ -261,7 +263,23 @@ def test_the_transition_table_covers_every_status() -> None:
 
 
 def test_final_statuses_are_the_ones_nothing_leaves() -> None:
-    assert {s for s in S if is_final(s)} == {S.CANCELED, S.DECLINED, S.FAILED}
+    assert {s for s in S if is_final(s)} == {S.CANCELED, S.FAILED}
+
+
+def test_a_declined_payment_moves_on_only_through_a_retry() -> None:
+    declined = authorize_result(new_payment(500, EUR), AuthorizationOutcome.DECLINED)
+    with pytest.raises(StateConflict):
+        authorize_result(declined, AuthorizationOutcome.APPROVED)
+    for outcome in (AuthorizationOutcome.DECLINED, AuthorizationOutcome.FAILED):
+        assert retry_result(declined, outcome) == declined
+    recovered = retry_result(declined, AuthorizationOutcome.APPROVED)
+    assert (recovered.status, recovered.amount_authorized) == (S.AUTHORIZED, 500)
+    assert capture(recovered).amount_captured == 500
+    with pytest.raises(StateConflict) as refused:
+        retry_result(recovered, AuthorizationOutcome.APPROVED)
+    assert refused.value.code == "payment_not_retryable"
+    with pytest.raises(StateConflict):
+        retry_result(new_payment(500, EUR), AuthorizationOutcome.APPROVED)
 
 
 def test_statuses_are_their_api_strings() -> None:
