@@ -25,7 +25,15 @@ from tessera.runtime.migrations import latest_version
 from tessera.runtime.service import build_app
 
 #: Handler parameters the services are injected as; each is the `Services` field of that name.
-SERVICES = ("payments", "operations", "notifications", "events", "webhooks", "ledger")
+SERVICES = (
+    "payments",
+    "operations",
+    "recovery",
+    "notifications",
+    "events",
+    "webhooks",
+    "ledger",
+)
 
 
 def _service(name: str) -> Provide:

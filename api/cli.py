@@ -184,7 +184,8 @@ def edit_routing(config: RoutingConfig, args: argparse.Namespace) -> RoutingConf
     cascade = config.cascade_soft_declines
     if args.cascade_soft_declines is not None:
         cascade = args.cascade_soft_declines
-    return RoutingConfig(tuple(processors), tuple(rules), fees, cascade)
+    recovery = config.recovery if args.recovery is None else args.recovery
+    return RoutingConfig(tuple(processors), tuple(rules), fees, cascade, recovery)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="retry soft declines (do_not_honor, ...) at the next processor",
+    )
+    configure.add_argument(
+        "--recovery",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="retry declined renewals on a schedule (docs/subscriptions.md)",
     )
     configure.add_argument(
         "--fee",

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
+import msgspec
+
+from core.errors import TesseraError
+from core.recovery import Caps, scheme_caps
 from tessera.runtime.settings import BaseSettings, ServiceSettings, check_secret, validate_url
 
 
@@ -73,8 +77,62 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     #: How many deliveries to one endpoint may be in flight at once (per worker).
     webhook_endpoint_concurrency: int = 4
 
+    #: Recovery of declined renewals (docs/subscriptions.md): how long a recovery lasts after
+    #: the first decline (the schemes count retries over 30 days: at most 30).
+    recovery_window_days: int = 30
+    #: The fixed schedule, used while the learned one has too little data: days after the
+    #: first decline.
+    recovery_fixed_schedule_days: str = "1,3,5,7"
+    #: Answered retries of a decline kind the learned schedule needs before it decides.
+    recovery_min_outcomes: int = 300
+    #: Caps lower than the schemes', per brand, as JSON, e.g.
+    #: {"visa": {"per_card": 8, "per_payment": 4}}; a missing number keeps the scheme's. A
+    #: number above the scheme's is refused at start-up.
+    recovery_caps: str = ""
+
+    def recovery_schedule_days(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.recovery_fixed_schedule_days.split(",") if d.strip())
+
+    def recovery_caps_by_brand(self) -> dict[str, Caps]:
+        """The configured caps, each checked against its scheme's (core.recovery)."""
+        if not self.recovery_caps:
+            return {}
+        raw = msgspec.json.decode(
+            self.recovery_caps, type=dict[str, dict[str, Annotated[int, msgspec.Meta(ge=0)]]]
+        )
+        caps = {}
+        for brand, numbers in raw.items():
+            scheme = scheme_caps(brand)
+            unknown = set(numbers) - {"per_card", "per_payment", "per_card_daily"}
+            if unknown:
+                raise ValueError(f"unknown caps {sorted(unknown)}")
+            configured = Caps(
+                numbers.get("per_card", scheme.per_card),
+                numbers.get("per_payment", scheme.per_payment),
+                numbers.get("per_card_daily", scheme.per_card_daily),
+            )
+            caps[brand] = scheme.lowered(configured)
+        return caps
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 1 <= self.recovery_window_days <= 30:
+            raise ValueError(f"{self.env_name('recovery_window_days')}: 1 to 30")
+        try:
+            days = self.recovery_schedule_days()
+            if not days or any(not 0 < d <= 30 for d in days) or list(days) != sorted(days):
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"{self.env_name('recovery_fixed_schedule_days')}: increasing days, 1 to 30, "
+                "comma-separated"
+            ) from None
+        if self.recovery_min_outcomes < 1:
+            raise ValueError(f"{self.env_name('recovery_min_outcomes')}: at least 1")
+        try:
+            self.recovery_caps_by_brand()
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TesseraError) as exc:
+            raise ValueError(f"{self.env_name('recovery_caps')}: {exc}") from None
         if self.read_database_url:
             validate_url(
                 self.read_database_url,

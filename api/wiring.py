@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -18,6 +19,7 @@ from api.services.ledger import LedgerService
 from api.services.notifications import NotificationService
 from api.services.operations import OperationService
 from api.services.payments import PaymentService
+from api.services.recovery import RecoveryService
 from api.services.routing import OutcomeStats
 from api.services.webhooks import SecretBox, WebhookService
 from api.settings import ApiSettings
@@ -26,6 +28,7 @@ from api.storage.read_pools import ListReads
 from api.storage.redis_gate import RedisGate
 from api.storage.routing import RoutingRepository
 from api.vault_client import VaultClient
+from core.recovery import FixedSchedule
 from tessera.runtime.redis_client import RedisClient
 
 
@@ -33,6 +36,7 @@ from tessera.runtime.redis_client import RedisClient
 class Services:
     payments: PaymentService
     operations: OperationService
+    recovery: RecoveryService
     notifications: NotificationService
     events: EventService
     webhooks: WebhookService
@@ -73,6 +77,18 @@ async def open_services(
     publisher = Publisher(settlement_delay_seconds=settings.settlement_delay_seconds)
     box = SecretBox(bytes.fromhex(settings.webhook_secret_key))
     lists = ListReads(pool, read_pool)
+    recovery = RecoveryService(
+        pool=pool,
+        connectors=connectors,
+        keys=keys,
+        replays=replays,
+        routing=routing,
+        publisher=publisher,
+        caps=settings.recovery_caps_by_brand(),
+        window=timedelta(days=settings.recovery_window_days),
+        fixed=FixedSchedule(settings.recovery_schedule_days()),
+        min_outcomes=settings.recovery_min_outcomes,
+    )
     try:
         yield Services(
             payments=PaymentService(
@@ -90,6 +106,7 @@ async def open_services(
                 admission_wait_seconds=settings.admission_wait_seconds,
                 publisher=publisher,
                 lists=lists,
+                recovery=recovery,
             ),
             notifications=NotificationService(
                 pool, bytes.fromhex(settings.psp_b_hmac_key), routing, publisher
@@ -102,7 +119,9 @@ async def open_services(
                 lease_seconds=float(settings.idempotency_lease_seconds),
                 routing=routing,
                 publisher=publisher,
+                recovery=recovery,
             ),
+            recovery=recovery,
             events=EventService(pool, lists),
             webhooks=WebhookService(pool, box, settings.production),
             ledger=LedgerService(pool),

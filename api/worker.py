@@ -9,6 +9,9 @@
 - completer: idempotent requests abandoned half-way (a crashed API process) are driven to the
   end from their recovery point, so the client's next retry finds the final answer.
 - expiry: authorizations not captured within the window (7 days) are canceled at the processor.
+- recovery: declined renewals under recovery are decided when due (core.recovery's policy) and
+  their retries sent; a retry that waited for a card update is due as soon as the update lands
+  (api/services/recovery.py).
 - idempotency keys past their retention are deleted.
 - card updates (a loop of its own): each PSP's account-updater list is read from a durable
   cursor (one worker at a time per PSP), and the cards it announces are replaced in the vault
@@ -44,9 +47,21 @@ WEBHOOK_POLL_SECONDS = 0.2
 EVENT_RETENTION_DAYS = 30
 
 
-async def reconcile(services: Services, work: WorkerRepository) -> int:
+async def reconcile(services: Services, work: WorkerRepository, settings: ApiSettings) -> int:
     rows = await work.claim_unknown_attempts(BATCH)
     for row in rows:
+        if row["retry_by"] is not None:  # a recovery retry whose sender did not record it
+            outcome = await services.recovery.settle(
+                row["merchant_id"],
+                row["payment_id"],
+                row["attempt"],
+                row["reference"],
+                row["age_seconds"],
+                settings.processor_cutoff_seconds,
+                settings.late_authorization_window_seconds,
+            )
+            log.info("reconciled_retry", payment=row["payment_id"], outcome=outcome)
+            continue
         outcome = await services.payments.settle(
             row["merchant_id"],
             row["payment_id"],
@@ -79,6 +94,8 @@ async def complete(services: Services, work: WorkerRepository, lease: float) -> 
         lease = row["locked_until"]  # the worker's own lease: its fencing token
         if row["recovery_point"] == "payment_created":
             await services.payments.complete(row["merchant_id"], row["key"], lease)
+        elif row["recovery_point"] == "retry_started":
+            await services.recovery.complete(row["merchant_id"], row["key"], lease)
         else:
             await services.operations.complete(row["merchant_id"], row["key"], lease)
         log.info("completed", merchant=row["merchant_id"], recovery_point=row["recovery_point"])
@@ -183,10 +200,11 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
             log.info("worker_started")
             while not stop.is_set():
                 try:
-                    busy = await reconcile(services, work)
+                    busy = await reconcile(services, work, settings)
                     busy += await reverse_late(services, work)
                     busy += await complete(services, work, lease)
                     busy += await expire(services, work, settings.authorization_expiry_seconds)
+                    busy += await services.recovery.run_due(BATCH)
                     await work.purge_expired_keys(1000)
                 except Exception:
                     log.exception("worker_cycle_failed")

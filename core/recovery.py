@@ -203,6 +203,8 @@ class Attempt:
     retry: bool
     approved: bool
     decline: Decline | None = None
+    #: Sent, its answer not recorded yet: it counts against the caps, and decides nothing else.
+    pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +295,8 @@ class RecoveryPolicy:
 
     def decide(self, history: History, now: datetime) -> Decision:
         mine = history.of_payment()
-        if not mine or any(a.approved for a in mine):
+        answered = [a for a in mine if not a.pending]
+        if not answered or any(a.approved for a in mine):
             return Decision(Action.NOTHING_TO_RECOVER, reason="no declined attempt")
         for attempt in mine:
             hard = _hard(attempt)
@@ -304,10 +307,10 @@ class RecoveryPolicy:
             hard = _hard(attempt)
             if hard is not None and (updated is None or attempt.at >= updated):
                 return Decision(Action.NEVER, reason=f"card: {hard.rule}", classification=hard)
-        last = mine[-1]
+        last = answered[-1]
         assert last.decline is not None  # a declined attempt carries its decline (_hard saw it)
         found = classify(last.decline)
-        deadline = mine[0].at + self.recovery_window
+        deadline = answered[0].at + self.recovery_window
         if found.decline_class is DeclineClass.AFTER_UPDATE:
             if updated is None or updated <= last.at:
                 return Decision(Action.AWAITING_UPDATE, reason=found.rule, classification=found)
@@ -316,7 +319,7 @@ class RecoveryPolicy:
             earliest = max(now, last.at + found.not_before)
             retries = sum(1 for a in mine if a.retry)
             candidate = self.schedule.propose(
-                Situation(found, mine[0].at, retries, earliest, deadline)
+                Situation(found, answered[0].at, retries, earliest, deadline)
             )
             if candidate is not None:
                 candidate = max(candidate, earliest)
@@ -335,7 +338,7 @@ class _AtOnce:
 
 
 def _hard(attempt: Attempt) -> Classification | None:
-    if attempt.approved:
+    if attempt.approved or attempt.pending:
         return None
     if attempt.decline is None:  # a declined attempt without a code: nothing says it may retry
         return Classification(DeclineClass.NEVER, "unknown_code")

@@ -78,6 +78,8 @@ from sandbox.cards import (
     is_card_number,
     outcome_for,
 )
+from sandbox.issuer import IssuerScript
+from sandbox.issuer import install as install_issuer
 
 MAX_BODY: Final = 64 * 1024
 
@@ -454,6 +456,8 @@ class Simulator:
 
     #: Its account updater (sandbox/account_updater.py): a card an update closed is declined.
     account_updater: AccountUpdater | None = None
+    #: Scripted answers for a card's next authorizations (sandbox/issuer.py).
+    issuer: IssuerScript
 
     def __init__(
         self, api_key: str, config: Config, cards: Mapping[str, Outcome] = TEST_CARDS
@@ -462,6 +466,7 @@ class Simulator:
         self.config = config
         self.cards = cards
         self.faults = Faults(config.seed)
+        self.issuer = IssuerScript()
         self.reset()
 
     def reset(self) -> None:
@@ -571,6 +576,7 @@ class Simulator:
             self.counters["processing_errors"] += 1
             raise PspError(500, "processing_error", "The processor could not process this.")
         outcome = self.faults.overrule(outcome, brand_of(card.number), self.config)
+        outcome = self.issuer.next(card.number, outcome)  # a test's scripted answer
         broken_rule = credential_rule(request, self._predecessors(card.number))
         decline_code: str | None
         if broken_rule is not None:
@@ -900,6 +906,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.simulator = sim
     # The account updater (sandbox/account_updater.py): its list, card side and test hook.
     sim.account_updater = install_psp_a(app, AccountUpdater("au"), enter, _json, _error)
+    # The scripted issuer (sandbox/issuer.py): a card's next answers, for recovery tests.
+    install_issuer(app, sim.issuer, _error, _json)
     app.state.account_updater = sim.account_updater
     return app
 

@@ -68,6 +68,8 @@ from sandbox.cards import (
     outcome_for,
     with_overrides,
 )
+from sandbox.issuer import IssuerScript
+from sandbox.issuer import install as install_issuer
 from sandbox.psp_a import (
     FaultConfig,
     Faults,
@@ -560,6 +562,8 @@ class Simulator:
 
     #: Its account updater (sandbox/account_updater.py): a card an update closed is declined.
     account_updater: AccountUpdater | None = None
+    #: Scripted answers for a card's next authorizations (sandbox/issuer.py).
+    issuer: IssuerScript
 
     def __init__(
         self,
@@ -573,6 +577,7 @@ class Simulator:
         self.config = config
         self.cards = cards
         self.faults = Faults(config.seed)
+        self.issuer = IssuerScript()
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: httpx.AsyncClient | None = None
         self.reset()
@@ -687,6 +692,7 @@ class Simulator:
             return stored, slow
         brand = brand_of(method.number)
         outcome = self.faults.overrule(outcome, brand, self.config)
+        outcome = self.issuer.next(method.number, outcome)  # a test's scripted answer
         refusal: str | None = None
         broken_rule = credential_rule(request, self._predecessors(method.number))
         if outcome.behaviour is Behaviour.PROCESSING_ERROR:
@@ -1197,6 +1203,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.simulator = sim
     # The account updater (sandbox/account_updater.py): its list, card side and test hook.
     sim.account_updater = install_psp_b(app, AccountUpdater("cu"), enter, _json, _error)
+    # The scripted issuer (sandbox/issuer.py): a card's next answers, for recovery tests.
+    install_issuer(app, sim.issuer, _error, _json)
     app.state.account_updater = sim.account_updater
     return app
 

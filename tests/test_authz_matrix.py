@@ -434,6 +434,7 @@ PREPARE: dict[tuple[str, str], Prepare] = {
     ("api", "POST /v1/payments/{payment}/capture"): on_payment("capture", False, None),
     ("api", "POST /v1/payments/{payment}/cancel"): on_payment("cancel", False, None),
     ("api", "POST /v1/payments/{payment}/refunds"): on_payment("refunds", True, {"amount": 50}),
+    ("api", "POST /v1/payments/{payment}/retry"): on_payment("retry", True, None),
     ("api", "GET /v1/refunds/{refund}"): reading("/v1/refunds/{}", "refund"),
     ("api", "GET /v1/payment_methods"): reading("/v1/payment_methods"),
     ("api", "GET /v1/payment_methods/{payment_method}"): reading(

@@ -21,6 +21,7 @@ from api.services.payments import (
     PaymentView,
     RefundView,
 )
+from api.services.recovery import RecoveryService
 from core.errors import InvalidRequest, NotFound
 from tessera.runtime.http import NO_NUL, error_responses, request_id_of, strict_body
 from tessera.runtime.openapi import REQUEST_BODY
@@ -213,6 +214,39 @@ class PaymentController(Controller):
         key: IdempotencyKey = None,
     ) -> Response[bytes]:
         return await _operate(request, operations, payment, "cancel", key)
+
+    @post(
+        "/{payment:str}/retry",
+        operation_id="retryPayment",
+        status_code=200,
+        summary="Retry a declined renewal now, if its decline and the schemes' caps allow",
+        responses={
+            200: ResponseSpec(PaymentView, description="Recovered: authorized or captured"),
+            202: ResponseSpec(PaymentView, description="The retry's outcome is not known yet"),
+            **error_responses(400, 401, 402, 404, 409, 413, 422, 502, 503),
+        },
+        opt={REQUEST_BODY: NoBody | None},
+    )
+    async def retry(
+        self,
+        request: Request[Any, Any, Any],
+        payment: str,
+        recovery: RecoveryService,
+        key: IdempotencyKey = None,
+    ) -> Response[bytes]:
+        raw = await request.body()
+        if raw.strip():
+            strict_body(raw, NoBody)
+        outcome = await recovery.retry(
+            merchant_of(request),
+            payment_id(payment),
+            idempotency_key=idempotency_key(key),
+            method=request.method,
+            path=request.url.path,
+            raw_body=raw,
+            request_id=request_id_of(request.scope),
+        )
+        return _answer(outcome)
 
     @post(
         "/{payment:str}/refunds",

@@ -25,6 +25,7 @@ import structlog
 from api.services.events import Publisher
 from api.services.payments import payment_method_view
 from api.storage.card_updates import CardUpdateRepository
+from api.storage.recovery import RecoveryRepository
 from api.vault_client import CardUpdateRefused, VaultClient
 from core.errors import TesseraError
 from tessera.runtime.http_client import HttpClient, HttpFailure
@@ -208,6 +209,9 @@ class CardUpdateService:
                 )
                 if changed is not None:
                     row, _old = changed
+                    # Its renewals under recovery are due now: a retry that waited for this
+                    # update goes at the worker's next turn.
+                    await RecoveryRepository(conn).card_updated(merchant, method["id"])
                     await self.publisher.publish(
                         conn,
                         merchant,

@@ -7,7 +7,8 @@ ledger's postings commit with it or not at all, so an event is never lost and ne
 The catalogue (docs/events.md): `payment.processing`, `payment.authorized`, `payment.captured`,
 `payment.declined`, `payment.failed`, `payment.canceled`, `payment.capture_failed`,
 `payment.cancel_failed`, `refund.pending`, `refund.succeeded`, `refund.failed`,
-`webhook_endpoint.disabled`, `payment_method.updated`.
+`webhook_endpoint.disabled`, `payment_method.updated`, `payment.retry_scheduled`,
+`payment.recovered`, `payment.recovery_exhausted`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ EVENT_TYPES = (
     "refund.failed",
     "webhook_endpoint.disabled",
     "payment_method.updated",
+    "payment.retry_scheduled",
+    "payment.recovered",
+    "payment.recovery_exhausted",
 )
 
 

@@ -153,6 +153,8 @@ class OperationService:
     lease_seconds: float
     routing: Any = None
     publisher: Publisher = field(default_factory=Publisher)
+    #: Stops a declined renewal's scheduled recovery on cancel (api.services.recovery).
+    recovery: Any = None
 
     async def run(
         self,
@@ -286,6 +288,15 @@ class OperationService:
                 )
             if payment["busy"]:
                 raise _Busy
+            if (
+                operation == "cancel"
+                and payment["status"] == "declined"
+                and payment["recovery"] == "scheduled"
+                and self.recovery is not None
+            ):
+                return await self._cancel_recovery(
+                    conn, merchant_id, key, fingerprint, request_id, payment
+                )
             state = state_of(payment)
             try:
                 new, moved = _decide(state, operation, amount)
@@ -315,6 +326,27 @@ class OperationService:
             )
             failpoint("operation_state_written")
             return Started(payment_id, operation, moved, refund_id, claimed.lease)
+
+    async def _cancel_recovery(
+        self,
+        conn: Any,
+        merchant_id: str,
+        key: str,
+        fingerprint: bytes,
+        request_id: str,
+        payment: Any,
+    ) -> Handled:
+        """Cancel on a declined renewal under recovery: no retry goes any more. Nothing was
+        authorized, so the processor is not asked."""
+        try:
+            await self.recovery.cancel(conn, payment)
+        except TesseraError as exc:
+            return await self._finish_error(conn, merchant_id, key, fingerprint, request_id, exc)
+        started = Started(payment["id"], "cancel", 0, None)
+        answer = await operation_object(conn, merchant_id, started)
+        response = StoredResponse(200, msgspec.json.encode(answer))
+        await self.keys.finish(conn, merchant_id, key, response)
+        return Handled(response.status, response.body)
 
     async def _call_processor(self, merchant_id: str, started: Started) -> OperationResult:
         result = await self._ask_processor(merchant_id, started)

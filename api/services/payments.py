@@ -103,6 +103,9 @@ class CreatePayment(msgspec.Struct, forbid_unknown_fields=True):
     off_session: bool = False
     #: Why the merchant charges the stored card (with `payment_method`).
     mit_reason: MitReason | None = None
+    #: false: if declined, this renewal is not retried by Tessera's recovery (the merchant's
+    #: own `POST /v1/payments/{id}/retry` still may). Only with `payment_method`.
+    recovery: bool | None = None
     description: Annotated[str, msgspec.Meta(max_length=500, pattern=NO_NUL)] | None = None
     reference: Annotated[str, msgspec.Meta(max_length=200, pattern=NO_NUL)] | None = None
     metadata: Metadata = {}
@@ -146,6 +149,20 @@ def decline_view(code: str | None, advice: str | None, category: int | None) -> 
     return DeclineView(code, advice, category, found.decline_class, found.rule)
 
 
+class RecoveryView(msgspec.Struct, omit_defaults=False):
+    """A declined renewal's recovery (docs/subscriptions.md)."""
+
+    #: scheduled (a retry will go, or waits for a card update), recovered (a retry was
+    #: approved), exhausted (no retry may go any more), canceled (the merchant stopped it).
+    status: str
+    #: Retries made so far (by the schedule or at the merchant's request).
+    attempts: int
+    #: When the next retry goes; null when none is scheduled (or it waits for a card update).
+    next_attempt_at: int | None
+    #: Why it waits or ended: the decline table's rule, awaiting_update, caps, schedule, ...
+    reason: str | None
+
+
 class AttemptView(msgspec.Struct):
     processor: str
     reference: str
@@ -158,6 +175,8 @@ class AttemptView(msgspec.Struct):
     late_reversal: str | None = None
     #: The attempt's decline with the issuer's advice and its class; null unless declined.
     decline: DeclineView | None = None
+    #: A recovery retry: `schedule` (the worker) or `merchant` (POST .../retry); else null.
+    retry: str | None = None
 
 
 class PaymentView(msgspec.Struct, omit_defaults=False):
@@ -184,6 +203,8 @@ class PaymentView(msgspec.Struct, omit_defaults=False):
     payment_method: str | None = None
     #: The decline with the issuer's advice and whether it may be retried; null unless declined.
     decline: DeclineView | None = None
+    #: A declined renewal's recovery; null for a payment never under recovery.
+    recovery: RecoveryView | None = None
     object: str = "payment"
 
 
@@ -259,6 +280,7 @@ def payment_view(row: Any, refunds: list[Any], attempts: list[Any] | None = None
                 decline_view(
                     a["decline_code"], a["decline_advice_code"], a["decline_visa_category"]
                 ),
+                a["retry_by"],
             )
             for a in attempts or []
         ],
@@ -266,6 +288,19 @@ def payment_view(row: Any, refunds: list[Any], attempts: list[Any] | None = None
         decline=decline_view(
             row["decline_code"], row["decline_advice_code"], row["decline_visa_category"]
         ),
+        recovery=recovery_view(row, attempts),
+    )
+
+
+def recovery_view(row: Any, attempts: list[Any] | None) -> RecoveryView | None:
+    if row["recovery"] is None:
+        return None
+    due = row["recovery_next_attempt_at"]
+    return RecoveryView(
+        status=row["recovery"],
+        attempts=sum(1 for a in attempts or [] if a["retry_by"] is not None),
+        next_attempt_at=None if due is None else int(due.timestamp()),
+        reason=row["recovery_reason"],
     )
 
 
@@ -277,6 +312,36 @@ def refund_view(row: Any) -> RefundView:
         status=row["status"],
         created=int(row["created_at"].timestamp()),
         reason=row["reason"],
+    )
+
+
+async def announce_authorization(
+    publisher: Publisher,
+    routing: Any,
+    conn: Any,
+    payment: Any,
+    view: msgspec.Struct,
+    event_type: str,
+    cause: Cause,
+) -> None:
+    """The event of an authorization's outcome (a first attempt's or a recovery retry's), with
+    the ledger's postings for it."""
+    postings = None
+    currency = payment["currency"]
+    if event_type == "payment.authorized":
+        postings = ledger.authorization(currency, payment["amount_authorized"])
+    elif event_type == "payment.captured":
+        fee = await processing_fee(routing, conn, payment, payment["amount_captured"])
+        postings = ledger.authorization_and_capture(currency, payment["amount_captured"], fee)
+    await publisher.publish(
+        conn,
+        payment["merchant_id"],
+        event_type,
+        payment["id"],
+        view,
+        cause,
+        payment_id=payment["id"],
+        postings=postings,
     )
 
 
@@ -307,6 +372,8 @@ class PaymentService:
     late_authorization_window_seconds: float = 24 * 3600
     publisher: Publisher = field(default_factory=Publisher)
     rng: random.Random = field(default_factory=random.Random)
+    #: Schedules the recovery of a declined renewal (api.services.recovery); None: never.
+    recovery: Any = None
     max_in_flight: int = 256
     admission_wait_seconds: float = 30.0
     #: Where `page` reads (a replica, if configured); everything else reads `pool`, the primary.
@@ -471,6 +538,7 @@ class PaymentService:
                         "setup_future_usage": data.setup_future_usage,
                         "payment_method": None if stored is None else stored["id"],
                         "mit_reason": data.mit_reason,
+                        "recovery_allowed": data.recovery is not False,
                     },
                 )
                 first = await payments.insert_attempt(
@@ -505,6 +573,12 @@ class PaymentService:
                 raise InvalidRequest(
                     "mit_reason is for an off_session payment with a payment_method.",
                     param="mit_reason",
+                )
+            if data.recovery is not None:
+                raise InvalidRequest(
+                    "recovery is for an off_session payment with a payment_method: only "
+                    "merchant-initiated payments are retried.",
+                    param="recovery",
                 )
             if data.token is None:
                 raise InvalidRequest(
@@ -873,24 +947,12 @@ class PaymentService:
     async def _announce(
         self, conn: Any, payment: Any, view: PaymentView, event_type: str, cause: Cause
     ) -> None:
-        """The event of an authorization's outcome, with the ledger's postings for it."""
-        postings = None
-        currency = payment["currency"]
-        if event_type == "payment.authorized":
-            postings = ledger.authorization(currency, payment["amount_authorized"])
-        elif event_type == "payment.captured":
-            fee = await processing_fee(self.routing, conn, payment, payment["amount_captured"])
-            postings = ledger.authorization_and_capture(currency, payment["amount_captured"], fee)
-        await self.publisher.publish(
-            conn,
-            payment["merchant_id"],
-            event_type,
-            payment["id"],
-            view,
-            cause,
-            payment_id=payment["id"],
-            postings=postings,
+        await announce_authorization(
+            self.publisher, self.routing, conn, payment, view, event_type, cause
         )
+        if event_type == "payment.declined" and self.recovery is not None:
+            # A declined renewal may be recovered: scheduled in this same transaction.
+            await self.recovery.start(conn, payment["merchant_id"], payment["id"], cause)
 
     async def get(self, merchant_id: str, payment_id: str) -> PaymentView:
         async with self.pool.acquire() as conn:

@@ -71,6 +71,8 @@ class RoutingConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rules: tuple[Rule, ...] = ()
     fees: dict[str, ProcessorFees] = {}
     cascade_soft_declines: bool = False
+    #: Tessera retries this merchant's declined renewals (docs/subscriptions.md); off by default.
+    recovery: bool = False
 
     def eligible(self, currency: str, brand: str, country: str | None, amount: int) -> list[str]:
         chosen = []

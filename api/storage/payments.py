@@ -16,9 +16,10 @@ class PaymentRepository:
         return await self.conn.fetchrow(
             "INSERT INTO payments (merchant_id, id, amount, currency, status, capture, token, "
             "card_brand, card_last4, card_exp_month, card_exp_year, processor, description, "
-            "reference, metadata, card_country, setup_future_usage, payment_method, mit_reason) "
+            "reference, metadata, card_country, setup_future_usage, payment_method, mit_reason, "
+            "recovery_allowed) "
             "VALUES ($1, $2, $3, $4, 'processing', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-            "$15, $16, $17, $18) RETURNING *",
+            "$15, $16, $17, $18, $19) RETURNING *",
             merchant_id,
             values["id"],
             values["amount"],
@@ -37,6 +38,7 @@ class PaymentRepository:
             values.get("setup_future_usage"),
             values.get("payment_method"),
             values.get("mit_reason"),
+            values.get("recovery_allowed", True),
         )
 
     async def insert_attempt(
@@ -156,7 +158,7 @@ class PaymentRepository:
         rows = await self.conn.fetch(
             "SELECT payment_id, attempt, processor, reference, outcome, processor_reference, "
             "decline_code, decline_advice_code, decline_visa_category, latency_ms, "
-            "late_reversal FROM payment_attempts "
+            "late_reversal, retry_by FROM payment_attempts "
             "WHERE merchant_id = $1 AND payment_id = ANY($2) ORDER BY payment_id, attempt",
             merchant_id,
             payment_ids,

@@ -18,13 +18,13 @@ class WorkerRepository:
             "  SELECT a.merchant_id, a.payment_id, a.attempt FROM payment_attempts a "
             "  JOIN payments p ON p.merchant_id = a.merchant_id AND p.id = a.payment_id "
             "  WHERE a.outcome IN ('pending', 'unknown') AND a.next_inquiry_at <= now() "
-            "  AND p.status = 'processing' "
+            "  AND (p.status = 'processing' OR a.retry_by IS NOT NULL) "
             "  ORDER BY a.next_inquiry_at LIMIT $1 FOR UPDATE OF a SKIP LOCKED) "
             "UPDATE payment_attempts a SET inquiries = a.inquiries + 1, "
             "next_inquiry_at = now() + make_interval(secs => least(60, 2 ^ a.inquiries)) "
             "FROM due WHERE (a.merchant_id, a.payment_id, a.attempt) = "
             "(due.merchant_id, due.payment_id, due.attempt) "
-            "RETURNING a.merchant_id, a.payment_id, a.attempt, a.reference, "
+            "RETURNING a.merchant_id, a.payment_id, a.attempt, a.reference, a.retry_by, "
             "extract(epoch FROM now() - a.started_at)::float8 AS age_seconds",
             limit,
         )
@@ -54,7 +54,7 @@ class WorkerRepository:
         rows: list[Any] = await self.pool.fetch(
             "WITH abandoned AS ("
             "  SELECT merchant_id, key FROM idempotency_keys "
-            "  WHERE recovery_point IN ('payment_created', 'operation_started') "
+            "  WHERE recovery_point IN ('payment_created', 'operation_started', 'retry_started') "
             "  AND locked_until < now() "
             "  ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) "
             "UPDATE idempotency_keys k SET locked_until = now() + make_interval(secs => $2) "
