@@ -7,7 +7,7 @@ each attempt's outcome. The recovery side sees only what a PSP would tell it: th
 (with Mastercard's merchant advice code where the issuer sends one), the card update when it
 lands, and each retry's outcome. Both schedules run through the real `core.recovery`
 classifier, caps and policy, on a simulated clock; an independent checker counts scheme-cap
-violations and retries of hard declines. See docs/subscriptions/recovery.md.
+violations and retries of hard declines. See docs/subscriptions.md.
 """
 
 from __future__ import annotations

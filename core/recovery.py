@@ -4,7 +4,7 @@ Pure domain: the decline classification (from Tessera's decline codes, Mastercar
 advice codes and Visa's decline categories), the schemes' retry caps, and the policy that turns a
 card's attempt history into the next attempt's time — or none. The worker and the API ask the
 same `RecoveryPolicy`, so no path can retry what it refuses. Table and sources:
-docs/subscriptions/recovery.md.
+docs/subscriptions.md.
 
 A hard decline is never retried: `RecoveryPolicy.decide` returns no time for a payment with a
 `never` decline, nor for any payment of a card with a `never` decline since its last update,
@@ -126,7 +126,7 @@ class Classification:
 
 
 def classify(decline: Decline) -> Classification:
-    """The table of docs/subscriptions/recovery.md. A `never` signal from any source wins,
+    """The table of docs/subscriptions.md. A `never` signal from any source wins,
     then `after_update`, then `later`; a code nobody knows is `never` (a fee and a scheme
     programme cost more than one lost retry)."""
     mac, category, code = decline.merchant_advice_code, decline.visa_category, decline.code
@@ -177,7 +177,7 @@ class Caps:
         return configured
 
 
-#: Published caps (docs/subscriptions/recovery.md): Visa, 15 reattempts in 30 days (categories
+#: Published caps (docs/subscriptions.md): Visa, 15 reattempts in 30 days (categories
 #: 2-4); Mastercard, 35 in 30 days (same card, merchant, amount) and 10 declines a day per card.
 SCHEME_CAPS: Final[Mapping[str, Caps]] = MappingProxyType(
     {"visa": Caps(per_card=15, per_payment=15), "mastercard": Caps(35, 35, 10)}

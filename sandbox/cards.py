@@ -98,7 +98,7 @@ TEST_CARDS: Final[Mapping[str, Outcome]] = MappingProxyType(
         "4000000000009995": decline(DeclineCode.INSUFFICIENT_FUNDS),
         "4000000000000069": decline(DeclineCode.EXPIRED_CARD),
         "4000000000000127": decline(DeclineCode.INCORRECT_CVC),
-        # Declines with the issuer's advice (docs/subscriptions/recovery.md's table).
+        # Declines with the issuer's advice (docs/subscriptions.md's table).
         "4000000000009987": decline(DeclineCode.LOST_CARD, visa_category=1),
         "4000000000009979": decline(DeclineCode.STOLEN_CARD, visa_category=1),
         "4000000000009938": decline(DeclineCode.CLOSED_ACCOUNT, visa_category=1),

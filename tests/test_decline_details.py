@@ -1,6 +1,6 @@
 """Decline details from the processors: each test card's decline arrives with the issuer's advice
 (Mastercard merchant advice code, Visa decline category) through both simulators and both
-connectors, and is classified as docs/subscriptions/recovery.md's table says.
+connectors, and is classified as docs/subscriptions.md's table says.
 
 The simulators run as processes; the connectors' own parsers read their answers (the vault, which
 carries authorizations in production, forwards the processor's body unchanged)."""
@@ -41,7 +41,7 @@ class Expected:
 
 N, L, U = DeclineClass.NEVER, DeclineClass.LATER, DeclineClass.AFTER_UPDATE
 
-#: sandbox/README.md's decline table, as docs/subscriptions/recovery.md classifies it.
+#: sandbox/README.md's decline table, as docs/subscriptions.md classifies it.
 DECLINE_CARDS: dict[str, Expected] = {
     "4000000000000002": Expected("do_not_honor", None, None, L, "do_not_honor"),
     "4000000000009995": Expected("insufficient_funds", None, None, L, "insufficient_funds"),

@@ -71,6 +71,10 @@ CROSS_MERCHANT = {
     ("api/storage/card_updates.py", "candidates"): "worker: an account update names a card, not "
     "a merchant: the live payment methods of every merchant at that processor with its last four "
     "(index payment_methods_by_processor_last4)",
+    ("api/storage/recovery.py", "claim_due"): "worker: the recoveries of every merchant due now "
+    "(index payments_recovery_due)",
+    ("api/storage/recovery.py", "retry_outcomes"): "worker: the learned schedule learns from the "
+    "retry outcomes of every merchant (decline kinds, times and outcomes; no card data)",
 }
 
 #: Statements whose plan may use an index that does not start with merchant_id, and why.

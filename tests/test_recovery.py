@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -79,6 +79,18 @@ def shops(
         "psp_b": shop_with(api_env, vault, tokens["admin"], "psp_b", "--recovery"),
         "off": shop_with(api_env, vault, tokens["admin"], "psp_a"),
     }
+
+
+@pytest.fixture(autouse=True)
+def no_recovery_left_behind(api: ServiceProcess, shops: dict[str, ApiMerchant]) -> Iterator[None]:
+    """Each test's worker runs at its own clock; what an earlier test left scheduled would be
+    retried too. So each test cancels, through the API, the recoveries it leaves scheduled."""
+    yield
+    for shop in shops.values():
+        for found in get(api, shop, "/v1/payments", limit=100).json()["data"]:
+            if (found["recovery"] or {}).get("status") == "scheduled":
+                canceled = post(api, shop, f"/v1/payments/{found['id']}/cancel")
+                assert canceled.status_code == 200, canceled.text
 
 
 @asynccontextmanager
@@ -619,3 +631,37 @@ def test_the_retry_endpoint_refuses_what_it_cannot_retry_with_a_documented_error
     )
     assert token_payment.status_code == 400, token_payment.text
     assert token_payment.json()["error"]["param"] == "recovery"
+
+
+def test_the_learned_schedule_learns_from_the_retries_tessera_made(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    api_env: dict[str, str],
+    psp_a: ServiceProcess,
+    shops: dict[str, ApiMerchant],
+) -> None:
+    """Its counts come from the database (every retry's outcome), not from one process's
+    memory: a worker started afresh knows what the others learned."""
+    shop = shops["psp_a"]
+    ids = [
+        declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, answer)["id"]
+        for answer in (APPROVE, APPROVE, FUNDS)
+    ]
+    key = "later:insufficient_funds"
+
+    async def learned() -> tuple[list[int], list[int]]:
+        async with worker_services(api_env, vault) as first:
+            await first.recovery.run_due(0)  # loads what is in the database now
+            before = list(first.recovery.stats.totals.get(key, [0, 0]))
+            at(first, datetime.now(UTC) + timedelta(days=1, minutes=1))
+            await first.recovery.run_due(500)
+        async with worker_services(api_env, vault) as fresh:
+            await fresh.recovery.run_due(0)
+            after = list(fresh.recovery.stats.totals.get(key, [0, 0]))
+        return before, after
+
+    before, after = asyncio.run(learned())
+    statuses = [payment(api, shop, p)["status"] for p in ids]
+    assert statuses == ["captured", "captured", "declined"]
+    # Three more retries of this kind, two of them approved.
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 3)

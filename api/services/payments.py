@@ -130,7 +130,7 @@ class RefundView(msgspec.Struct):
 
 class DeclineView(msgspec.Struct, omit_defaults=False):
     """A decline as the processor gave it, and whether it may be tried again
-    (core.recovery.classify; the table is docs/subscriptions/recovery.md)."""
+    (core.recovery.classify; the table is docs/subscriptions.md)."""
 
     code: str
     #: Mastercard's merchant advice code ("01", "02", "03", "21", "24".."30"), if sent.

@@ -233,6 +233,31 @@ def test_a_retry_the_merchant_asks_for_follows_the_same_table_and_caps() -> None
     assert policy.on_request(retried, T0 + 3 * HOUR).action is Action.EXHAUSTED
 
 
+def test_a_retry_awaiting_its_answer_counts_against_the_caps_and_decides_nothing_else() -> None:
+    """Another payment of the card has a retry in flight: it takes a place under the card's cap
+    (two deciders cannot both use the last one), and being unanswered it is no hard decline."""
+    policy = RecoveryPolicy(Eager(), caps={"visa": Caps(per_card=1, per_payment=5)})
+    decline = Decline("insufficient_funds")
+    in_flight = Attempt("pay_2", T0 + HOUR, True, False, None, pending=True)
+    both = History(
+        "pay_1",
+        "visa",
+        (
+            Attempt("pay_1", T0, False, False, decline),
+            Attempt("pay_2", T0, False, False, decline),
+            in_flight,
+        ),
+    )
+    decision = policy.decide(both, T0 + 2 * HOUR)
+    # The card's one retry is taken until T0 + 1 h + 30 days: past this recovery's end.
+    assert (decision.action, decision.reason) == (Action.EXHAUSTED, "caps")
+    alone = History("pay_1", "visa", both.card_attempts[:2])
+    assert policy.decide(alone, T0 + 2 * HOUR).at == T0 + 2 * HOUR
+    # Its own unanswered attempt is not the decline the payment is judged on.
+    own = History("pay_2", "visa", both.card_attempts)
+    assert policy.decide(own, T0 + 2 * HOUR).classification == classify(decline)
+
+
 # --- the fixed schedule ---------------------------------------------------------------------
 
 

@@ -121,7 +121,7 @@ def _create_payment(case: Case[Any]) -> None:
     if body is not None:
         number, cvc = APPROVED_CARDS[secrets.randbelow(len(APPROVED_CARDS))]
         body["token"] = mint_token(number, cvc)
-        for renewal_only in ("payment_method", "off_session", "mit_reason"):
+        for renewal_only in ("payment_method", "off_session", "mit_reason", "recovery"):
             body.pop(renewal_only, None)
 
 
