@@ -23,7 +23,9 @@ import httpx
 import pytest
 
 from api.settings import ApiSettings
+from api.storage.worker import WorkerRepository
 from api.wiring import Services, open_services
+from api.worker import reconcile
 from tessera.runtime.db import create_pool
 from tessera.runtime.redis_client import connect as connect_redis
 from tessera.runtime.settings import load_settings
@@ -665,3 +667,102 @@ def test_the_learned_schedule_learns_from_the_retries_tessera_made(
     assert statuses == ["captured", "captured", "declined"]
     # Three more retries of this kind, two of them approved.
     assert (after[0] - before[0], after[1] - before[1]) == (2, 3)
+
+
+def set_faults(psp: ServiceProcess, **config: Any) -> None:
+    httpx.post(psp.url + "/admin/config", json=config, timeout=10).raise_for_status()
+
+
+def test_a_retry_the_processor_failed_waits_an_hour_and_is_not_a_decline(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    api_env: dict[str, str],
+    psp_a: ServiceProcess,
+    shops: dict[str, ApiMerchant],
+) -> None:
+    shop = shops["psp_a"]
+    declined = declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, APPROVE)
+    due = datetime.fromtimestamp(declined["recovery"]["next_attempt_at"], UTC)
+
+    async def worker() -> dict[str, Any]:
+        async with worker_services(api_env, vault) as services:
+            at(services, due + timedelta(seconds=1))
+            set_faults(psp_a, fail_all_5xx=True)
+            try:
+                await run_until_idle(services)
+            finally:
+                set_faults(psp_a, fail_all_5xx=False)
+            failed = payment(api, shop, declined["id"])
+            at(services, due + timedelta(minutes=59))  # within the hour: nothing goes
+            await run_until_idle(services)
+            assert len(payment(api, shop, declined["id"])["attempts"]) == 2
+            at(services, due + timedelta(hours=1, minutes=1))
+            await run_until_idle(services)
+            return failed
+
+    failed = asyncio.run(worker())
+    assert [(a["outcome"], a["retry"]) for a in failed["attempts"]] == [
+        ("declined", None),
+        ("failed", "schedule"),
+    ]
+    assert failed["status"] == "declined"
+    assert failed["decline"]["code"] == "insufficient_funds"  # the issuer's answer still stands
+    assert failed["recovery"]["status"] == "scheduled"
+    wait = datetime.fromtimestamp(failed["recovery"]["next_attempt_at"], UTC) - due
+    assert wait >= timedelta(hours=1)
+    recovered = payment(api, shop, declined["id"])
+    assert recovered["status"] == "captured"
+    assert [a["outcome"] for a in recovered["attempts"]] == ["declined", "failed", "approved"]
+    kinds = postings(api_env, declined["id"])
+    assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1)
+
+
+def test_a_retry_whose_answer_was_lost_is_settled_by_the_reconciler_once(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    api_env: dict[str, str],
+    psp_a: ServiceProcess,
+    shops: dict[str, ApiMerchant],
+) -> None:
+    """The processor approves the retry but its answer comes after the worker gave up: the
+    attempt is unknown, nothing else is sent, and the reconciler's inquiry records it."""
+    shop = shops["psp_a"]
+    declined = declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, APPROVE, APPROVE)
+    due = datetime.fromtimestamp(declined["recovery"]["next_attempt_at"], UTC)
+
+    async def worker() -> dict[str, Any]:
+        impatient = {"TESSERA_API_AUTHORIZATION_TIMEOUT_SECONDS": "0.5"}
+        async with worker_services(api_env, vault, **impatient) as services:
+            at(services, due + timedelta(seconds=1))
+            set_faults(psp_a, timeout_rate=1.0, timeout_seconds=2.0)
+            try:
+                await services.recovery.run_due(500)
+            finally:
+                set_faults(psp_a, timeout_rate=0.0)
+            lost = payment(api, shop, declined["id"])
+            at(services, due + timedelta(days=2))  # the worker looks again: nothing is sent
+            await run_until_idle(services)
+            assert psp_authorizations(psp_a, f"{declined['id']}_3") == []
+            work = WorkerRepository(services.payments.pool)
+            settings = load_settings(ApiSettings, {**api_env, "TESSERA_API_VAULT_URL": vault.url})
+            await asyncio.sleep(2.5)  # the held answer is out; the inquiry is due
+            for _ in range(10):
+                await reconcile(services, work, settings)
+                if payment(api, shop, declined["id"])["status"] != "declined":
+                    break
+                await asyncio.sleep(0.5)
+            return lost
+
+    lost = asyncio.run(worker())
+    assert [(a["outcome"], a["retry"]) for a in lost["attempts"]] == [
+        ("declined", None),
+        ("unknown", "schedule"),
+    ]
+    assert lost["status"] == "declined"
+    settled = payment(api, shop, declined["id"])
+    assert settled["status"] == "captured"
+    assert settled["recovery"]["status"] == "recovered"
+    assert [a["outcome"] for a in settled["attempts"]] == ["declined", "approved"]
+    assert len(psp_authorizations(psp_a, f"{declined['id']}_2")) == 1
+    kinds = postings(api_env, declined["id"])
+    assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1)
