@@ -103,7 +103,13 @@ def test_an_expiry_update_makes_the_renewal_that_was_declined_expired_succeed(
     [event] = updated_events(api, shop, method)
     assert event["data"]["object"]["id"] == method
     assert event["data"]["object"]["card"]["exp_year"] == 2042
+    # What changed, as Stripe's previous_attributes: the old masked card.
+    assert event["data"]["previous_attributes"] == {
+        "card": {"brand": "visa", "last4": number[-4:], "exp_month": 12, "exp_year": 2040}
+    }
     assert number not in json.dumps(event)
+    declined_events = get(api, shop, "/v1/events", object=declined.json()["error"]["payment"])
+    assert [list(e["data"]) for e in declined_events.json()["data"]] == [["object"]]
 
     renewal = renew(api, shop, method)
     assert renewal.status_code == 201, renewal.text

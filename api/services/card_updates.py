@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from api.services.events import Publisher
-from api.services.payments import payment_method_view
+from api.services.payments import card_view, payment_method_view
 from api.storage.card_updates import CardUpdateRepository
 from api.storage.recovery import RecoveryRepository
 from api.vault_client import CardUpdateRefused, VaultClient
@@ -208,7 +208,7 @@ class CardUpdateService:
                     conn, merchant, method["id"], new, f"{feed.processor}:{update.id}"
                 )
                 if changed is not None:
-                    row, _old = changed
+                    row, old = changed
                     # Its renewals under recovery are due now: a retry that waited for this
                     # update goes at the worker's next turn.
                     await RecoveryRepository(conn).card_updated(merchant, method["id"])
@@ -218,6 +218,7 @@ class CardUpdateService:
                         "payment_method.updated",
                         row["id"],
                         payment_method_view(row),
+                        previous_attributes={"card": card_view(old)},
                     )
             log.info(
                 "card_updated",

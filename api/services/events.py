@@ -58,8 +58,10 @@ class EventRequest(msgspec.Struct):
     idempotency_key: str | None
 
 
-class EventData(msgspec.Struct):
+class EventData(msgspec.Struct, omit_defaults=True):
     object: dict[str, Any]
+    #: `*.updated` events only: the changed fields' values before the change.
+    previous_attributes: dict[str, Any] | None = None
 
 
 class EventView(msgspec.Struct):
@@ -111,6 +113,7 @@ class Publisher:
         *,
         payment_id: str | None = None,
         postings: list[Posting] | None = None,
+        previous_attributes: msgspec.Struct | dict[str, Any] | None = None,
     ) -> str:
         """Call inside the transaction of the change; returns the event id."""
         assert event_type in EVENT_TYPES, event_type
@@ -124,6 +127,9 @@ class Publisher:
             msgspec.json.encode(obj).decode(),
             cause.request_id,
             cause.idempotency_key,
+            None
+            if previous_attributes is None
+            else msgspec.json.encode(previous_attributes).decode(),
         )
         if postings:
             assert payment_id is not None
@@ -140,11 +146,14 @@ def event_view(row: Any) -> EventView:
     data = row["data"]
     if isinstance(data, str):
         data = msgspec.json.decode(data)
+    previous = row["previous_attributes"]
+    if isinstance(previous, str):
+        previous = msgspec.json.decode(previous)
     return EventView(
         id=row["id"],
         type=row["type"],
         created=int(row["created_at"].timestamp()),
-        data=EventData(data),
+        data=EventData(data, previous),
         request=request,
     )
 

@@ -224,13 +224,18 @@ class PaymentMethodList(msgspec.Struct):
     object: str = "list"
 
 
+def card_view(row: Any) -> CardView:
+    """The masked card of a payment or payment method row (or of its old values)."""
+    return CardView(
+        row["card_brand"], row["card_last4"], row["card_exp_month"], row["card_exp_year"]
+    )
+
+
 def payment_method_view(row: Any) -> PaymentMethodView:
     detached = row["detached_at"]
     return PaymentMethodView(
         id=row["id"],
-        card=CardView(
-            row["card_brand"], row["card_last4"], row["card_exp_month"], row["card_exp_year"]
-        ),
+        card=card_view(row),
         created=int(row["created_at"].timestamp()),
         usage=row["usage"],
         detached_at=None if detached is None else int(detached.timestamp()),

@@ -441,6 +441,7 @@ def _event_of(row: Any) -> EventView:
             "id": row["id"],
             "type": row["type"],
             "data": row["data"],
+            "previous_attributes": row["previous"],
             "request_id": row["request_id"],
             "idempotency_key": row["idempotency_key"],
             "created_at": row["event_created_at"],

@@ -18,12 +18,14 @@ class EventRepository:
         data: str,
         request_id: str | None,
         idempotency_key: str | None,
+        previous_attributes: str | None = None,
     ) -> None:
         """The event, and one pending delivery per live endpoint that wants it: one statement,
         in the caller's transaction."""
         await self.conn.execute(
             "WITH e AS (INSERT INTO events (merchant_id, id, type, object_id, data, request_id, "
-            "idempotency_key) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
+            "idempotency_key, previous_attributes) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8::jsonb) "
             "RETURNING merchant_id, id, type) "
             "INSERT INTO webhook_deliveries (merchant_id, event_id, endpoint_id) "
             "SELECT e.merchant_id, e.id, w.id FROM e JOIN webhook_endpoints w "
@@ -36,6 +38,7 @@ class EventRepository:
             data,
             request_id,
             idempotency_key,
+            previous_attributes,
         )
 
     async def get(self, merchant_id: str, event_id: str) -> Any:

@@ -108,7 +108,8 @@ class DeliveryQueue:
             "RETURNING d.merchant_id, d.event_id, d.endpoint_id, d.attempts, d.created_at, "
             "w.url, w.secret, w.previous_secret, "
             "coalesce(w.previous_secret_expires_at > now(), false) AS previous_valid, "
-            "e.id, e.type, e.data::text AS data, e.request_id, e.idempotency_key, "
+            "e.id, e.type, e.data::text AS data, e.previous_attributes::text AS previous, "
+            "e.request_id, e.idempotency_key, "
             "e.created_at AS event_created_at",
             limit,
             per_endpoint,
