@@ -254,6 +254,12 @@ def test_a_detached_payment_method_is_never_charged_and_its_token_is_deleted(
     assert gone.json()["error"]["code"] == "token_invalid"
     # The setup payment still names it.
     assert get(api, shop, f"/v1/payments/{setup['id']}").json()["payment_method"] == method_id
+    # One event when it was made, one when it was detached (none for detaching again).
+    events = get(api, shop, "/v1/events", object=method_id).json()["data"]
+    assert [e["type"] for e in events] == ["payment_method.detached", "payment_method.created"]
+    assert events[0]["data"]["object"] == detached.json()
+    assert events[1]["data"]["object"]["detached_at"] is None
+    assert events[1]["request"]["id"] is not None  # the setup payment's request
 
 
 def token_of(api_env: dict[str, str], payment_id: str) -> str:

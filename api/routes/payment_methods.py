@@ -26,7 +26,7 @@ Cursor = Annotated[str | None, Parameter(pattern=r"^pm_[0-9a-z]{26}$")]
 
 def _methods(payments: PaymentService) -> PaymentMethodService:
     """Payment methods share the payment service's pool, vault client and list reads."""
-    return PaymentMethodService(payments.pool, payments.vault, payments.lists)
+    return PaymentMethodService(payments.pool, payments.vault, payments.lists, payments.publisher)
 
 
 class PaymentMethodController(Controller):

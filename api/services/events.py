@@ -7,7 +7,8 @@ ledger's postings commit with it or not at all, so an event is never lost and ne
 The catalogue (docs/events.md): `payment.processing`, `payment.authorized`, `payment.captured`,
 `payment.declined`, `payment.failed`, `payment.canceled`, `payment.capture_failed`,
 `payment.cancel_failed`, `refund.pending`, `refund.succeeded`, `refund.failed`,
-`webhook_endpoint.disabled`, `payment_method.updated`, `payment.retry_scheduled`,
+`webhook_endpoint.disabled`, `payment_method.created`, `payment_method.updated`,
+`payment_method.detached`, `payment.retry_scheduled`,
 `payment.recovered`, `payment.recovery_exhausted`.
 """
 
@@ -38,7 +39,9 @@ EVENT_TYPES = (
     "refund.succeeded",
     "refund.failed",
     "webhook_endpoint.disabled",
+    "payment_method.created",
     "payment_method.updated",
+    "payment_method.detached",
     "payment.retry_scheduled",
     "payment.recovered",
     "payment.recovery_exhausted",

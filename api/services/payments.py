@@ -758,7 +758,13 @@ class PaymentService:
             event_type, recorded = None, None
             if result is not None:
                 event_type, recorded = await self._record(
-                    payments, merchant_id, payment_id, attempt["attempt"], result, payment
+                    payments,
+                    merchant_id,
+                    payment_id,
+                    attempt["attempt"],
+                    result,
+                    payment,
+                    Cause(request_id, idempotency_key),
                 )
             if recorded is None:
                 recorded = await payments.get(merchant_id, payment_id)
@@ -889,6 +895,7 @@ class PaymentService:
         attempt: int,
         result: AuthorizeResult,
         current: Any = None,
+        cause: Cause | None = None,
     ) -> tuple[str | None, Any]:
         """Apply the processor's answer; returns the event it makes (None if nothing changed)
         and the payment's new row when this wrote one. `current`: a row of the payment read
@@ -931,8 +938,16 @@ class PaymentService:
             and result.network_transaction_id is not None
         ):
             # The stored credential, with the payment that set it up, in the same transaction.
-            row = await PaymentMethodRepository(payments.conn).create_from_setup(
-                merchant_id, row, result.network_transaction_id
+            methods = PaymentMethodRepository(payments.conn)
+            row = await methods.create_from_setup(merchant_id, row, result.network_transaction_id)
+            method = await methods.get(merchant_id, row["payment_method"])
+            await self.publisher.publish(
+                payments.conn,
+                merchant_id,
+                "payment_method.created",
+                method["id"],
+                payment_method_view(method),
+                cause,
             )
         return (f"payment.{new.status}", row) if row is not None else (None, None)
 
@@ -1008,6 +1023,7 @@ class PaymentMethodService:
     pool: Any
     vault: VaultClient
     lists: ListReads | None = None
+    publisher: Publisher = field(default_factory=Publisher)
 
     async def get(self, merchant_id: str, payment_method: str) -> PaymentMethodView:
         row = None
@@ -1042,6 +1058,14 @@ class PaymentMethodService:
                 methods = PaymentMethodRepository(conn)
                 row = await methods.detach(merchant_id, payment_method)
                 in_use = row is not None and await methods.token_in_use(merchant_id, row["token"])
+                if row is not None and row["newly"]:
+                    await self.publisher.publish(
+                        conn,
+                        merchant_id,
+                        "payment_method.detached",
+                        row["id"],
+                        payment_method_view(row),
+                    )
         if row is None:
             raise NotFound("No such payment method.", param="id")
         if not in_use:

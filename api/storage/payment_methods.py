@@ -59,10 +59,11 @@ class PaymentMethodRepository:
         )
 
     async def detach(self, merchant_id: str, payment_method: str) -> Any:
-        """Detached now, or when it was; None if the merchant has no such payment method."""
+        """Detached now, or when it was; None if the merchant has no such payment method.
+        `newly`: detached by this transaction (so its event is sent once)."""
         return await self.conn.fetchrow(
             "UPDATE payment_methods SET detached_at = coalesce(detached_at, now()) "
-            "WHERE merchant_id = $1 AND id = $2 RETURNING *",
+            "WHERE merchant_id = $1 AND id = $2 RETURNING *, detached_at = now() AS newly",
             merchant_id,
             payment_method,
         )
