@@ -60,6 +60,9 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
     late_authorization_window_seconds: float = 24 * 3600
     #: How long the worker sleeps when it found nothing to do.
     worker_interval_seconds: float = 1.0
+    #: How often the worker reads each PSP's account-updater list (once read to its end, the
+    #: list rests this long, across every worker): real updaters publish in daily batches.
+    card_update_poll_seconds: float = 300.0
     #: A file the worker touches after every cycle, for a liveness check; empty: none.
     worker_heartbeat_path: str = ""
     #: How long captured money waits before the merchant's balance shows it available.
@@ -127,6 +130,8 @@ class ApiSettings(ServiceSettings, frozen=True, kw_only=True):
                 f"{self.env_name('recovery_fixed_schedule_days')}: increasing days, 1 to 30, "
                 "comma-separated"
             ) from None
+        if not 0 < self.card_update_poll_seconds <= 86400:
+            raise ValueError(f"{self.env_name('card_update_poll_seconds')}: 0 < s <= 86400")
         if self.recovery_min_outcomes < 1:
             raise ValueError(f"{self.env_name('recovery_min_outcomes')}: at least 1")
         try:

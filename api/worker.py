@@ -191,7 +191,7 @@ async def run(settings: ApiSettings, stop: asyncio.Event) -> None:
                 ),
                 services.publisher,
                 lease_seconds=lease,
-                poll_seconds=settings.worker_interval_seconds,
+                poll_seconds=settings.card_update_poll_seconds,
             )
             webhooks = asyncio.create_task(deliver_webhooks(deliverer, stop))
             cards = asyncio.create_task(

@@ -114,6 +114,8 @@ def service_env(config: StackConfig) -> dict[str, str]:
         "TESSERA_API_VAULT_URL": f"http://{config.host}:{config.vault_port}",
         "TESSERA_API_PSP_A_URL": f"http://{config.host}:{config.psp_a_port}",
         "TESSERA_API_PSP_B_URL": f"http://{config.host}:{config.psp_b_port}",
+        # The demo shows a card update within seconds (production reads the lists every 5 min).
+        "TESSERA_API_CARD_UPDATE_POLL_SECONDS": "5",
         "TESSERA_PSP_B_HOST": config.host,
         "TESSERA_PSP_B_PORT": str(config.psp_b_port),
         "TESSERA_PSP_B_NOTIFY_URL": f"http://{config.host}:{config.api_port}/v1/notifications/psp_b",

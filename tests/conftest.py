@@ -363,6 +363,7 @@ def workers(
             **api_env,
             "TESSERA_API_VAULT_URL": vault.url,
             "TESSERA_API_WORKER_INTERVAL_SECONDS": "0.2",
+            "TESSERA_API_CARD_UPDATE_POLL_SECONDS": "0.2",
             **extra,
         }
         log = tmp_path / f"worker-{len(started)}.log"
