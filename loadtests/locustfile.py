@@ -10,7 +10,9 @@ own), or by hand:
 Users (weights from the command line: --shopper-weight 6 --renewal-weight 3 …):
 - shopper: tokenizes a card at the vault with the publishable key, creates a payment with an
   idempotency key (capture: false), captures it;
-- renewal: charges its stored token with capture: true, as a monthly renewal run does;
+- renewal: a customer-present setup keeps the card as a payment method (`setup_future_usage`),
+  then each task charges it as a merchant-initiated renewal (`payment_method`, `off_session`,
+  `mit_reason`: no CVC, the setup's network transaction id), as a monthly renewal run does;
 - refund desk: a captured payment, a partial refund, then a refund of the rest;
 - flaky client: one request sent several times with one idempotency key, some at once;
 - back office: lists payments and reads one.
@@ -153,24 +155,40 @@ class TesseraUser(FastHttpUser):
             return token
 
     def pay(
-        self, token: str, number: str, *, capture: bool, key: str | None = None
+        self,
+        token: str | None,
+        number: str,
+        *,
+        capture: bool,
+        key: str | None = None,
+        setup: bool = False,
+        payment_method: str | None = None,
     ) -> dict[str, Any] | None:
-        """A payment whose outcome must match its card: 201 (or 202) approved, 402 declined."""
+        """A payment whose outcome must match its card: 201 (or 202) approved, 402 declined.
+        `setup`: keep the card as a payment method; `payment_method`: a renewal on it."""
         key = key or f"load-{uuid.uuid4()}"
-        body = {
+        body: dict[str, Any] = {
             "amount": random.randint(100, 20_000),
             "currency": "EUR",
-            "token": token,
             "capture": capture,
             "reference": key,
         }
+        name = "POST /v1/payments"
+        if payment_method is not None:
+            body.update(payment_method=payment_method, off_session=True, mit_reason="recurring")
+            name = "POST /v1/payments (renewal)"
+        else:
+            body["token"] = token
+        if setup:
+            body["setup_future_usage"] = "off_session"
+            name = "POST /v1/payments (setup)"
         expected = CARDS[number]
         with self.rest(
             "POST",
             "/v1/payments",
             json=body,
             headers={**self.api_auth, "Idempotency-Key": key},
-            name="POST /v1/payments",
+            name=name,
         ) as response:
             if expected is None and response.status_code in (201, 202):
                 payment: dict[str, Any] = response.js
@@ -212,17 +230,25 @@ class Shopper(TesseraUser):
 
 
 class Renewal(TesseraUser):
-    """A stored card charged every period (the token outlives its CVC)."""
+    """A subscription: the setup stores the card as a payment method (a customer-initiated
+    payment with the CVC), then every period charges it while the customer is away."""
+
+    number = "4242424242424242"
 
     def on_start(self) -> None:
         super().on_start()
-        self.number = pick_card()
-        self.token = self.tokenize(self.number)
+        self.payment_method: str | None = None
+        token = self.tokenize(self.number)
+        if token is None:
+            return
+        setup = self.pay(token, self.number, capture=True, setup=True)
+        if setup is not None:
+            self.payment_method = setup.get("payment_method")
 
     @task
     def renew(self) -> None:
-        if self.token is not None:
-            self.pay(self.token, self.number, capture=True)
+        if self.payment_method is not None:
+            self.pay(None, self.number, capture=True, payment_method=self.payment_method)
 
 
 class RefundDesk(TesseraUser):
