@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from api.services.paging import keyset_page
 from api.storage.events import EventRepository
 from api.storage.ledger import LedgerRepository
 from api.storage.read_pools import ListReads
@@ -205,10 +206,7 @@ class EventService:
                 event_type=event_type,
                 object_id=object_id,
             )
-        has_more = len(rows) > limit
-        rows = rows[:limit]
-        if ending_before is not None:
-            rows.reverse()
+        rows, has_more = keyset_page(rows, limit, ending_before is not None)
         return EventList([event_view(r) for r in rows], has_more)
 
     async def deliveries(self, merchant_id: str, event_id: str) -> DeliveryList:

@@ -41,6 +41,7 @@ from api.services.idempotency import (
     fenced,
     request_hash,
 )
+from api.services.paging import keyset_page
 from api.services.routing import SOFT_DECLINES, Candidate, OutcomeStats, processing_fee, rank
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
 from api.storage.payment_methods import PaymentMethodRepository
@@ -997,10 +998,7 @@ class PaymentService:
             rows = await payments.page(
                 merchant_id, limit=limit, starting_after=starting_after, ending_before=ending_before
             )
-            has_more = len(rows) > limit
-            rows = rows[:limit]
-            if ending_before is not None:
-                rows.reverse()
+            rows, has_more = keyset_page(rows, limit, ending_before is not None)
             ids = [r["id"] for r in rows]
             refunds = await payments.refunds(merchant_id, ids)
             attempts = await payments.attempts(merchant_id, ids)
@@ -1042,10 +1040,7 @@ class PaymentMethodService:
             rows = await PaymentMethodRepository(conn).page(
                 merchant_id, limit=limit, starting_after=starting_after, ending_before=ending_before
             )
-        has_more = len(rows) > limit
-        rows = rows[:limit]
-        if ending_before is not None:
-            rows.reverse()
+        rows, has_more = keyset_page(rows, limit, ending_before is not None)
         return PaymentMethodList([payment_method_view(r) for r in rows], has_more)
 
     async def detach(self, merchant_id: str, payment_method: str) -> PaymentMethodView:
