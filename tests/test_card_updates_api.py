@@ -5,21 +5,17 @@ simulators; every card number is the test's own (the simulators are shared by th
 
 from __future__ import annotations
 
-import asyncio
 import json
-import secrets
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from tests.conftest import ApiMerchant, create_merchant
 from tests.support.payments import configure_routing, psp_authorizations, wait_for
 from tests.support.processes import ServiceProcess
-from tests.support.vault_helpers import luhn_complete
-from tests.test_subscriptions import get, renew, setup_payment
+from tests.support.subscriptions import execute, get, renew, setup_payment, unused_visa
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +28,6 @@ def shops(
         configure_routing(api_env, shop, "--processors", processor)
         made[processor] = shop
     return made
-
-
-def random_card() -> str:
-    """A Visa number no other test uses (not in the simulators' card table: approved)."""
-    return luhn_complete("4" + "".join(secrets.choice("0123456789") for _ in range(14)))
 
 
 def announce(psp: ServiceProcess, body: dict[str, Any]) -> None:
@@ -62,17 +53,6 @@ def logged(workers: list[ServiceProcess], message: str, method: str) -> list[dic
     return [e for e in entries if e.get("message") == message and e.get("payment_method") == method]
 
 
-def execute(api_env: dict[str, str], sql: str) -> None:
-    async def run() -> None:
-        conn = await asyncpg.connect(api_env["TESSERA_API_DATABASE_URL"])
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 @pytest.mark.parametrize("processor", ["psp_a", "psp_b"])
 def test_an_expiry_update_makes_the_renewal_that_was_declined_expired_succeed(
     api: ServiceProcess,
@@ -84,7 +64,7 @@ def test_an_expiry_update_makes_the_renewal_that_was_declined_expired_succeed(
     processor: str,
 ) -> None:
     shop = shops[processor]
-    number = random_card()
+    number = unused_visa()
     method = setup_payment(api, vault, shop, number)["payment_method"]
     psp = psp_a if processor == "psp_a" else psp_b
     announce(psp, {"number": number, "new_exp_month": 3, "new_exp_year": 2042, "decline_old": True})
@@ -125,7 +105,7 @@ def test_a_number_update_renews_on_the_new_number_with_the_setups_network_transa
     workers: Callable[..., ServiceProcess],
 ) -> None:
     shop = shops["psp_a"]
-    old, new = random_card(), random_card()
+    old, new = unused_visa(), unused_visa()
     method = setup_payment(api, vault, shop, old)["payment_method"]
     body = {"number": old, "new_number": new, "new_exp_month": 7, "new_exp_year": 2043}
     announce(psp_a, {**body, "decline_old": True})
@@ -154,7 +134,7 @@ def test_two_workers_apply_an_update_once_and_a_refetch_changes_nothing(
     workers: Callable[..., ServiceProcess],
 ) -> None:
     shop = shops["psp_b"]
-    number = random_card()
+    number = unused_visa()
     method = setup_payment(api, vault, shop, number)["payment_method"]
     announce(psp_b, {"number": number, "new_exp_month": 5, "new_exp_year": 2044})
     started = [workers(), workers()]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -40,20 +39,17 @@ from tests.support.payments import (
     wait_for,
 )
 from tests.support.processes import ServiceProcess
-from tests.support.vault_helpers import luhn_complete
-from tests.test_subscriptions import get, postings, renew, setup_payment
+from tests.support.subscriptions import (
+    get,
+    postings,
+    renew,
+    setup_payment,
+    unused_mastercard,
+    unused_visa,
+)
 
 FUNDS = {"decline_code": "insufficient_funds"}
 APPROVE = {"approve": True}
-
-
-def visa() -> str:
-    """A Visa number no other test uses (not in the simulators' card table: approved)."""
-    return luhn_complete("4" + "".join(secrets.choice("0123456789") for _ in range(14)))
-
-
-def mastercard() -> str:
-    return luhn_complete("55" + "".join(secrets.choice("0123456789") for _ in range(13)))
 
 
 def script(psp: ServiceProcess, number: str, *answers: dict[str, Any]) -> None:
@@ -201,7 +197,7 @@ def test_a_renewal_declined_for_funds_is_recovered_by_a_scheduled_retry_with_one
     processor: str,
 ) -> None:
     shop, psp = shops[processor], (psp_a if processor == "psp_a" else psp_b)
-    number = visa()
+    number = unused_visa()
     declined = declined_renewal(api, vault, shop, psp, number, FUNDS, APPROVE)
     assert declined["status"] == "declined"
     assert declined["decline"]["retryable"] == "later"
@@ -270,7 +266,7 @@ def test_a_hard_decline_is_never_retried_by_any_path(
     answer: dict[str, Any],
 ) -> None:
     shop = shops["psp_a"]
-    number = visa() if brand == "visa" else mastercard()
+    number = unused_visa() if brand == "visa" else unused_mastercard()
     declined = declined_renewal(api, vault, shop, psp_a, number, answer, APPROVE)
     assert declined["decline"]["retryable"] == "never"
     assert declined["recovery"] is None
@@ -301,7 +297,7 @@ def test_a_soft_decline_with_the_issuers_wait_is_retried_no_sooner_than_it_asked
     """Mastercard MAC 24: retry after an hour. The merchant's retry now is refused until then."""
     shop = shops["psp_a"]
     answer = {"decline_code": "insufficient_funds", "advice_code": "24"}
-    declined = declined_renewal(api, vault, shop, psp_a, mastercard(), answer, APPROVE)
+    declined = declined_renewal(api, vault, shop, psp_a, unused_mastercard(), answer, APPROVE)
     assert declined["decline"]["retryable"] == "later"
     assert declined["recovery"]["status"] == "scheduled"
     refused = retry(api, shop, declined["id"])
@@ -325,7 +321,7 @@ def test_an_expired_card_waits_for_its_update_and_is_retried_as_soon_as_it_lands
     processor: str,
 ) -> None:
     shop, psp = shops[processor], (psp_a if processor == "psp_a" else psp_b)
-    number = visa()
+    number = unused_visa()
     method = setup_payment(api, vault, shop, number)["payment_method"]
     update = {"number": number, "new_exp_month": 4, "new_exp_year": 2043, "decline_old": True}
     response = httpx.post(psp.url + "/admin/account_updates", json=update, timeout=10)
@@ -371,7 +367,7 @@ def test_caps_hold_under_a_clock_moved_through_30_days(
     """Three renewals of one card, declined every time; caps set lower than Visa's: 3 retries a
     payment, 5 a card in any 30 days. The worker runs every 6 hours of a 35-day clock."""
     shop = shops["psp_a"]
-    number = visa()
+    number = unused_visa()
     method = setup_payment(api, vault, shop, number)["payment_method"]
     script(psp_a, number, *[FUNDS] * 40)
     ids = []
@@ -433,7 +429,7 @@ def test_the_worker_and_the_merchants_retry_racing_never_charge_twice(
 ) -> None:
     shop = shops["psp_a"]
     ids = [
-        declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, APPROVE, APPROVE)["id"]
+        declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, APPROVE, APPROVE)["id"]
         for _ in range(4)
     ]
     httpx.post(psp_a.url + "/admin/config", json={"latency_ms": 300}).raise_for_status()
@@ -479,7 +475,7 @@ def test_two_workers_never_run_the_same_retry(
 ) -> None:
     shop = shops["psp_a"]
     ids = [
-        declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, FUNDS, FUNDS)["id"]
+        declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, FUNDS, FUNDS)["id"]
         for _ in range(6)
     ]
     moment = datetime.now(UTC) + timedelta(days=1, minutes=1)
@@ -514,10 +510,10 @@ def test_recovery_is_off_for_a_merchant_that_did_not_switch_it_on_and_for_a_paym
     psp_a: ServiceProcess,
     shops: dict[str, ApiMerchant],
 ) -> None:
-    off = declined_renewal(api, vault, shops["off"], psp_a, visa(), FUNDS, APPROVE)
+    off = declined_renewal(api, vault, shops["off"], psp_a, unused_visa(), FUNDS, APPROVE)
     assert off["recovery"] is None
     opted_out = declined_renewal(
-        api, vault, shops["psp_a"], psp_a, visa(), FUNDS, APPROVE, recovery=False
+        api, vault, shops["psp_a"], psp_a, unused_visa(), FUNDS, APPROVE, recovery=False
     )
     assert opted_out["recovery"] is None
 
@@ -553,7 +549,7 @@ def test_a_merchants_retry_declined_again_answers_402_and_keeps_the_recovery_goi
     shops: dict[str, ApiMerchant],
 ) -> None:
     shop = shops["psp_a"]
-    declined = declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, FUNDS, APPROVE)
+    declined = declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, FUNDS, APPROVE)
     again = retry(api, shop, declined["id"])
     assert again.status_code == 402, again.text
     assert again.json()["error"]["decline_code"] == "insufficient_funds"
@@ -571,7 +567,7 @@ def test_cancel_stops_a_scheduled_recovery(
     shops: dict[str, ApiMerchant],
 ) -> None:
     shop = shops["psp_a"]
-    declined = declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, APPROVE)
+    declined = declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, APPROVE)
     canceled = post(api, shop, f"/v1/payments/{declined['id']}/cancel")
     assert canceled.status_code == 200, canceled.text
     assert canceled.json()["status"] == "declined"
@@ -615,7 +611,7 @@ def test_the_retry_endpoint_refuses_what_it_cannot_retry_with_a_documented_error
         assert response.status_code == status, (payment_id, response.text)
         if code is not None:
             assert response.json()["error"]["code"] == code
-    declined = declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, APPROVE)
+    declined = declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, APPROVE)
     foreign = retry(api, other_merchant, declined["id"])
     assert foreign.status_code == 404, foreign.text
     assert payment(api, shop, declined["id"])["attempts"][-1]["retry"] is None
@@ -646,7 +642,7 @@ def test_the_learned_schedule_learns_from_the_retries_tessera_made(
     memory: a worker started afresh knows what the others learned."""
     shop = shops["psp_a"]
     ids = [
-        declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, answer)["id"]
+        declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, answer)["id"]
         for answer in (APPROVE, APPROVE, FUNDS)
     ]
     key = "later:insufficient_funds"
@@ -681,7 +677,7 @@ def test_a_retry_the_processor_failed_waits_an_hour_and_is_not_a_decline(
     shops: dict[str, ApiMerchant],
 ) -> None:
     shop = shops["psp_a"]
-    declined = declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, APPROVE)
+    declined = declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, APPROVE)
     due = datetime.fromtimestamp(declined["recovery"]["next_attempt_at"], UTC)
 
     async def worker() -> dict[str, Any]:
@@ -727,7 +723,7 @@ def test_a_retry_whose_answer_was_lost_is_settled_by_the_reconciler_once(
     """The processor approves the retry but its answer comes after the worker gave up: the
     attempt is unknown, nothing else is sent, and the reconciler's inquiry records it."""
     shop = shops["psp_a"]
-    declined = declined_renewal(api, vault, shop, psp_a, visa(), FUNDS, APPROVE, APPROVE)
+    declined = declined_renewal(api, vault, shop, psp_a, unused_visa(), FUNDS, APPROVE, APPROVE)
     due = datetime.fromtimestamp(declined["recovery"]["next_attempt_at"], UTC)
 
     async def worker() -> dict[str, Any]:
