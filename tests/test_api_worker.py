@@ -110,12 +110,20 @@ def test_an_authorization_not_captured_in_time_is_canceled(
     payment = pay(api, vault, merchant, capture=False).json()
     assert payment["status"] == "authorized"
     workers(TESSERA_API_AUTHORIZATION_EXPIRY_SECONDS="1")
-    wait_for(lambda: status(api, merchant, payment["id"]) == "canceled")
+
+    def events() -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = httpx.get(
+            f"{api.url}/v1/events", params={"object": payment["id"]}, headers=merchant.auth
+        ).json()["data"]
+        return found
+
+    # The cancel shows `canceled` from its first phase (before the processor is asked); its
+    # event comes with the processor's confirmation: wait for that.
+    wait_for(lambda: events()[0]["type"] == "payment.canceled")
+    assert status(api, merchant, payment["id"]) == "canceled"
     [authorization] = psp_authorizations(psp_a, f"{payment['id']}_1")
     assert authorization["status"] == "voided"
-    [canceled, _] = httpx.get(
-        f"{api.url}/v1/events", params={"object": payment["id"]}, headers=merchant.auth
-    ).json()["data"]
+    [canceled, _] = events()
     assert (canceled["type"], canceled["request"]) == ("payment.canceled", None)
 
 
