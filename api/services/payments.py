@@ -971,7 +971,8 @@ class PaymentService:
         await announce_authorization(
             self.publisher, self.routing, conn, payment, view, event_type, cause
         )
-        if event_type == "payment.declined" and self.recovery is not None:
+        renewal = payment["mit_reason"] is not None
+        if event_type == "payment.declined" and renewal and self.recovery is not None:
             # A declined renewal may be recovered: scheduled in this same transaction.
             await self.recovery.start(conn, payment["merchant_id"], payment["id"], cause)
 
