@@ -94,7 +94,10 @@ loadtest: venv ## a short headless Locust run against `make up` (ARGS="..." for 
 bench: setup ## benchmarks that print numbers (never timed assertions in tests)
 	$(BIN)/python -m tests.bench
 
-.PHONY: capacity diagram recovery-simulate
+bench-recovery: setup ## what recovering declined renewals costs: the decline's latency, the worker's retries/s
+	$(BIN)/python -m tests.bench.recovery
+
+.PHONY: capacity diagram recovery-simulate bench-recovery
 recovery-simulate: venv ## learned vs fixed retry schedule for failed renewals, 100,000 synthetic customers (about 35 s)
 	$(BIN)/tessera recovery simulate --seed 1 --customers 100000
 

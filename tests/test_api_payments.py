@@ -40,6 +40,7 @@ PAYMENT_FIELDS = {
     "refunds",
     "attempts",
     "payment_method",
+    "recovery",
 }
 
 
@@ -57,6 +58,8 @@ def test_an_approved_payment_with_capture_is_captured(
     assert payment["card"] == {"brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2040}
     assert payment["processor"] == "psp_a"
     assert payment["processor_reference"].startswith("auth_")
+    assert payment["recovery"] is None  # never under recovery: not a renewal
+    assert payment["attempts"][0]["retry"] is None
     assert len(psp_authorizations(psp_a, f"{payment['id']}_1")) == 1
 
 
