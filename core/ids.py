@@ -9,7 +9,9 @@ Crockford base32 (alphabet `0123456789abcdefghjkmnpqrstvwxyz`) encoding a 128-bi
 26 characters hold 130 bits, so the first character is always 0-7. Because the timestamp comes
 first, and the alphabet is in ASCII order, sorting ids as strings sorts them by creation time
 (to the millisecond): ids make good primary keys and pagination cursors. Ids created within the
-same millisecond are ordered randomly, not by creation: nothing may rely on their order.
+same millisecond are ordered randomly, not by creation: nothing may rely on their order —
+except the ids one `MonotonicIds` makes, which sort in the order it made them (events: two
+written by one transaction list in the order they happened).
 80 random bits make an id unguessable (an object id is not a secret, but knowing one must not
 help to find another) and make a collision negligible (~2^40 ids in one millisecond).
 """
@@ -26,7 +28,15 @@ from typing import Final
 
 from core.errors import InvalidRequest
 
-__all__ = ["ALPHABET", "IdPrefix", "id_timestamp", "new_id", "new_random_id", "parse_id"]
+__all__ = [
+    "ALPHABET",
+    "IdPrefix",
+    "MonotonicIds",
+    "id_timestamp",
+    "new_id",
+    "new_random_id",
+    "parse_id",
+]
 
 ALPHABET: Final = "0123456789abcdefghjkmnpqrstvwxyz"
 _TIMESTAMP_BITS: Final = 48
@@ -69,6 +79,30 @@ def new_id(
     if not 0 <= random_part < 1 << _RANDOM_BITS:
         raise ValueError("randbits returned a value out of range")
     return f"{prefix}_{_encode((millis << _RANDOM_BITS) | random_part)}"
+
+
+class MonotonicIds:
+    """Ids like `new_id`'s that sort in the order this generator made them, even within one
+    millisecond (the ULID spec's monotonic mode, with a random step): an id made in the same
+    millisecond as the one before takes the previous random part plus 1 plus 48 random bits,
+    so knowing one id still does not tell the next. If the random part would overflow, or the
+    clock went back, the timestamp is carried forward a millisecond."""
+
+    def __init__(self, randbits: Callable[[int], int] = secrets.randbits) -> None:
+        self._randbits = randbits
+        self._last = -1
+
+    def new(self, prefix: str, *, now: datetime.datetime | None = None) -> str:
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError("an id prefix is 1 to 8 lower-case ASCII letters")
+        millis = time.time_ns() // 1_000_000 if now is None else _millis(now)
+        value = (millis << _RANDOM_BITS) | self._randbits(_RANDOM_BITS)
+        if value <= self._last:
+            value = self._last + 1 + self._randbits(48)
+        if not 0 <= value >> _RANDOM_BITS < 1 << _TIMESTAMP_BITS:
+            raise ValueError("the clock is outside the range of an id timestamp")
+        self._last = value
+        return f"{prefix}_{_encode(value)}"
 
 
 def parse_id(value: object, prefix: str, *, param: str = "id") -> str:

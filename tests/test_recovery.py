@@ -167,6 +167,23 @@ def retry(api: ServiceProcess, shop: ApiMerchant, payment_id: str, **kw: Any) ->
     return post(api, shop, f"/v1/payments/{payment_id}/retry", **kw)
 
 
+def recovery_times(api_env: dict[str, str], payment_id: str) -> tuple[Any, Any]:
+    """When the worker looks at the payment next, and its next retry (read-only)."""
+
+    async def read() -> tuple[Any, Any]:
+        conn = await asyncpg.connect(api_env["TESSERA_API_DATABASE_URL"])
+        try:
+            row = await conn.fetchrow(
+                "SELECT recovery_due_at, recovery_next_attempt_at FROM payments WHERE id = $1",
+                payment_id,
+            )
+        finally:
+            await conn.close()
+        return row["recovery_due_at"], row["recovery_next_attempt_at"]
+
+    return asyncio.run(read())
+
+
 def attempt_times(api_env: dict[str, str], payment_ids: list[str]) -> list[datetime]:
     async def read() -> list[datetime]:
         conn = await asyncpg.connect(api_env["TESSERA_API_DATABASE_URL"])
@@ -762,3 +779,43 @@ def test_a_retry_whose_answer_was_lost_is_settled_by_the_reconciler_once(
     assert len(psp_authorizations(psp_a, f"{declined['id']}_2")) == 1
     kinds = postings(api_env, declined["id"])
     assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1)
+
+
+def test_a_card_update_leaves_a_funds_retry_where_it_was_and_sends_no_second_event(
+    api: ServiceProcess,
+    vault: ServiceProcess,
+    api_env: dict[str, str],
+    psp_a: ServiceProcess,
+    shops: dict[str, ApiMerchant],
+    workers: Callable[..., ServiceProcess],
+) -> None:
+    """An update makes the payment method's recoveries due at once; a decline for funds is
+    decided again to the same day-1 retry: no retry now, no new event."""
+    shop = shops["psp_a"]
+    number = unused_visa()
+    declined = declined_renewal(api, vault, shop, psp_a, number, FUNDS, APPROVE)
+    update = {"number": number, "new_exp_month": 6, "new_exp_year": 2044}
+    response = httpx.post(psp_a.url + "/admin/account_updates", json=update, timeout=10)
+    assert response.status_code == 201, response.text
+    workers()
+    method = declined["payment_method"]
+
+    def updated() -> bool:
+        card = get(api, shop, f"/v1/payment_methods/{method}").json()["card"]
+        return bool(card["exp_year"] == 2044)
+
+    wait_for(updated, seconds=30)
+
+    def decided_again() -> bool:
+        """The update made it due at once; the worker's decision puts it back to its time."""
+        due, next_at = recovery_times(api_env, declined["id"])
+        return due == next_at
+
+    wait_for(decided_again, seconds=15)
+    time_after = payment(api, shop, declined["id"])
+    assert time_after["recovery"] == declined["recovery"]
+    assert [a["retry"] for a in time_after["attempts"]] == [None]
+    assert event_types(api, shop, declined["id"]) == [
+        "payment.declined",
+        "payment.retry_scheduled",
+    ]

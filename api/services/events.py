@@ -24,7 +24,7 @@ from api.storage.events import EventRepository
 from api.storage.ledger import LedgerRepository
 from api.storage.read_pools import ListReads
 from core.errors import InvalidRequest, NotFound
-from core.ids import new_id
+from core.ids import MonotonicIds
 from core.ledger import Posting
 
 EVENT_TYPES = (
@@ -47,6 +47,11 @@ EVENT_TYPES = (
     "payment.recovered",
     "payment.recovery_exhausted",
 )
+
+
+#: One per process: the events it writes sort in the order it wrote them, so two events of one
+#: transaction (`payment.captured`, then `payment.recovered`) list in that order.
+_EVENT_IDS = MonotonicIds()
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ class Publisher:
         """Call inside the transaction of the change; returns the event id."""
         assert event_type in EVENT_TYPES, event_type
         cause = cause or Cause()
-        event_id = new_id("evt")
+        event_id = _EVENT_IDS.new("evt")
         await EventRepository(conn).insert(
             merchant_id,
             event_id,

@@ -204,7 +204,10 @@ class RecoveryService:
                     deadline=deadline,
                     declined_at=first,
                 )
-                await self._publish(conn, merchant_id, payment_id, "payment.retry_scheduled", cause)
+                if not _same_schedule(payment, at, decision.reason):
+                    await self._publish(
+                        conn, merchant_id, payment_id, "payment.retry_scheduled", cause
+                    )
                 return
             decision = Decision(Action.EXHAUSTED, reason="window")
         if decision.action is Action.AWAITING_UPDATE and now < deadline:
@@ -217,7 +220,8 @@ class RecoveryService:
                 deadline=deadline,
                 declined_at=first,
             )
-            await self._publish(conn, merchant_id, payment_id, "payment.retry_scheduled", cause)
+            if not _same_schedule(payment, None, "awaiting_update"):
+                await self._publish(conn, merchant_id, payment_id, "payment.retry_scheduled", cause)
             return
         reason = "window" if decision.action is Action.AWAITING_UPDATE else decision.reason
         await repo.end(merchant_id, payment_id, "exhausted", reason or "exhausted", first)
@@ -630,6 +634,16 @@ class RecoveryService:
             stats.record(row["recovery_key"], row["declined_at"], row["started_at"], row["ok"])
         self.stats = stats
         self._learned_at = time.monotonic()
+
+
+def _same_schedule(payment: Any, at: datetime | None, reason: str) -> bool:
+    """Whether the payment is scheduled so already (a re-decision that changed nothing, e.g.
+    after a card update that does not concern its decline, sends no second event)."""
+    return bool(
+        payment["recovery"] == "scheduled"
+        and payment["recovery_next_attempt_at"] == at
+        and payment["recovery_reason"] == reason
+    )
 
 
 def _refusal(decision: Decision) -> StateConflict:
