@@ -179,6 +179,7 @@ def recovery_times(api_env: dict[str, str], payment_id: str) -> tuple[Any, Any]:
             )
         finally:
             await conn.close()
+        assert row is not None
         return row["recovery_due_at"], row["recovery_next_attempt_at"]
 
     return asyncio.run(read())
@@ -809,7 +810,7 @@ def test_a_card_update_leaves_a_funds_retry_where_it_was_and_sends_no_second_eve
     def decided_again() -> bool:
         """The update made it due at once; the worker's decision puts it back to its time."""
         due, next_at = recovery_times(api_env, declined["id"])
-        return due == next_at
+        return bool(due == next_at)
 
     wait_for(decided_again, seconds=15)
     time_after = payment(api, shop, declined["id"])
