@@ -203,6 +203,10 @@ def api_env(
         "TESSERA_API_SHUTDOWN_TIMEOUT_SECONDS": "10",
         "TESSERA_API_PSP_A_URL": psp_a.url,
         "TESSERA_API_PSP_B_URL": psp_b.url,
+        # Every worker on the session's database reads the account-updater lists this often: a
+        # list read to its end rests this long for all of them (the default, 5 minutes, would
+        # hold up the card-update tests after any earlier test's worker).
+        "TESSERA_API_CARD_UPDATE_POLL_SECONDS": "0.2",
     }
     _SESSION_API_ENV.update(env)
     return env
@@ -363,7 +367,6 @@ def workers(
             **api_env,
             "TESSERA_API_VAULT_URL": vault.url,
             "TESSERA_API_WORKER_INTERVAL_SECONDS": "0.2",
-            "TESSERA_API_CARD_UPDATE_POLL_SECONDS": "0.2",
             **extra,
         }
         log = tmp_path / f"worker-{len(started)}.log"
