@@ -40,8 +40,8 @@ from tests.support.payments import (
 )
 from tests.support.processes import ServiceProcess
 from tests.support.subscriptions import (
+    authorizations_and_captures,
     get,
-    postings,
     renew,
     setup_payment,
     unused_mastercard,
@@ -252,8 +252,7 @@ def test_a_renewal_declined_for_funds_is_recovered_by_a_scheduled_retry_with_one
     assert len(authorizations_at(psp_a, psp_b, processor, f"{declined['id']}_1")) == 1
     assert len(authorizations_at(psp_a, psp_b, processor, f"{declined['id']}_2")) == 1
     # Exactly one authorization and one capture in the ledger.
-    kinds = postings(api_env, declined["id"])
-    assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1), kinds
+    assert authorizations_and_captures(api_env, declined["id"]) == (1, 1)
     assert event_types(api, shop, declined["id"]) == [
         "payment.declined",
         "payment.retry_scheduled",
@@ -368,8 +367,7 @@ def test_an_expired_card_waits_for_its_update_and_is_retried_as_soon_as_it_lands
     ]
     assert len(authorizations_at(psp_a, psp_b, processor, f"{first['id']}_2")) == 1
     assert event_types(api, shop, first["id"])[-2:] == ["payment.captured", "payment.recovered"]
-    kinds = postings(api_env, first["id"])
-    assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1)
+    assert authorizations_and_captures(api_env, first["id"]) == (1, 1)
 
 
 # --- caps -----------------------------------------------------------------------------------
@@ -480,8 +478,7 @@ def test_the_worker_and_the_merchants_retry_racing_never_charge_twice(
             if auth["status"] in ("approved", "captured")
         ]
         assert len(charges) == 1
-        kinds = postings(api_env, payment_id)
-        assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1)
+        assert authorizations_and_captures(api_env, payment_id) == (1, 1)
 
 
 def test_two_workers_never_run_the_same_retry(
@@ -727,8 +724,7 @@ def test_a_retry_the_processor_failed_waits_an_hour_and_is_not_a_decline(
     recovered = payment(api, shop, declined["id"])
     assert recovered["status"] == "captured"
     assert [a["outcome"] for a in recovered["attempts"]] == ["declined", "failed", "approved"]
-    kinds = postings(api_env, declined["id"])
-    assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1)
+    assert authorizations_and_captures(api_env, declined["id"]) == (1, 1)
 
 
 def test_a_retry_whose_answer_was_lost_is_settled_by_the_reconciler_once(
@@ -778,8 +774,7 @@ def test_a_retry_whose_answer_was_lost_is_settled_by_the_reconciler_once(
     assert settled["recovery"]["status"] == "recovered"
     assert [a["outcome"] for a in settled["attempts"]] == ["declined", "approved"]
     assert len(psp_authorizations(psp_a, f"{declined['id']}_2")) == 1
-    kinds = postings(api_env, declined["id"])
-    assert (kinds.count("authorization"), kinds.count("capture")) == (1, 1)
+    assert authorizations_and_captures(api_env, declined["id"]) == (1, 1)
 
 
 def test_a_card_update_leaves_a_funds_retry_where_it_was_and_sends_no_second_event(

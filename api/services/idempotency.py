@@ -96,6 +96,15 @@ async def claim(
     return Claim(ClaimKind.RESUME, row, lease)
 
 
+async def replayed(
+    replays: ReplayCache, merchant_id: str, key: str, fingerprint: bytes, claimed: Claim
+) -> Handled:
+    """A `REPLAY` claim's answer: the finished request's response, cached for the next one."""
+    assert claimed.response is not None
+    await replays.put(merchant_id, key, fingerprint, claimed.response)
+    return Handled(claimed.response.status, claimed.response.body, replayed=True)
+
+
 async def fenced(keys: IdempotencyRepository, conn: Any, merchant_id: str, key: str) -> Handled:
     """The answer of a request that lost its key to another taker while it was paused (its
     lease ran out): what the other recorded, if it finished, else "in use". It writes nothing:

@@ -27,9 +27,10 @@ from api.services.idempotency import (
     cached_replay,
     claim,
     fenced,
+    replayed,
     request_hash,
 )
-from api.services.payments import RefundView, payment_view, refund_view, state_of
+from api.services.payments import RefundView, read_payment, refund_view, state_of
 from api.services.routing import processing_fee
 from api.storage.idempotency import (
     IdempotencyRepository,
@@ -137,11 +138,8 @@ async def operation_object(conn: Any, merchant_id: str, started: Started) -> msg
     if started.refund_id is not None:
         refund = await OperationRepository(conn).refund(merchant_id, started.refund_id)
         return refund_view(refund)
-    repo = PaymentRepository(conn)
-    row = await repo.get(merchant_id, started.payment_id)
-    refunds = await repo.refunds(merchant_id, [started.payment_id])
-    attempts = await repo.attempts(merchant_id, [started.payment_id])
-    return payment_view(row, refunds, attempts)
+    _, view = await read_payment(conn, merchant_id, started.payment_id)
+    return view
 
 
 @dataclass
@@ -261,9 +259,7 @@ class OperationService:
         async with self.pool.acquire() as conn, failpoints.transaction(conn, "operation_start"):
             claimed = await claim(self.keys, conn, merchant_id, key, method, path, fingerprint)
             if claimed.kind is ClaimKind.REPLAY:
-                assert claimed.response is not None
-                await self.replays.put(merchant_id, key, fingerprint, claimed.response)
-                return Handled(claimed.response.status, claimed.response.body, replayed=True)
+                return await replayed(self.replays, merchant_id, key, fingerprint, claimed)
             if claimed.kind is ClaimKind.RESUME:
                 row = await OperationKeys.load(conn, merchant_id, key)
                 return Started(
@@ -342,8 +338,7 @@ class OperationService:
             await self.recovery.cancel(conn, payment)
         except TesseraError as exc:
             return await self._finish_error(conn, merchant_id, key, fingerprint, request_id, exc)
-        started = Started(payment["id"], "cancel", 0, None)
-        answer = await operation_object(conn, merchant_id, started)
+        _, answer = await read_payment(conn, merchant_id, payment["id"])
         response = StoredResponse(200, msgspec.json.encode(answer))
         await self.keys.finish(conn, merchant_id, key, response)
         return Handled(response.status, response.body)

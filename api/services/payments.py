@@ -39,6 +39,7 @@ from api.services.idempotency import (
     cached_replay,
     claim,
     fenced,
+    replayed,
     request_hash,
 )
 from api.services.paging import keyset_page
@@ -321,6 +322,18 @@ def refund_view(row: Any) -> RefundView:
     )
 
 
+async def read_payment(conn: Any, merchant_id: str, payment_id: str) -> tuple[Any, PaymentView]:
+    """The payment's row and its view (with its refunds and attempts), read on `conn`; `404`
+    if the merchant has no such payment."""
+    payments = PaymentRepository(conn)
+    row = await payments.get(merchant_id, payment_id)
+    if row is None:
+        raise NotFound("No such payment.", param="id")
+    refunds = await payments.refunds(merchant_id, [payment_id])
+    attempts = await payments.attempts(merchant_id, [payment_id])
+    return row, payment_view(row, refunds, attempts)
+
+
 async def announce_authorization(
     publisher: Publisher,
     routing: Any,
@@ -506,9 +519,9 @@ class PaymentService:
             )
             lease = claimed.lease
             if claimed.kind is ClaimKind.REPLAY:
-                assert claimed.response is not None
-                await self.replays.put(merchant_id, idempotency_key, fingerprint, claimed.response)
-                return Handled(claimed.response.status, claimed.response.body, replayed=True)
+                return await replayed(
+                    self.replays, merchant_id, idempotency_key, fingerprint, claimed
+                )
             if claimed.kind is ClaimKind.RESUME:
                 assert claimed.row is not None
                 assert claimed.row.payment_id is not None
@@ -939,9 +952,9 @@ class PaymentService:
             and result.network_transaction_id is not None
         ):
             # The stored credential, with the payment that set it up, in the same transaction.
-            methods = PaymentMethodRepository(payments.conn)
-            row = await methods.create_from_setup(merchant_id, row, result.network_transaction_id)
-            method = await methods.get(merchant_id, row["payment_method"])
+            row, method = await PaymentMethodRepository(payments.conn).create_from_setup(
+                merchant_id, row, result.network_transaction_id
+            )
             await self.publisher.publish(
                 payments.conn,
                 merchant_id,
@@ -958,11 +971,7 @@ class PaymentService:
         """The worker's changes: the event carries the payment as it is now, and no request."""
         if event_type is None:
             return
-        payments = PaymentRepository(conn)
-        payment = await payments.get(merchant_id, payment_id)
-        refunds = await payments.refunds(merchant_id, [payment_id])
-        attempts = await payments.attempts(merchant_id, [payment_id])
-        view = payment_view(payment, refunds, attempts)
+        payment, view = await read_payment(conn, merchant_id, payment_id)
         await self._announce(conn, payment, view, event_type, Cause())
 
     async def _announce(
@@ -978,13 +987,8 @@ class PaymentService:
 
     async def get(self, merchant_id: str, payment_id: str) -> PaymentView:
         async with self.pool.acquire() as conn:
-            payments = PaymentRepository(conn)
-            row = await payments.get(merchant_id, payment_id)
-            if row is None:
-                raise NotFound("No such payment.", param="id")
-            refunds = await payments.refunds(merchant_id, [payment_id])
-            attempts = await payments.attempts(merchant_id, [payment_id])
-        return payment_view(row, refunds, attempts)
+            _, view = await read_payment(conn, merchant_id, payment_id)
+        return view
 
     async def page(
         self,

@@ -14,6 +14,7 @@ payment `declined -> authorized` (and `captured` when it captures) through core'
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -38,9 +39,10 @@ from api.services.idempotency import (
     cached_replay,
     claim,
     fenced,
+    replayed,
     request_hash,
 )
-from api.services.payments import announce_authorization, payment_view, state_of
+from api.services.payments import announce_authorization, read_payment, state_of
 from api.storage.idempotency import IdempotencyRepository, ReplayCache, StoredResponse
 from api.storage.payment_methods import PaymentMethodRepository
 from api.storage.payments import PaymentRepository
@@ -48,11 +50,13 @@ from api.storage.recovery import RecoveryQueue, RecoveryRepository
 from core import payments as machine
 from core.errors import (
     CardError,
+    IdempotencyError,
     NotFound,
     ProcessorError,
     StateConflict,
     TesseraError,
 )
+from core.ids import new_id
 from core.recovery import (
     WINDOW,
     Action,
@@ -236,11 +240,7 @@ class RecoveryService:
         cause: Cause,
         postings_for: str | None = None,
     ) -> Any:
-        payments = PaymentRepository(conn)
-        row = await payments.get(merchant_id, payment_id)
-        refunds = await payments.refunds(merchant_id, [payment_id])
-        attempts = await payments.attempts(merchant_id, [payment_id])
-        view = payment_view(row, refunds, attempts)
+        row, view = await read_payment(conn, merchant_id, payment_id)
         if postings_for is not None:
             await announce_authorization(
                 self.publisher, self.routing, conn, row, view, postings_for, cause
@@ -276,10 +276,9 @@ class RecoveryService:
     ) -> _Launch | None:
         repo = RecoveryRepository(conn)
         payment = await repo.lock(merchant_id, payment_id)
+        # (A retry's approval ends the recovery as `recovered` with the same update, so a
+        # scheduled recovery's payment is always still `declined`.)
         if payment is None or payment["recovery"] != "scheduled":
-            return None
-        if payment["status"] != "declined":  # recovered by some other path meanwhile
-            await repo.end(merchant_id, payment_id, "recovered", "approved")
             return None
         if await repo.in_flight(merchant_id, payment_id):
             await repo.schedule(
@@ -357,7 +356,7 @@ class RecoveryService:
             # The reconciler asks the processor about it; nothing else is sent meanwhile.
             await PaymentRepository(conn).mark_unknown(merchant_id, payment_id, attempt)
             return "unknown"
-        written = await repo.record_retry(
+        retried = await repo.record_retry(
             merchant_id,
             payment_id,
             attempt,
@@ -367,14 +366,13 @@ class RecoveryService:
             advice_code=result.advice_code,
             visa_category=result.visa_category,
         )
-        if not written:
+        if retried is None:
             return "already_recorded"
         now = self.clock()
-        latest = await repo.latest_attempt(merchant_id, payment_id)
-        learnable = latest["recovery_key"] is not None and payment["declined_at"] is not None
+        learnable = payment["declined_at"] is not None
         if learnable and result.outcome in (Outcome.APPROVED, Outcome.DECLINED):
             self.stats.record(
-                latest["recovery_key"],
+                retried,
                 payment["declined_at"],
                 now,
                 result.outcome is Outcome.APPROVED,
@@ -479,9 +477,9 @@ class RecoveryService:
             )
             lease = claimed.lease
             if claimed.kind is ClaimKind.REPLAY:
-                assert claimed.response is not None
-                await self.replays.put(merchant_id, idempotency_key, fingerprint, claimed.response)
-                return Handled(claimed.response.status, claimed.response.body, replayed=True)
+                return await replayed(
+                    self.replays, merchant_id, idempotency_key, fingerprint, claimed
+                )
             if claimed.kind is ClaimKind.NEW:
                 try:
                     launch = await self._start_merchant_retry(conn, merchant_id, payment_id)
@@ -500,16 +498,12 @@ class RecoveryService:
             result: AuthorizeResult | None = await self._authorize(launch)
         else:
             result = await self._inquire_latest(merchant_id, payment_id)
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await self.keys.holds(conn, merchant_id, idempotency_key, lease):
-                return await fenced(self.keys, conn, merchant_id, idempotency_key)
-            latest = await RecoveryRepository(conn).latest_attempt(merchant_id, payment_id)
-            if result is not None:
-                await self.record(conn, merchant_id, payment_id, latest["attempt"], result, cause)
-            response = await self._retry_response(conn, merchant_id, payment_id, request_id)
-            await self.keys.finish(conn, merchant_id, idempotency_key, response)
+        handled = await self._finish(
+            merchant_id, idempotency_key, payment_id, lease, result, cause, request_id
+        )
+        response = StoredResponse(handled.status, handled.body)
         await self.replays.put(merchant_id, idempotency_key, fingerprint, response)
-        return Handled(response.status, response.body)
+        return handled
 
     async def complete(self, merchant_id: str, idempotency_key: str, lease: Any) -> None:
         """The completer's entry for a merchant's retry whose process died after writing its
@@ -519,16 +513,32 @@ class RecoveryService:
         if row is None or row.payment_id is None:
             return
         result = await self._inquire_latest(merchant_id, row.payment_id)
+        with contextlib.suppress(IdempotencyError):  # a client's retry took the key over
+            await self._finish(
+                merchant_id, idempotency_key, row.payment_id, lease, result, Cause(), new_id("req")
+            )
+
+    async def _finish(
+        self,
+        merchant_id: str,
+        key: str,
+        payment_id: str,
+        lease: Any,
+        result: AuthorizeResult | None,
+        cause: Cause,
+        request_id: str,
+    ) -> Handled:
+        """A merchant's retry, after the processor: record its answer (if there is one to
+        record) and finish the key, while this request still holds it."""
         async with self.pool.acquire() as conn, conn.transaction():
-            if not await self.keys.holds(conn, merchant_id, idempotency_key, lease):
-                return
-            latest = await RecoveryRepository(conn).latest_attempt(merchant_id, row.payment_id)
+            if not await self.keys.holds(conn, merchant_id, key, lease):
+                return await fenced(self.keys, conn, merchant_id, key)
             if result is not None:
-                await self.record(
-                    conn, merchant_id, row.payment_id, latest["attempt"], result, Cause()
-                )
-            response = await self._retry_response(conn, merchant_id, row.payment_id, "req_worker")
-            await self.keys.finish(conn, merchant_id, idempotency_key, response)
+                latest = await RecoveryRepository(conn).latest_attempt(merchant_id, payment_id)
+                await self.record(conn, merchant_id, payment_id, latest["attempt"], result, cause)
+            response = await self._retry_response(conn, merchant_id, payment_id, request_id)
+            await self.keys.finish(conn, merchant_id, key, response)
+        return Handled(response.status, response.body)
 
     async def _authorize(self, launch: _Launch) -> AuthorizeResult:
         payment = launch.payment
@@ -588,11 +598,8 @@ class RecoveryService:
     async def _retry_response(
         self, conn: Any, merchant_id: str, payment_id: str, request_id: str
     ) -> StoredResponse:
-        payments = PaymentRepository(conn)
-        row = await payments.get(merchant_id, payment_id)
-        attempts = await payments.attempts(merchant_id, [payment_id])
-        view = payment_view(row, await payments.refunds(merchant_id, [payment_id]), attempts)
-        last = attempts[-1]["outcome"] if attempts else None
+        row, view = await read_payment(conn, merchant_id, payment_id)
+        last = view.attempts[-1].outcome if view.attempts else None
         if row["status"] != "declined":
             return StoredResponse(200, msgspec.json.encode(view))
         if last in ("pending", "unknown"):

@@ -13,14 +13,15 @@ class PaymentMethodRepository:
 
     async def create_from_setup(
         self, merchant_id: str, payment: Any, network_transaction_id: str
-    ) -> Any:
+    ) -> tuple[Any, Any]:
         """The setup payment's payment method, written with the payment's link to it (one
-        transaction: the caller's). Returns the payment's new row."""
+        transaction: the caller's). Returns the payment's new row and the payment method's."""
         payment_method = new_id("pm")
-        await self.conn.execute(
+        method = await self.conn.fetchrow(
             "INSERT INTO payment_methods (merchant_id, id, token, card_brand, card_last4, "
             "card_exp_month, card_exp_year, card_country, network_transaction_id, processor, "
-            "setup_payment_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "setup_payment_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+            "RETURNING *",
             merchant_id,
             payment_method,
             payment["token"],
@@ -33,13 +34,14 @@ class PaymentMethodRepository:
             payment["processor"],
             payment["id"],
         )
-        return await self.conn.fetchrow(
+        row = await self.conn.fetchrow(
             "UPDATE payments SET payment_method = $3 WHERE merchant_id = $1 AND id = $2 "
             "RETURNING *",
             merchant_id,
             payment["id"],
             payment_method,
         )
+        return row, method
 
     async def get(self, merchant_id: str, payment_method: str) -> Any:
         return await self.conn.fetchrow(

@@ -167,16 +167,16 @@ class RecoveryRepository:
         decline_code: str | None,
         advice_code: str | None,
         visa_category: int | None,
-    ) -> bool:
-        """The retry's answer, once: False if another recorder (the reconciler, a resumed
-        request) got there first."""
-        status: str = await self.conn.execute(
+    ) -> str | None:
+        """The retry's answer, once. Returns the decline kind it retried (its recovery key),
+        or None if another recorder (the reconciler, a resumed request) got there first."""
+        key: str | None = await self.conn.fetchval(
             "UPDATE payment_attempts SET outcome = $4, processor_reference = $5, "
             "decline_code = $6, decline_advice_code = $7, decline_visa_category = $8, "
             "next_inquiry_at = NULL, finished_at = now(), "
             "latency_ms = greatest(0, (extract(epoch FROM now() - started_at) * 1000))::int "
             "WHERE merchant_id = $1 AND payment_id = $2 AND attempt = $3 "
-            "AND outcome IN ('pending', 'unknown')",
+            "AND outcome IN ('pending', 'unknown') RETURNING recovery_key",
             merchant_id,
             payment_id,
             attempt,
@@ -186,7 +186,7 @@ class RecoveryRepository:
             advice_code,
             visa_category,
         )
-        return status.endswith(" 1")
+        return key
 
     async def set_authorized(
         self,

@@ -77,6 +77,12 @@ def postings(api_env: dict[str, str], payment_id: str) -> list[str]:
     return asyncio.run(read())
 
 
+def authorizations_and_captures(api_env: dict[str, str], payment_id: str) -> tuple[int, int]:
+    """How many authorization and capture postings the payment has in the ledger."""
+    kinds = postings(api_env, payment_id)
+    return kinds.count("authorization"), kinds.count("capture")
+
+
 def execute(api_env: dict[str, str], sql: str, *args: Any) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(api_env["TESSERA_API_DATABASE_URL"])
