@@ -12,22 +12,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ApiMerchant, create_merchant
-from tests.support.payments import configure_routing, psp_authorizations, wait_for
+from tests.conftest import ApiMerchant
+from tests.support.payments import psp_authorizations, wait_for
 from tests.support.processes import ServiceProcess
-from tests.support.subscriptions import execute, get, renew, setup_payment, unused_visa
+from tests.support.subscriptions import execute, get, renew, setup_payment, shop_at, unused_visa
 
 
 @pytest.fixture(scope="module")
 def shops(
     api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]
 ) -> dict[str, ApiMerchant]:
-    made = {}
-    for processor in ("psp_a", "psp_b"):
-        shop = create_merchant(api_env, vault, tokens["admin"], f"Card updates {processor}")
-        configure_routing(api_env, shop, "--processors", processor)
-        made[processor] = shop
-    return made
+    return {
+        processor: shop_at(api_env, vault, tokens["admin"], "Card updates", processor)
+        for processor in ("psp_a", "psp_b")
+    }
 
 
 def announce(psp: ServiceProcess, body: dict[str, Any]) -> None:

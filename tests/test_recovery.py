@@ -28,9 +28,8 @@ from api.worker import reconcile
 from tessera.runtime.db import create_pool
 from tessera.runtime.redis_client import connect as connect_redis
 from tessera.runtime.settings import load_settings
-from tests.conftest import ApiMerchant, create_merchant
+from tests.conftest import ApiMerchant
 from tests.support.payments import (
-    configure_routing,
     new_key,
     pay,
     post,
@@ -44,6 +43,7 @@ from tests.support.subscriptions import (
     get,
     renew,
     setup_payment,
+    shop_at,
     unused_mastercard,
     unused_visa,
 )
@@ -59,23 +59,15 @@ def script(psp: ServiceProcess, number: str, *answers: dict[str, Any]) -> None:
     assert response.status_code == 201, response.text
 
 
-def shop_with(
-    api_env: dict[str, str], vault: ServiceProcess, admin: str, processor: str, *flags: str
-) -> ApiMerchant:
-    shop = create_merchant(api_env, vault, admin, f"Recovery {processor} {' '.join(flags)}")
-    configure_routing(api_env, shop, "--processors", processor, *flags)
-    return shop
-
-
 @pytest.fixture(scope="module")
 def shops(
     api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]
 ) -> dict[str, ApiMerchant]:
     """Recovery on, one merchant per processor; and one with recovery off."""
     return {
-        "psp_a": shop_with(api_env, vault, tokens["admin"], "psp_a", "--recovery"),
-        "psp_b": shop_with(api_env, vault, tokens["admin"], "psp_b", "--recovery"),
-        "off": shop_with(api_env, vault, tokens["admin"], "psp_a"),
+        "psp_a": shop_at(api_env, vault, tokens["admin"], "Recovery", "psp_a", "--recovery"),
+        "psp_b": shop_at(api_env, vault, tokens["admin"], "Recovery", "psp_b", "--recovery"),
+        "off": shop_at(api_env, vault, tokens["admin"], "Recovery", "psp_a"),
     }
 
 

@@ -25,7 +25,7 @@ from tests.support.payments import (
     wait_for,
 )
 from tests.support.processes import ServiceProcess
-from tests.support.subscriptions import execute, get, postings, renew, setup_payment
+from tests.support.subscriptions import execute, get, postings, renew, setup_payment, shop_at
 
 MASTERCARD = "5555555555554444"
 
@@ -35,12 +35,10 @@ def shops(
     api_env: dict[str, str], vault: ServiceProcess, tokens: dict[str, str]
 ) -> dict[str, ApiMerchant]:
     """One merchant routed to each processor only, so each setup's processor is known."""
-    made = {}
-    for processor in ("psp_a", "psp_b"):
-        shop = create_merchant(api_env, vault, tokens["admin"], f"Subscriptions {processor}")
-        configure_routing(api_env, shop, "--processors", processor)
-        made[processor] = shop
-    return made
+    return {
+        processor: shop_at(api_env, vault, tokens["admin"], "Subscriptions", processor)
+        for processor in ("psp_a", "psp_b")
+    }
 
 
 @pytest.mark.parametrize("processor", ["psp_a", "psp_b"])

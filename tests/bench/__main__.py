@@ -33,12 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 
 from core.cards import luhn_valid
 from core.ids import new_id
 from core.redaction import redact
-from tessera.devstack import StackConfig, service_env
 from tests.bench import cpu, database
 from tests.bench.plots import write_plots
 from tests.support.processes import ROOT, ServiceProcess, free_port
@@ -520,15 +518,7 @@ def _token(stack: Stack, merchant: dict[str, str]) -> str:
 def main() -> None:
     started = datetime.datetime.now(datetime.UTC)
     results: dict[str, Any] = {"core": core_rows()}
-    config = StackConfig.from_env()
-    print("\nfresh bench databases (tessera_api_bench, tessera_vault_bench) ...", flush=True)
-    env = database.bench_env(
-        service_env(config), config.pg_admin_url, config.redis_db(12), config.redis_db(13)
-    )
-    for db in (12, 13):
-        client = redis.Redis.from_url(config.redis_db(db))
-        client.flushdb()
-        client.close()
+    config, env = database.fresh_bench_env()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+import redis
 
 from api.storage.ledger import entry_columns
 from core import ledger
@@ -31,6 +32,7 @@ from tessera.dbsetup import (
     ensure_roles_and_databases,
     service_dsn,
 )
+from tessera.devstack import StackConfig, service_env
 from tessera.runtime.migrations import migrate
 
 API_DB = ServiceDatabase("api", "tessera_api_bench")
@@ -325,3 +327,18 @@ def bench_env(
     env["TESSERA_API_VAULT_SERVICE_TOKEN"] = env["TESSERA_VAULT_SERVICE_TOKEN"] = token
     env.update(prepare_databases(admin_dsn))
     return env
+
+
+def fresh_bench_env() -> tuple[StackConfig, dict[str, str]]:
+    """The dev stack's configuration, and its environment on fresh bench databases and flushed
+    bench Redis databases (12 and 13): what every benchmark starts from."""
+    config = StackConfig.from_env()
+    print("\nfresh bench databases (tessera_api_bench, tessera_vault_bench) ...", flush=True)
+    env = bench_env(
+        service_env(config), config.pg_admin_url, config.redis_db(12), config.redis_db(13)
+    )
+    for db in (12, 13):
+        client = redis.Redis.from_url(config.redis_db(db))
+        client.flushdb()
+        client.close()
+    return config, env

@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 import structlog
 
 from api.settings import ApiSettings
 from api.wiring import open_services
-from tessera.devstack import StackConfig, service_env
 from tessera.runtime.db import create_pool
 from tessera.runtime.redis_client import connect as connect_redis
 from tessera.runtime.settings import load_settings
@@ -148,15 +146,7 @@ async def retries_per_second(env: dict[str, str], workers: int, expected: int) -
 def main() -> None:
     # The worker runs in this process: its info lines would be this benchmark's cost.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    config = StackConfig.from_env()
-    print("fresh bench databases (tessera_api_bench, tessera_vault_bench) ...", flush=True)
-    env = database.bench_env(
-        service_env(config), config.pg_admin_url, config.redis_db(12), config.redis_db(13)
-    )
-    for db in (12, 13):
-        client = redis.Redis.from_url(config.redis_db(db))
-        client.flushdb()
-        client.close()
+    _, env = database.fresh_bench_env()
     with tempfile.TemporaryDirectory() as tmp:
         stack = start_stack(env, Path(tmp))
         try:

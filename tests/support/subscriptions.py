@@ -12,10 +12,25 @@ from typing import Any
 import asyncpg
 import httpx
 
-from tests.conftest import ApiMerchant
-from tests.support.payments import APPROVED, post, tokenize
+from tests.conftest import ApiMerchant, create_merchant
+from tests.support.payments import APPROVED, configure_routing, post, tokenize
 from tests.support.processes import ServiceProcess
 from tests.support.vault_helpers import luhn_complete
+
+
+def shop_at(
+    api_env: dict[str, str],
+    vault: ServiceProcess,
+    admin: str,
+    label: str,
+    processor: str,
+    *flags: str,
+) -> ApiMerchant:
+    """A merchant routed to `processor` only (so its setups' processor is known), configured
+    with `flags` too (e.g. `--recovery`)."""
+    shop = create_merchant(api_env, vault, admin, f"{label} {processor} {' '.join(flags)}".strip())
+    configure_routing(api_env, shop, "--processors", processor, *flags)
+    return shop
 
 
 def unused_visa() -> str:
