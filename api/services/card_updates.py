@@ -101,13 +101,16 @@ class Feed:
 def feeds(
     psp_a: tuple[str, str], psp_b: tuple[str, str], timeout_seconds: float
 ) -> dict[str, Feed]:
-    """Both simulated PSPs' feeds from their (base URL, API key)."""
+    """Both simulated PSPs' feeds from their (base URL, API key). The lists are read minutes
+    apart, so no connection is kept open between reads."""
     a_headers = {"Authorization": f"Bearer {psp_a[1]}"}
     b_headers = {"X-Api-Key": psp_b[1]}
     return {
         "psp_a": Feed(
             "psp_a",
-            HttpClient(psp_a[0], headers=a_headers, timeout_seconds=timeout_seconds),
+            HttpClient(
+                psp_a[0], headers=a_headers, timeout_seconds=timeout_seconds, keep_alive=False
+            ),
             a_headers,
             "/v1/account_updates",
             "after",
@@ -116,7 +119,9 @@ def feeds(
         ),
         "psp_b": Feed(
             "psp_b",
-            HttpClient(psp_b[0], headers=b_headers, timeout_seconds=timeout_seconds),
+            HttpClient(
+                psp_b[0], headers=b_headers, timeout_seconds=timeout_seconds, keep_alive=False
+            ),
             b_headers,
             "/v1/cardUpdates",
             "cursor",

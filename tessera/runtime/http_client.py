@@ -87,6 +87,7 @@ class HttpClient:
         connect_seconds: float = 3.0,
         max_connections: int = 1000,
         public_only: bool = False,
+        keep_alive: bool = True,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = dict(headers or {})
@@ -96,6 +97,9 @@ class HttpClient:
         )
         self.max_connections = max_connections
         self.public_only = public_only
+        #: False: each request opens its own connection and closes it after the answer (for
+        #: calls minutes apart, where a kept connection would only sit idle).
+        self.keep_alive = keep_alive
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
@@ -103,8 +107,12 @@ class HttpClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self.max_connections,
-                    keepalive_timeout=IDLE_SECONDS,
                     resolver=PublicAddressResolver() if self.public_only else None,
+                    **(
+                        {"keepalive_timeout": IDLE_SECONDS}
+                        if self.keep_alive
+                        else {"force_close": True}
+                    ),
                 ),
                 timeout=self.timeout,
                 headers=self.headers,
